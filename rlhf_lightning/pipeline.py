@@ -1,0 +1,261 @@
+"""One function per pipeline stage: open the stage's MLflow run, call the library, record the result.
+
+The Metaflow flow (flows/rlhf.py) calls these and stores what they return as artifacts; the CLI
+(`python -m rlhf_lightning`) and tests call them without Metaflow. Models cross step boundaries as
+`ModelBundle`s (a tar of the directory) because on AWS Batch each step runs on another machine.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf_lightning import tracking
+from rlhf_lightning.config import RLHFConfig
+
+
+@dataclass
+class ModelBundle:
+    """A model directory packed for a Metaflow artifact, plus what the producing stage measured."""
+
+    tar: bytes
+    metrics: dict[str, Any]
+    mlflow_run_id: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def pack(cls, directory: str, **kwargs: Any) -> "ModelBundle":
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(directory, arcname=".")
+        return cls(tar=buf.getvalue(), **kwargs)
+
+    def extract(self, directory: str) -> str:
+        """Unpack into `directory` (reused if already unpacked there) and return it."""
+        path = Path(directory)
+        if not path.is_dir() or not any(path.iterdir()):
+            path.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fileobj=io.BytesIO(self.tar)) as tar:
+                tar.extractall(path, filter="data")
+        return str(path)
+
+
+def _card_markdown(card, text: str) -> None:
+    if card is not None:
+        from metaflow.cards import Markdown
+
+        card.append(Markdown(text))
+
+
+def _card_figure(card, fig) -> None:
+    if card is not None:
+        from metaflow.cards import Image
+
+        card.append(Image.from_matplotlib(fig))
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    return "| metric | value |\n|---|---|\n" + rows
+
+
+# ---------------------------------------------------------------- stages
+
+
+def start(cfg: RLHFConfig, *, flow_name: str, run_id: str) -> str:
+    """Create the MLflow parent run; return its id."""
+    parent = tracking.start_parent_run(cfg, flow_name=flow_name, run_id=run_id)
+    print(f"MLflow: tracking {tracking.tracking_uri()}, parent run {parent}")
+    return parent
+
+
+def preprocess(cfg: RLHFConfig, parent_run_id: str, workdir: str):
+    from rlhf_lightning.data import preprocess as pre
+
+    with tracking.stage_run(parent_run_id, "preprocess"):
+        data = pre.preprocess(cfg, workdir)
+        for name, path in data.files.items():
+            rows = getattr(data, name)
+            tracking.log_rows_dataset(rows, path=path, name=name, context="training" if "train" in name or name == "rl_prompts" else "evaluation")
+        tracking.log_dict_artifact(data.counts, "preprocess/counts.json")
+        tracking.log_metrics({f"rows/{k}": len(getattr(data, k)) for k in ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")})
+    return data
+
+
+def validate(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None):
+    """Check every row; raise `DataValidationError` (stopping the run before any training) on errors."""
+    from rlhf_lightning.data import validate as val
+
+    with tracking.stage_run(parent_run_id, "validate"):
+        report = val.validate(data, cfg)
+        path = report.write_json(os.path.join(workdir, "validation_report.json"))
+        import mlflow
+
+        mlflow.log_artifact(path, "validation")
+        tracking.log_metrics({"validation/errors": len(report.errors), "validation/warnings": len(report.warnings)})
+        fig = report.histogram_figure()
+        tracking.log_figure(fig, "validation/lengths.png")
+        _card_markdown(card, "# Validation report\n\n" + report.markdown())
+        _card_figure(card, fig)
+        report.raise_if_errors(path)
+    return report.to_dict()
+
+
+def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None) -> ModelBundle:
+    from rlhf_lightning.models import reward_model as rm
+
+    with tracking.stage_run(parent_run_id, "train_reward_model") as run:
+        logger = tracking.lightning_logger(run.info.run_id)
+        result = rm.train_reward_model(cfg, data.pref_train, data.pref_eval, workdir, logger=logger)
+        metrics = {f"reward_model/{k}": v for k, v in result.metrics.items()}
+        tracking.log_metrics(metrics)
+        import mlflow
+
+        mlflow.log_artifacts(result.model_dir, "reward_model")
+        _card_markdown(card, "# Reward model\n\n" + _metrics_table(metrics))
+    print(f"reward model: held-out accuracy {result.metrics['eval_accuracy']:.3f}")
+    return ModelBundle.pack(result.model_dir, metrics=metrics, mlflow_run_id=run.info.run_id,
+                            extras={"reward_mean": result.reward_mean, "reward_std": result.reward_std})
+
+
+def prepare_prompts(cfg: RLHFConfig, parent_run_id: str, data) -> dict[str, list[dict]]:
+    with tracking.stage_run(parent_run_id, "prepare_prompts"):
+        tracking.log_metrics({"prompts/rl": len(data.rl_prompts), "prompts/eval": len(data.eval_prompts)})
+        tracking.log_dict_artifact(
+            {"rl_prompts": data.rl_prompts[:20], "eval_prompts": data.eval_prompts[:20]}, "prompts/sample.json"
+        )
+    return {"rl": data.rl_prompts, "eval": data.eval_prompts}
+
+
+def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: ModelBundle, workdir: str,
+              card=None) -> ModelBundle:
+    from rlhf_lightning.models import ppo
+
+    rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
+    with tracking.stage_run(parent_run_id, "reinforce") as run:
+        logger = tracking.lightning_logger(run.info.run_id)
+        result = ppo.train_ppo(cfg, prompts["rl"], rm_dir, workdir, logger=logger)
+        import mlflow
+
+        mlflow.log_artifacts(result.adapter_dir, "adapter")
+        tracking.log_dict_artifact(result.history, "ppo/history.json")
+        fig = _history_figure(result.history)
+        tracking.log_figure(fig, "ppo/training_curves.png")
+        _card_markdown(card, "# PPO\n\n" + _metrics_table(result.metrics))
+        _card_figure(card, fig)
+    return ModelBundle.pack(result.adapter_dir, metrics=result.metrics, mlflow_run_id=run.info.run_id,
+                            extras={"history": result.history})
+
+
+def _history_figure(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/clip_fraction", "ppo/response_length")
+            if history and k in history[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot([h[key] for h in history])
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    return fig
+
+
+def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: ModelBundle, policy: ModelBundle,
+             workdir: str, card=None) -> dict[str, Any]:
+    from rlhf_lightning import evaluation
+
+    rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
+    adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
+    with tracking.stage_run(parent_run_id, "evaluate"):
+        result = evaluation.evaluate(cfg, prompts["eval"], adapter_dir, rm_dir)
+        metrics = {**result.metrics, "reward_model/eval_accuracy": reward_model.metrics["reward_model/eval_accuracy"]}
+        tracking.log_metrics(metrics)
+        tracking.log_dict_artifact(result.samples, "evaluation/samples.json")
+        import mlflow
+
+        mlflow.set_tags({"gate.promote": str(result.promote), "gate.reason": result.reason})
+        _card_markdown(card, f"# Evaluation\n\n{_metrics_table(metrics)}\n\n**Gate:** {result.reason}")
+    print(f"evaluation: {result.reason}")
+    return {"metrics": metrics, "promote": result.promote, "reason": result.reason}
+
+
+def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, evaluation: dict, workdir: str,
+             lineage: dict[str, str]):
+    from rlhf_lightning import registry
+    from rlhf_lightning.models.loading import base_model_dir
+
+    adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
+    with tracking.stage_run(parent_run_id, "register") as run:
+        tags = {
+            **lineage,
+            "mlflow.parent_run_id": parent_run_id,
+            "ppo_run_id": policy.mlflow_run_id,
+            "base_model": cfg.policy.model,
+            "gate.promote": str(evaluation["promote"]),
+            **{k: f"{v:.4f}" for k, v in evaluation["metrics"].items()},
+        }
+        info = registry.log_and_register(cfg, adapter_dir, base_model_dir(cfg.policy.model, workdir),
+                                         run.info.run_id, promote=evaluation["promote"], tags=tags)
+    print(f"registered {info.name} version {info.version} aliases {info.aliases}")
+    return info
+
+
+def deploy(cfg: RLHFConfig, parent_run_id: str, model_version, workdir: str) -> dict[str, Any]:
+    """Load-check the version, then start `mlflow models serve` in the background for the inference step."""
+    from rlhf_lightning import serving
+
+    alias = "champion" if "champion" in model_version.aliases else "candidate"
+    uri = f"models:/{model_version.name}@{alias}"
+    with tracking.stage_run(parent_run_id, "deploy"):
+        server = serving.ModelServer(uri, host=cfg.serving.host, port=cfg.serving.port,
+                                     startup_timeout=cfg.serving.startup_timeout, log_dir=workdir)
+        server.start()
+        server.wait_ready()
+        import mlflow
+
+        endpoint = {"url": server.url, "pid": server.pid, "model_uri": uri, "alias": alias,
+                    "version": model_version.version, "log": server.log_path}
+        mlflow.set_tags({f"endpoint.{k}": str(v) for k, v in endpoint.items()})
+    print(f"serving {uri} (version {model_version.version}) at {server.url}")
+    return endpoint
+
+
+def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict, card=None) -> dict[str, Any]:
+    """Check the endpoint serves the registered version and weights, send the template, stop the server."""
+    from rlhf_lightning import inference as inf
+    from rlhf_lightning import serving
+
+    try:
+        with tracking.stage_run(parent_run_id, "inference"):
+            version_ok = inf.check_registered_version(model_version.name, endpoint["alias"], endpoint["version"])
+            report = inf.run_inference_template(endpoint["url"], cfg.serving.requests, model_version.weights_sha256)
+            data = {**report.to_dict(), "version_check": version_ok}
+            tracking.log_dict_artifact(data, "inference/report.json")
+            tracking.log_metrics({"inference/ok": float(report.ok and version_ok)})
+            lines = [f"| {a['prompt'][:60]} | {a.get('response', '')[:120]} |" for a in data["answers"]]
+            _card_markdown(card, "# Inference template\n\n| prompt | response |\n|---|---|\n" + "\n".join(lines))
+            if not (report.ok and version_ok):
+                raise RuntimeError(f"inference checks failed: {data['checks']}; server log: {endpoint['log']}")
+    finally:
+        if not cfg.serving.keep_running:
+            serving.stop_pid(endpoint["pid"])
+    if cfg.serving.keep_running:
+        print(f"endpoint left running at {endpoint['url']} (pid {endpoint['pid']})")
+    return data
+
+
+def end(parent_run_id: str, model_version, evaluation: dict) -> None:
+    tracking.end_parent_run(parent_run_id)
+    m = evaluation["metrics"]
+    print(
+        f"done: {model_version.name} v{model_version.version} {model_version.aliases}; "
+        f"gold win rate {m.get('eval/gold_win_rate', float('nan')):.3f}, KL {m.get('eval/kl', float('nan')):.2f}"
+    )

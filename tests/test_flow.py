@@ -1,0 +1,117 @@
+"""The whole flow on tiny models, through Metaflow's real runtime, MLflow with its sqlite DB and a real
+`mlflow models serve` process. One run, many assertions: it is the expensive test of the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"preprocess", "validate", "train_reward_model", "prepare_prompts", "reinforce", "evaluate",
+          "register", "deploy", "inference"}
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    from metaflow import Runner
+
+    work = tmp_path_factory.mktemp("flow")
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+        "METAFLOW_USER": "tester",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    with Runner(str(REPO / "flows" / "rlhf.py"), cwd=str(work), env=env, show_output=True,
+                config=[("cfg", str(REPO / "configs" / "tiny.yaml"))]) as runner:
+        # keep_serving: the test itself talks to the endpoint after the flow, then stops it.
+        result = runner.run(max_workers=2, keep_serving=True)
+        run = result.run
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    endpoint = run["deploy"].task.data.endpoint if run.successful else None
+    yield run, work, endpoint
+    if endpoint:
+        try:
+            os.killpg(endpoint["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def test_flow_succeeds_and_stores_artifacts(flow_run):
+    run, work, _ = flow_run
+    assert run.successful, "flow failed; see the output above"
+    data = run["preprocess"].task.data.data
+    assert len(data.pref_train) > 0 and len(data.pref_eval) > 0
+    assert len(data.rl_prompts) > 0 and len(data.eval_prompts) > 0
+    assert run["validate"].task.data.validation["ok"] is True
+    rm = run["train_reward_model"].task.data.reward_model
+    assert 0.0 <= rm.metrics["reward_model/eval_accuracy"] <= 1.0
+    assert len(rm.tar) > 0
+    policy = run["reinforce"].task.data.policy
+    assert len(policy.extras["history"]) == 2  # tiny.yaml: 2 PPO iterations
+    ev = run["evaluate"].task.data.evaluation
+    for name in ("eval/gold_win_rate", "eval/rm_win_rate", "eval/kl", "eval/gold_score", "eval/ref_gold_score"):
+        assert name in ev["metrics"]
+    report = run["inference"].task.data.inference_report
+    assert report["ok"] and report["version_check"]
+    assert all(a["response"].strip() for a in report["answers"])
+
+
+def test_mlflow_records(flow_run):
+    run, _, _ = flow_run
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("rlhf-lightning")
+    parents = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{run.id}'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["ppo.iterations"] == "2"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_stage = {c.data.tags["stage"]: c for c in children}
+    assert set(by_stage) == STAGES
+    # Per-iteration PPO metrics, logged by Lightning into the reinforce run.
+    for key in ("ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/clip_fraction", "ppo/response_length"):
+        history = client.get_metric_history(by_stage["reinforce"].info.run_id, key)
+        assert len(history) == 2, key
+    assert "reward_model/eval_accuracy" in by_stage["train_reward_model"].data.metrics
+    for key in ("eval/gold_win_rate", "eval/rm_win_rate", "eval/kl", "eval/gold_score", "eval/ref_gold_score",
+                "reward_model/eval_accuracy"):
+        assert key in by_stage["evaluate"].data.metrics, key
+    # Datasets through mlflow.data, the validation report as an artifact.
+    names = {d.dataset.name for d in by_stage["preprocess"].inputs.dataset_inputs}
+    assert {"pref_train", "pref_eval", "rl_prompts", "eval_prompts"} <= names
+    files = [f.path for f in client.list_artifacts(by_stage["validate"].info.run_id, "validation")]
+    assert "validation/validation_report.json" in files
+
+
+def test_registered_version_aliases_follow_the_gate(flow_run):
+    run, _, _ = flow_run
+    client = MlflowClient()
+    info = run["register"].task.data.model_version
+    mv = client.get_model_version("rlhf-policy", info.version)
+    assert "candidate" in mv.aliases
+    promoted = run["evaluate"].task.data.evaluation["promote"]
+    assert ("champion" in mv.aliases) == promoted
+    assert mv.tags["metaflow.run_id"] == str(run.id)
+    assert mv.tags["weights_sha256"] == info.weights_sha256
+
+
+def test_served_model_answers(flow_run):
+    run, _, endpoint = flow_run
+    body = json.dumps({"dataframe_records": [{"prompt": "Write a one-sentence review of a quiet park."}],
+                       "params": {"max_new_tokens": 5, "temperature": 0.0}}).encode()
+    req = urllib.request.Request(endpoint["url"] + "/invocations", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 200
+        answer = json.loads(resp.read())["predictions"][0]
+    assert isinstance(answer["response"], str)
+    assert 1 <= answer["completion_tokens"] <= 5
+    assert answer["weights_sha256"] == run["register"].task.data.model_version.weights_sha256
