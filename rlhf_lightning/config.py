@@ -61,21 +61,26 @@ class DataConfig:
     """Where the data comes from and how it is cut."""
 
     preferences: list[str] = field(default_factory=list)
-    """Preference files in Vertex RLHF format `{input_text, candidate_0, candidate_1, choice}` (JSONL);
-    empty = generate the built-in task."""
+    """Preference files in Vertex RLHF format `{input_text, candidate_0, candidate_1, choice}`: paths or
+    globs of JSONL, JSON (a list), Parquet or CSV files (`.gz` for the text formats); empty = generate
+    the built-in task."""
     prompts: list[str] = field(default_factory=list)
-    """RL prompt files `{input_text}` (JSONL); empty = the built-in task's RL prompts."""
+    """RL prompt files `{input_text}` (same formats; a preference file works too); required when
+    `preferences` is set, empty otherwise = the built-in task's RL prompts."""
     eval_prompts: list[str] = field(default_factory=list)
     """Held-out evaluation prompt files `{input_text}`; empty = the built-in task's, or a split of `prompts`."""
     eval_fraction: float = 0.2
-    """Fraction of preference pairs held out to evaluate the reward model (and of prompts when no
-    eval prompt file is given)."""
+    """Fraction of the distinct preference prompts held out, with all their pairs, to evaluate the reward
+    model (split by prompt, so no prompt is in both); also of the RL prompts when no eval prompt file is given."""
     prompt_length: int = 96
     """Maximum prompt length in policy tokens after the chat template; longer prompts keep their end."""
     target_length: int = 64
     """Maximum response length in tokens; longer responses are cut at the end."""
     seed: int = 0
     """Seed of the train/eval split."""
+    strict: bool = False
+    """Treat every validation warning (duplicates, cut rows, label imbalance, prompts shared between
+    sets...) as an error that stops the run."""
     builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
     """Settings of the built-in task (used when `preferences` is empty)."""
 
@@ -83,6 +88,7 @@ class DataConfig:
         _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", "must lie strictly between 0 and 1")
         _check(self.prompt_length > 0, "data.prompt_length", "must be a positive integer")
         _check(self.target_length > 0, "data.target_length", "must be a positive integer")
+        _check(isinstance(self.strict, bool), "data.strict", "must be true or false")
 
 
 @dataclass

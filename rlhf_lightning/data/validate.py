@@ -1,0 +1,259 @@
+"""Validate Inputs: check the prepared datasets and say precisely what is wrong, where and how to fix it.
+
+Errors (the run stops): records that could not be read (from :mod:`.formats`), empty or whitespace-only
+text, ties (``chosen == rejected``), an empty split.
+Warnings: rows dropped as duplicates or cut to the length limits, ties/duplicates created by the cut,
+a label imbalance of the raw ``choice`` too large for chance, pairs labelled both ways, and prompts shared
+between sets (reward-model train/eval pairs, RL prompts, evaluation prompts).
+With ``data.strict`` every warning is an error.
+
+Row problems point at ``file:line`` of the input record and name the canonical field (``prompt``,
+``chosen``, ``rejected``); reading problems name the field as it appears in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_lightning.config import RLHFConfig
+from rlhf_lightning.data.formats import DataError, Issue
+from rlhf_lightning.data.preprocess import PreparedData
+
+SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
+ROLES = ("preferences", "prompts", "eval_prompts")
+SHOWN = 10  # problems listed in exception messages and the card; the JSON report has them all
+
+# Why a prompt shared between two sets matters, per pair of sets.
+LEAKS = {
+    ("pref_train", "pref_eval"): "the reward model's eval accuracy is overstated",
+    ("pref_train", "eval_prompts"): "the policy is evaluated on prompts its reward model was trained on",
+    ("pref_eval", "eval_prompts"): "reward-model eval pairs and policy eval prompts are not independent",
+    ("rl_prompts", "eval_prompts"): "the policy is evaluated on prompts it was trained on",
+    ("pref_train", "rl_prompts"): "PPO optimises on prompts whose pairs the reward model memorised",
+    ("pref_eval", "rl_prompts"): "PPO trains on the reward model's held-out prompts",
+}
+
+
+class DataValidationError(DataError):
+    """Validation found errors; the message lists the first of them and the report's path."""
+
+
+@dataclass
+class ValidationReport:
+    """What validation found. `errors` stop the run; `warnings` are reported."""
+
+    errors: list[Issue]
+    warnings: list[Issue]
+    stats: dict
+    """Row counts per split, preprocessing counts, raw labels, token-length quantiles per field."""
+    lengths: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    """Token lengths per field before cutting (for the histograms; not written to JSON)."""
+    limits: dict[str, int] = field(default_factory=dict)
+    """The length limits the histograms mark: prompt (with template) and response tokens."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "errors": [asdict(i) for i in self.errors],
+                "warnings": [asdict(i) for i in self.warnings], "stats": self.stats}
+
+    def write_json(self, path: str | Path) -> str:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+        return str(path)
+
+    def markdown(self) -> str:
+        """A short summary for a Metaflow card: verdict, rows per split, lengths, first problems."""
+        verdict = "passed" if self.ok else "FAILED"
+        lines = [f"### Data validation {verdict}: {len(self.errors)} error(s), {len(self.warnings)} warning(s)", "",
+                 "| split | rows |", "|---|---:|"]
+        lines += [f"| {name} | {n} |" for name, n in self.stats["rows"].items()]
+        lines += ["", "| tokens before cutting | rows | p50 | p90 | max | limit |", "|---|---:|---:|---:|---:|---:|"]
+        for name, q in self.stats["token_lengths"].items():
+            if q["n"]:
+                lines.append(f"| {name} | {q['n']} | {q['p50']:.0f} | {q['p90']:.0f} | {q['max']} | "
+                             f"{self.limits.get(_length_kind(name), '')} |")
+        for title, issues in (("Errors", self.errors), ("Warnings", self.warnings)):
+            if issues:
+                lines += ["", f"**{title}** ({min(len(issues), SHOWN)} of {len(issues)} shown)", ""]
+                lines += [f"- `{i.location}` {i.field + ': ' if i.field else ''}{i.message}" for i in issues[:SHOWN]]
+        return "\n".join(lines)
+
+    def histogram_figure(self):
+        """Histograms of prompt (with chat template) and response token lengths, limits marked."""
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend in a step
+
+        fig = Figure(figsize=(10, 3.5), layout="constrained")
+        for ax, kind, title in zip(fig.subplots(1, 2), ("prompt", "response"),
+                                   ("prompt tokens with chat template, before cutting", "response tokens, before cutting")):
+            for name, values in self.lengths.items():
+                if _length_kind(name) == kind and values:
+                    ax.hist(values, bins=30, alpha=0.5, label=name)
+            if kind in self.limits:
+                ax.axvline(self.limits[kind], color="black", linestyle="--", label=f"limit {self.limits[kind]}")
+            ax.set_title(title)
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("rows")
+            ax.legend(fontsize="small")
+        return fig
+
+    def raise_if_errors(self, report_path: str | Path) -> None:
+        """Raise :class:`DataValidationError` listing the first errors and where the full report is
+        (write it first with :meth:`write_json`)."""
+        if self.ok:
+            return
+        shown = "\n".join(f"  {issue}" for issue in self.errors[:SHOWN])
+        more = f"\n  ... and {len(self.errors) - SHOWN} more" if len(self.errors) > SHOWN else ""
+        raise DataValidationError(f"data validation failed with {len(self.errors)} error(s):\n{shown}{more}\n"
+                                  f"full report: {report_path}")
+
+
+def _length_kind(name: str) -> str:
+    return "prompt" if name.endswith("prompt_chat") else "response"
+
+
+def _quantiles(values: list[int]) -> dict:
+    if not values:
+        return {"n": 0}
+    a = np.asarray(values)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"n": len(values), "min": int(a.min()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+            "max": int(a.max()), "mean": float(a.mean())}
+
+
+def _role_where(data: PreparedData, role: str) -> str:
+    files = data.sources.get(role, [])
+    if not files:
+        return role
+    return f"{role} ({files[0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''})"
+
+
+def check_rows(data: PreparedData) -> list[Issue]:
+    """Empty text and ties, one error per row and field, at the row's source location."""
+    errors = []
+    empty = "empty or whitespace-only text (write the text or remove the record)"
+    for row in data.pref_train + data.pref_eval:
+        for name in ("prompt", "chosen", "rejected"):
+            if not row[name].strip():
+                errors.append(Issue(row["source"], name, empty))
+        if row["chosen"] == row["rejected"] and row["chosen"].strip():
+            errors.append(Issue(row["source"], "chosen", "same text as rejected (after cleaning): a tie carries "
+                                                        "no preference (drop the pair or fix one candidate)"))
+    for row in data.rl_prompts + data.eval_prompts:
+        if not row["prompt"].strip():
+            errors.append(Issue(row["source"], "prompt", empty))
+    return errors
+
+
+def check_splits(data: PreparedData) -> list[Issue]:
+    fixes = {
+        "pref_train": "no preference pairs to train on (check data.preferences and the read/dropped counts)",
+        "pref_eval": "no held-out preference pairs (the split by prompt needs at least 2 distinct prompts)",
+        "rl_prompts": "no RL prompts (check data.prompts and the read/dropped counts)",
+        "eval_prompts": "no evaluation prompts (check data.eval_prompts, or give more RL prompts to split)",
+    }
+    return [Issue(name, "", fix) for name, fix in fixes.items() if not getattr(data, name)]
+
+
+def check_counts(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
+    """Warnings about rows preprocessing dropped or cut (each counted there)."""
+    d, c, out = cfg.data, data.counts, []
+    messages = {
+        "dropped.duplicate": "{n} exact duplicate row(s) dropped, the first occurrence kept",
+        "dropped.duplicate_after_truncation": "{n} row(s) became identical to another once cut to the token limits "
+                                              "and were dropped (raise data.prompt_length/data.target_length)",
+        "dropped.tie_after_truncation": f"{{n}} pair(s) whose candidates differ only after data.target_length="
+                                        f"{d.target_length} tokens were dropped (raise data.target_length)",
+        "changed.truncated_prompt": f"{{n}} prompt(s) longer than data.prompt_length={d.prompt_length} tokens "
+                                    "(with the chat template) were cut, keeping their end (raise data.prompt_length "
+                                    "to keep them whole)",
+        "changed.truncated_response": f"{{n}} pair(s) had a response longer than data.target_length="
+                                      f"{d.target_length} tokens, cut keeping its start (raise data.target_length "
+                                      "to keep them whole)",
+    }
+    for role in ROLES:
+        for key, message in messages.items():
+            n = c.get(f"{role}.{key}", 0)
+            if n:
+                out.append(Issue(_role_where(data, role), "", message.format(n=n)))
+    return out
+
+
+def check_labels(data: PreparedData) -> list[Issue]:
+    """Warn when one `choice` value dominates beyond chance: the reward model never sees the order, but
+    such a skew usually means position bias of the annotators or a broken export."""
+    c0, c1 = data.counts.get("preferences.choice_0", 0), data.counts.get("preferences.choice_1", 0)
+    n = c0 + c1
+    if not n:
+        return []
+    major, label = max((c0, 0), (c1, 1))
+    z = (major - n / 2) / math.sqrt(n / 4)  # standard deviations from a fair coin
+    if major / n > 0.6 and z > 3:
+        return [Issue(_role_where(data, "preferences"), "choice",
+                      f"{label} in {major} of {n} pairs ({major / n:.0%}, {z:.1f} standard deviations from 50%) "
+                      "(check the annotation for position bias and the export for a fixed candidate order)")]
+    return []
+
+
+def check_contradictions(data: PreparedData) -> list[Issue]:
+    """Warn about pairs labelled both ways (same prompt, chosen and rejected swapped): they cancel out."""
+    first: dict[tuple[str, str, str], str] = {}
+    for row in data.pref_train + data.pref_eval:
+        first.setdefault((row["prompt"], row["chosen"], row["rejected"]), row["source"])
+    out = []
+    for (p, ch, rj), source in first.items():
+        other = first.get((p, rj, ch))
+        if other is not None and source < other:  # report each contradicting couple once
+            out.append(Issue(source, "chosen", f"the same pair is labelled the other way at {other} "
+                                               "(check the annotations; the two cancel out in training)"))
+    return out
+
+
+def _first_sources(rows: Iterable[dict]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for row in rows:
+        out.setdefault(row["prompt"], row["source"])
+    return out
+
+
+def check_leakage(data: PreparedData) -> list[Issue]:
+    """One warning per pair of sets sharing prompts, with a count and the first example's locations."""
+    index = {name: _first_sources(getattr(data, name)) for name in SPLITS}
+    out = []
+    for (a, b), why in LEAKS.items():
+        shared = [p for p in index[a] if p in index[b]]
+        if shared:
+            p = shared[0]
+            out.append(Issue(index[a][p], "prompt", f"{len(shared)} prompt(s) of {a} also in {b}, e.g. this one at "
+                                                    f"{index[b][p]}: {why} (remove them from one of the sets)"))
+    return out
+
+
+def validate(data: PreparedData, cfg: RLHFConfig) -> ValidationReport:
+    """Check the prepared data; see the module docstring for what is an error and what a warning."""
+    errors = list(data.problems) + check_splits(data) + check_rows(data)
+    warnings = check_counts(data, cfg) + check_labels(data) + check_contradictions(data) + check_leakage(data)
+    if cfg.data.strict:
+        errors, warnings = errors + warnings, []
+    stats = {
+        "ok": not errors,
+        "strict": cfg.data.strict,
+        "n_errors": len(errors),
+        "n_warnings": len(warnings),
+        "rows": {name: len(getattr(data, name)) for name in SPLITS},
+        "counts": dict(data.counts),
+        "labels": {f"choice_{k}": data.counts.get(f"preferences.choice_{k}", 0) for k in (0, 1)},
+        "token_lengths": {name: _quantiles(values) for name, values in data.token_lengths.items()},
+        "sources": data.sources,
+    }
+    return ValidationReport(errors=errors, warnings=warnings, stats=stats, lengths=data.token_lengths,
+                            limits={"prompt": cfg.data.prompt_length, "response": cfg.data.target_length})

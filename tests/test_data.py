@@ -1,0 +1,302 @@
+"""Data stage: format readers, preprocessing (clean, cut, split) and validation, on tiny files."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlhf_lightning.config import ConfigError, from_dict
+from rlhf_lightning.data import formats
+from rlhf_lightning.data.formats import DataError, Issue, read_preferences, read_prompts
+from rlhf_lightning.data.preprocess import (
+    PreparedData,
+    clean_text,
+    fit_prompts,
+    fit_responses,
+    preprocess,
+    split_by_prompt,
+)
+from rlhf_lightning.data.validate import DataValidationError, validate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROBLEMS = FIXTURES / "preferences_with_problems.jsonl"
+
+# Includes strings pandas would take for missing values or numbers, and text needing CSV quoting.
+RECORDS = [
+    {"input_text": "Review a small cafe.", "candidate_0": "Lovely coffee.", "candidate_1": "Cold and rude.", "choice": 0},
+    {"input_text": "Review a museum.", "candidate_0": "Dull.", "candidate_1": "Fascinating rooms.", "choice": 1},
+    {"input_text": "NA", "candidate_0": "None", "candidate_1": "007", "choice": 1},
+    {"input_text": 'Ünïcödé, "quotes", commas\nand a newline', "candidate_0": "", "candidate_1": "ok, fine", "choice": 1},
+]
+EXPECTED = [
+    {"prompt": "Review a small cafe.", "chosen": "Lovely coffee.", "rejected": "Cold and rude."},
+    {"prompt": "Review a museum.", "chosen": "Fascinating rooms.", "rejected": "Dull."},
+    {"prompt": "NA", "chosen": "007", "rejected": "None"},
+    {"prompt": 'Ünïcödé, "quotes", commas\nand a newline', "chosen": "ok, fine", "rejected": ""},
+]
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(records), path)
+    elif name.endswith(".csv"):
+        pd.DataFrame(records).to_csv(path, index=False, compression="infer")
+    else:
+        text = json.dumps(records) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in records)
+        path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+    return path
+
+
+def tiny_cfg(**data) -> object:
+    return from_dict({"policy": {"model": "tiny:llama"}, "data": data})
+
+
+def locations(issues: list[Issue]) -> list[tuple[str, str]]:
+    return [(i.location, i.field) for i in issues]
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.jsonl.gz", "p.json", "p.parquet", "p.csv", "p.csv.gz"])
+def test_every_file_format_reads_to_the_same_rows(tmp_path, name):
+    path = write_records(tmp_path / name, RECORDS)
+    result = read_preferences([str(path)])
+    assert result.problems == []
+    assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in result.rows] == EXPECTED
+    assert [r["source"] for r in result.rows] == [f"{path}:{n}" for n in range(1, 5)]
+    assert result.labels == Counter({0: 1, 1: 3})
+    prompts = read_prompts([str(path)])  # a preference file is also a prompt file
+    assert [r["prompt"] for r in prompts.rows] == [r["prompt"] for r in EXPECTED]
+
+
+def test_row_problems_are_all_collected_with_file_line_and_field():
+    result = read_preferences([str(PROBLEMS)])
+    where = str(PROBLEMS)
+    assert locations(result.problems) == [
+        (f"{where}:2", "record"),
+        (f"{where}:3", "choice"),
+        (f"{where}:4", "choice"),
+        (f"{where}:6", "input_text"),
+        (f"{where}:6", "choice"),
+        (f"{where}:7", "record"),
+    ]
+    text = [str(p) for p in result.problems]
+    assert text[0].startswith(f"{where}:2: record: malformed JSON")
+    assert "missing" in text[1] and "0 if candidate_0 is preferred" in text[1]
+    assert "got 2" in text[2] and "got True" in text[4]  # a boolean is not a label
+    assert "expected a string, got int" in text[3]
+    # Every valid row survives, in order; the blank line 5 is not a record.
+    assert [r["source"] for r in result.rows] == [f"{where}:{n}" for n in (1, 8, 9, 10)]
+    assert (result.records, result.invalid) == (9, 5)
+
+
+def test_csv_and_parquet_problems_point_at_their_row(tmp_path):
+    bad = [dict(RECORDS[0]), dict(RECORDS[1], choice="yes"), dict(RECORDS[2], choice=5)]
+    csv = tmp_path / "p.csv"
+    pd.DataFrame(bad).to_csv(csv, index=False)
+    assert locations(read_preferences([str(csv)]).problems) == [(f"{csv}:2", "choice"), (f"{csv}:3", "choice")]
+    parquet = write_records(tmp_path / "p.parquet", [RECORDS[0], dict(RECORDS[1], candidate_1=None)])
+    result = read_preferences([str(parquet)])
+    assert locations(result.problems) == [(f"{parquet}:2", "candidate_1")]
+    assert len(result.rows) == 1
+
+
+def test_non_utf8_line_is_a_row_problem_in_jsonl_and_a_file_error_in_csv(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + b'{"input_text": "caf\xe9"}\n')
+    result = read_preferences([str(jsonl)])
+    assert locations(result.problems) == [(f"{jsonl}:2", "record")]
+    assert "not valid UTF-8" in str(result.problems[0]) and len(result.rows) == 1
+    csv = tmp_path / "p.csv"
+    csv.write_bytes(b"input_text,candidate_0,candidate_1,choice\nok,a,b,0\ncaf\xe9,a,b,1\n")
+    with pytest.raises(DataError, match=rf"{csv}:3: not valid UTF-8 \(byte 0xe9; re-save the file as UTF-8\)"):
+        read_preferences([str(csv)])
+
+
+@pytest.mark.parametrize("content, name, match", [
+    (None, "missing.jsonl", r"missing\.jsonl: file not found \(fix the path in data\.preferences"),
+    (None, "nothing-*.jsonl", r"nothing-\*\.jsonl: no file matches this pattern"),
+    (b"x", "p.txt", r"p\.txt: unknown file type \(name it \.jsonl, \.json, \.parquet or \.csv"),
+    (b'{"a": 1}\n{"a": 2}\n', "p.json", r"p\.json:2: malformed JSON: Extra data .*name one-object-per-line files \.jsonl"),
+    (b'{"a": 1}', "p.json", r"p\.json: expected a JSON list of objects, got a dict"),
+    (b"input_text,choice\nx,1\n", "p.csv", r"p\.csv: column\(s\) \['candidate_0', 'candidate_1'\] missing"),
+    (b"not parquet", "p.parquet", r"p\.parquet: not a readable Parquet file"),
+    (b"not gzip", "p.jsonl.gz", r"p\.jsonl\.gz:1: cannot read"),
+])
+def test_file_level_failures_raise_data_error_with_the_path(tmp_path, content, name, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        read_preferences([str(path)])
+
+
+def test_globs_expand_sorted_and_read_each_file_once(tmp_path):
+    for i in range(2):
+        write_records(tmp_path / f"part-{i}.jsonl", RECORDS[i : i + 1])
+    files = formats.expand_paths([str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-*.jsonl")], "data.preferences")
+    assert files == [str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-0.jsonl")]
+
+
+# ------------------------------------------------------------------------------------------ preprocess
+
+
+def test_clean_text_reports_each_reason():
+    assert clean_text("  cafe\u0301 \r\nok\x00  go\tnow\n    indented ") == ("café \nok go\tnow\n    indented",
+        ["unicode_nfc", "line_endings", "control_chars", "spaces", "ends"])
+    assert clean_text("already clean") == ("already clean", [])
+
+
+def test_prompts_keep_their_end_and_responses_their_start():
+    from rlhf_lightning.models.loading import load_tokenizer
+
+    tok = load_tokenizer("tiny:llama")
+    text = " ".join(f"filler{i}" for i in range(60)) + " So, what do you think of the cafe?"
+    (cut,), (chat,), (before,) = fit_prompts(tok, [text], 24)
+    assert before > 24 and text.endswith(cut) and cut.endswith("of the cafe?")
+    assert len(tok(chat, add_special_tokens=False)["input_ids"]) <= 24
+    (short,), _ = fit_prompts(tok, ["Hi."], 24)[:2]
+    assert short == "Hi."
+    (resp,), (n,) = fit_responses(tok, [text], 10)
+    assert n > 10 and text.startswith(resp) and len(tok(resp, add_special_tokens=False)["input_ids"]) <= 10
+
+
+def test_split_by_prompt_never_shares_a_prompt_and_is_seeded():
+    rows = [{"prompt": f"p{i % 10}", "source": f"f:{i}"} for i in range(40)]
+    train, held = split_by_prompt(rows, 0.2, seed=3)
+    assert len(train) + len(held) == 40
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert len({r["prompt"] for r in held}) == 2
+    assert split_by_prompt(list(reversed(rows)), 0.2, seed=3)[1] == list(reversed(held))  # order-independent
+    assert split_by_prompt(rows[:4], 0.2, seed=0)[1] and split_by_prompt(rows[:1], 0.5, seed=0)[1] == []
+
+
+@pytest.fixture(scope="module")
+def prepared_user_files(tmp_path_factory):
+    """Preprocess of user files: the problem fixture plus a second file with cleaning cases, duplicates
+    and over-long text; RL prompts without an eval file (so they are split)."""
+    tmp = tmp_path_factory.mktemp("user")
+    long_prompt = " ".join(f"filler{i}" for i in range(80)) + " Which cafe is best?"
+    extra = [
+        {"input_text": "Review a cafe\u0301.", "candidate_0": "Nice  place.", "candidate_1": "Bad\r\nplace.", "choice": 0},
+        {"input_text": "Review a cafe\u0301.", "candidate_0": "Nice  place.", "candidate_1": "Bad\r\nplace.", "choice": 0},
+        {"input_text": long_prompt, "candidate_0": "Short.", "candidate_1": " ".join(["words"] * 80), "choice": 1},
+        {"input_text": "Cut makes a tie.", "candidate_0": "same " * 40 + "A", "candidate_1": "same " * 40 + "B", "choice": 0},
+        {"input_text": "Review a quiet museum.", "candidate_0": "Grand.", "candidate_1": "Meh.", "choice": 0},
+    ]
+    write_records(tmp / "extra.csv", extra)
+    cfg = tiny_cfg(preferences=[str(PROBLEMS), str(tmp / "extra.csv")], prompts=[str(FIXTURES / "prompts.jsonl")],
+                   prompt_length=32, target_length=16, eval_fraction=0.25)
+    return cfg, preprocess(cfg, str(tmp / "out")), long_prompt
+
+
+def test_preprocess_counts_every_row_and_writes_parquet(prepared_user_files):
+    cfg, data, long_prompt = prepared_user_files
+    c = data.counts
+    for role in ("preferences", "prompts"):
+        dropped = sum(v for k, v in c.items() if k.startswith(f"{role}.dropped."))
+        assert c[f"{role}.read"] == c[f"{role}.kept"] + dropped  # nothing lost silently
+    assert c["preferences.read"] == 14 and c["preferences.dropped.invalid"] == 5
+    assert c["preferences.dropped.duplicate"] == 1 and c["preferences.dropped.tie_after_truncation"] == 1
+    assert c["preferences.changed.unicode_nfc"] == 2  # both copies, before the duplicate is dropped
+    assert c["preferences.changed.line_endings"] == 2 and c["preferences.changed.spaces"] >= 3
+    assert c["preferences.changed.truncated_prompt"] == 1 and c["preferences.changed.truncated_response"] >= 1
+    assert (c["preferences.choice_0"], c["preferences.choice_1"]) == (6, 3)
+    assert c["prompts.read"] == 6 and c["prompts.dropped.duplicate"] == 1 and c["prompts.kept"] == 5
+    assert c["pref_train.rows"] + c["pref_eval.rows"] == c["preferences.kept"] == 7
+    assert c["rl_prompts.rows"] + c["eval_prompts.rows"] == 5 and c["eval_prompts.rows"] >= 1
+
+    cut = next(r for r in data.pref_train + data.pref_eval if r["prompt"].endswith("Which cafe is best?"))
+    assert cut["prompt"] != long_prompt and long_prompt.endswith(cut["prompt"])
+    assert any(r["prompt"] == "Review a café." and r["rejected"] == "Bad\nplace." for r in data.pref_train + data.pref_eval)
+    assert not {r["prompt"] for r in data.pref_train} & {r["prompt"] for r in data.pref_eval}
+    assert data.sources["preferences"] == [str(PROBLEMS), cfg.data.preferences[1]]
+    assert [str(p) for p in data.problems] == [str(p) for p in read_preferences([str(PROBLEMS)]).problems]
+    for name, rows in (("pref_train", data.pref_train), ("rl_prompts", data.rl_prompts), ("eval_prompts", data.eval_prompts)):
+        assert pq.read_table(data.files[name]).to_pylist() == rows
+    assert set(data.rl_prompts[0]) == {"prompt", "prompt_chat", "source"}
+    assert data.rl_prompts[0]["prompt_chat"].startswith("<|im_start|>user\n")
+
+
+def test_validate_reports_every_problem_with_its_location(prepared_user_files, tmp_path):
+    cfg, data, _ = prepared_user_files
+    report = validate(data, cfg)
+    where = str(PROBLEMS)
+    errors = locations(report.errors)
+    assert errors[:6] == locations(data.problems)  # reading problems come first, all of them
+    assert (f"{where}:8", "chosen") in errors  # a tie once cleaned ("same  answer" vs "same answer ")
+    assert (f"{where}:9", "prompt") in errors  # whitespace-only prompt
+    assert not report.ok
+    messages = " | ".join(str(w) for w in report.warnings)
+    assert "1 exact duplicate row(s) dropped" in messages
+    assert "data.target_length=16" in messages and "data.prompt_length=32" in messages
+    assert "also in" in messages  # "Review a quiet museum." is a preference prompt and an RL/eval prompt
+
+    path = report.write_json(tmp_path / "report" / "validation.json")
+    saved = json.loads(Path(path).read_text())
+    assert saved["ok"] is False and len(saved["errors"]) == len(report.errors)
+    assert saved["stats"]["rows"]["pref_train"] == len(data.pref_train)
+    with pytest.raises(DataValidationError) as exc:
+        report.raise_if_errors(path)
+    text = str(exc.value)
+    assert f"{where}:2: record: malformed JSON" in text and f"full report: {path}" in text
+    assert len(text.splitlines()) <= 1 + 10 + 2  # header, first 10, "... and N more", path
+    assert "| pref_train |" in report.markdown()
+
+
+def test_strict_turns_warnings_into_errors(prepared_user_files):
+    cfg, data, _ = prepared_user_files
+    loose = validate(data, cfg)
+    strict = validate(data, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, strict=True)))
+    assert strict.warnings == [] and len(strict.errors) == len(loose.errors) + len(loose.warnings)
+
+
+def test_label_imbalance_and_contradictions_warn():
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b", "source": "f:1"},
+             {"prompt": "p", "chosen": "b", "rejected": "a", "source": "f:2"}]
+    data = PreparedData(pref_train=pairs, pref_eval=[], rl_prompts=[], eval_prompts=[],
+                        counts={"preferences.choice_0": 90, "preferences.choice_1": 10}, files={},
+                        sources={"preferences": ["f"]})
+    report = validate(data, tiny_cfg())
+    warnings = {(w.location, w.field): w.message for w in report.warnings}
+    assert "0 in 90 of 100 pairs" in warnings[("preferences (f)", "choice")]
+    assert "labelled the other way at f:2" in warnings[("f:1", "chosen")]
+    assert {i.location for i in report.errors} == {"pref_eval", "rl_prompts", "eval_prompts"}  # empty splits
+
+
+def test_preprocess_requires_prompts_with_user_preferences():
+    with pytest.raises(ConfigError, match="data.prompts: empty while data.preferences is set"):
+        preprocess(tiny_cfg(preferences=[str(PROBLEMS)]), "unused")
+
+
+def test_builtin_task_end_to_end(tmp_path):
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "data": {"builtin": {
+        "n_preference_prompts": 16, "n_rl_prompts": 8, "n_eval_prompts": 8, "max_new_tokens": 8,
+        "output_dir": str(tmp_path / "builtin")}}})
+    data = preprocess(cfg, str(tmp_path / "out"))
+    c = data.counts
+    assert c["preferences.read"] == 16 and c["prompts.read"] == 8 and c["eval_prompts.read"] == 8
+    assert c["pref_train.rows"] + c["pref_eval.rows"] == c["preferences.kept"]
+    assert (c["rl_prompts.rows"], c["eval_prompts.rows"]) == (8, 8)
+    assert c["preferences.choice_0"] + c["preferences.choice_1"] == 16
+    assert sorted(data.files) == ["eval_prompts", "pref_eval", "pref_train", "rl_prompts"]
+    assert all(Path(p).exists() for p in data.files.values())
+    assert data.sources["preferences"][0].endswith("preferences.jsonl")
+
+    report = validate(data, cfg)
+    assert not [w for w in report.warnings if "also in" in w.message]  # the task's prompt sets are disjoint
+    assert report.stats["token_lengths"]["preferences.chosen"]["n"] == c["preferences.kept"]
+    fig = report.histogram_figure()
+    fig.savefig(tmp_path / "lengths.png")
+    assert (tmp_path / "lengths.png").stat().st_size > 0
+    assert report.markdown().startswith("### Data validation")
