@@ -1,0 +1,163 @@
+"""Log the tuned policy as an MLflow pyfunc model, register a version, tag its lineage, set aliases.
+
+The logged model is `pyfunc_model.py` as models-from-code (see that module for why) with two artifacts:
+the base model directory (weights + tokenizer + chat template) and the LoRA adapter (only the files
+peft needs, not the PPO value head). Tracking and registry URIs come from MLflow itself
+(``MLFLOW_TRACKING_URI`` or its default); nothing here picks a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from rlhf_lightning import pyfunc_model
+from rlhf_lightning.config import RLHFConfig
+
+CANDIDATE_ALIAS = "candidate"
+"""Set on every registered version: the newest policy, not yet trusted."""
+CHAMPION_ALIAS = "champion"
+"""Set only when the evaluation gates pass: the policy to serve."""
+
+# Files peft needs to load an adapter; everything else in the training output dir (value head,
+# optimizer state) is private training state and stays out of the served model.
+ADAPTER_FILES = ("adapter_config.json", pyfunc_model.ADAPTER_WEIGHTS_FILE)
+
+# What the served model imports (pyfunc_model.py), pinned to the versions it was logged with.
+# accelerate: peft's dependency; jinja2: chat templates; not torchvision (transformers does not need it).
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
+                    "jinja2", "pandas", "numpy")
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """A registered policy version."""
+
+    name: str
+    """Registered model name."""
+    version: str
+    """Model Registry version number."""
+    aliases: list[str]
+    """Aliases pointing at this version right after registration."""
+    weights_sha256: str
+    """sha256 of the adapter weights file; the served model reports the same value."""
+    model_uri: str
+    """`models:/<name>/<version>`: immutable, unlike an alias."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def weights_sha256(adapter_dir: str | Path) -> str:
+    """sha256 of the adapter's `adapter_model.safetensors`: the identity of a trained policy."""
+    path = Path(adapter_dir) / pyfunc_model.ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no adapter weights; save the adapter with peft `save_pretrained(dir)` "
+            "(safetensors is peft's default)"
+        )
+    return pyfunc_model.sha256_file(path)
+
+
+def pip_requirements() -> list[str]:
+    """`pkg==version` for the serving dependencies, from the packages installed here."""
+    reqs = []
+    for pkg in SERVING_PACKAGES:
+        # Drop local build tags (torch "2.13.0+cpu"): PyPI has no such wheel; the plain pin resolves
+        # to the CPU or CUDA build that fits the serving machine.
+        version = importlib.metadata.version(pkg).split("+")[0]
+        reqs.append(f"{pkg}=={version}")
+    return reqs
+
+
+def _check_base_dir(base_model_dir: str) -> None:
+    base = Path(base_model_dir)
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{base}: not a transformers model directory (no config.json); pass the directory written by "
+            "`model.save_pretrained(dir)` and `tokenizer.save_pretrained(dir)` (e.g. loading.resolve_model(ref))"
+        )
+    if not (base / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{base}: no tokenizer; save it there with `tokenizer.save_pretrained(dir)`")
+
+
+@contextlib.contextmanager
+def _in_run(run_id: str):
+    """Log into `run_id`: the active run if it is that one, else resume it (nested under any other
+    active run, since MLflow allows only one top-level active run per thread)."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield active
+    else:
+        with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+            yield run
+
+
+def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run_id: str, promote: bool,
+                     tags: dict[str, str]) -> ModelVersionInfo:
+    """Log base + adapter as a pyfunc model in run `run_id`, register it as `cfg.registry.model_name`,
+    tag the version (`tags` + weights_sha256 + base_model), alias it `candidate`, and `champion`
+    when `promote`."""
+    sha = weights_sha256(adapter_dir)
+    _check_base_dir(base_model_dir)
+    name = cfg.registry.model_name
+    template = [dataclasses.asdict(r) for r in cfg.serving.requests]
+    example = template[0]
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-register-") as tmp:
+        # MLflow names an artifact directory after its source directory: stage it as `adapter`.
+        staged = Path(tmp) / "adapter"
+        staged.mkdir()
+        for fname in ADAPTER_FILES:
+            src = Path(adapter_dir) / fname
+            if not src.is_file():
+                raise FileNotFoundError(f"{src}: missing; the adapter dir must come from peft `save_pretrained`")
+            shutil.copy2(src, staged / fname)
+        with _in_run(run_id):
+            info = mlflow.pyfunc.log_model(
+                name="policy",
+                python_model=pyfunc_model.__file__,  # models-from-code: MLflow copies the file
+                artifacts={"base": base_model_dir, "adapter": str(staged)},
+                model_config={"weights_sha256": sha},  # load fails if the adapter artifact differs
+                signature=pyfunc_model.SIGNATURE,
+                # MLflow also runs this example through the model once as a serving check.
+                input_example=(
+                    pd.DataFrame({"prompt": [example["prompt"]]}),
+                    {"max_new_tokens": min(example["max_new_tokens"], 8), "temperature": 0.0},
+                ),
+                pip_requirements=pip_requirements(),
+                metadata={"weights_sha256": sha, "base_model": cfg.policy.model, "inference_template": template},
+                registered_model_name=name,
+            )
+    version = info.registered_model_version
+    if version is None:
+        raise RuntimeError(f"MLflow logged {info.model_uri} but did not register it as {name!r}")
+    version = str(version)
+
+    client = MlflowClient()
+    version_tags = {**tags, "weights_sha256": sha, "base_model": cfg.policy.model,
+                    "quantization": cfg.policy.quantization}
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.update_model_version(
+        name, version,
+        description=(
+            f"PPO-tuned LoRA policy on {cfg.policy.model} (run {run_id}). Adapter weights sha256 {sha}; "
+            f"every served answer reports it in `weights_sha256`."
+        ),
+    )
+    client.set_registered_model_alias(name, CANDIDATE_ALIAS, version)
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    aliases = sorted(client.get_model_version(name, version).aliases)
+    return ModelVersionInfo(name=name, version=version, aliases=aliases, weights_sha256=sha,
+                            model_uri=f"models:/{name}/{version}")

@@ -1,0 +1,71 @@
+import os
+
+# Nothing downloads from a model hub in tests: tiny models are built locally (see models/loading.py).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models on 2 shared cores: one intra-op thread is ~100x faster than torch's spinning pool, here
+# and in the subprocesses the tests start (flow steps, model servers), which inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Metaflow needs a user name and rejects root.
+os.environ.setdefault("USERNAME", "rlhf-tests")
+
+# torch first: imported after Metaflow's Runner has reloaded its CLI modules, torch's typing fails
+# (`Type parameter ~_R without a default follows ...`) when a test unpickles an artifact.
+import torch  # noqa: E402,F401
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mlflow_tracking(tmp_path_factory) -> Path:
+    """A fresh sqlite tracking + registry store per test module, set through MLFLOW_TRACKING_URI as in
+    production, with the experiment `rlhf-lightning` storing artifacts under the same tmp dir (MLflow's
+    default would be ./mlruns in the working directory). Yields the store's directory."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        MlflowClient().create_experiment("rlhf-lightning", artifact_location=f"{root}/artifacts")
+        mlflow.set_experiment("rlhf-lightning")
+        yield root
+        mlflow.set_tracking_uri(None)  # back to the environment's / MLflow's default
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    """(peft model, adapter dir, base model dir) of a tiny:llama policy whose adapter visibly changes
+    the outputs: fresh LoRA B matrices are zero, which would make 'adapter loaded' and 'adapter
+    ignored' indistinguishable. The adapter dir also holds a PPO value head, as train_ppo writes it."""
+    import torch
+
+    from rlhf_lightning.config import PolicyConfig
+    from rlhf_lightning.models import loading
+
+    model = loading.load_policy(PolicyConfig(model="tiny:llama"), trainable=False)
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.5
+    adapter_dir = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(adapter_dir)
+    torch.save({"w": torch.zeros(2)}, adapter_dir / "value_head.pt")
+    return model, str(adapter_dir), loading.resolve_model("tiny:llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: on 2 shared cores, torch's spinning intra-op threads make each generate step ~100x
+    slower when other processes compete for the cores; one thread is fastest."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

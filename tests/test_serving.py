@@ -1,0 +1,160 @@
+"""A real `mlflow models serve` process of the registered policy: REST answers, limits, identity checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from rlhf_lightning import registry, serving
+from rlhf_lightning.config import InferenceRequest, from_dict
+from rlhf_lightning.inference import check_registered_version, run_inference_template
+from rlhf_lightning.models import generation, loading
+
+MODEL_NAME = "rlhf-policy"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Greedy, so the answers are deterministic (a tiny random model samples an immediate end token now
+# and then, which would make the non-empty-response check flaky).
+TEMPLATE = [
+    InferenceRequest(prompt="Write a one-sentence review of a small seaside cafe.", max_new_tokens=8),
+    InferenceRequest(prompt="Describe a rainy Sunday afternoon in one sentence.", max_new_tokens=5),
+]
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_tracking, tiny_policy):
+    _, adapter_dir, base_dir = tiny_policy
+    cfg = from_dict({"policy": {"model": "tiny:llama"}})
+    with mlflow.start_run() as run:
+        return registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, promote=True, tags={})
+
+
+@pytest.fixture(scope="module")
+def server(registered, tmp_path_factory):
+    """One server for the whole module (startup ~10 s), serving the alias as the deploy step does.
+    On teardown, every process of the server's group must be gone."""
+    log_dir = tmp_path_factory.mktemp("serve")
+    # One torch thread: for a tiny model on 2 shared cores, spinning intra-op threads are ~100x slower.
+    with serving.ModelServer(f"models:/{MODEL_NAME}@champion", startup_timeout=120, log_dir=log_dir,
+                             env={"OMP_NUM_THREADS": "1"}) as srv:
+        pgid = srv.pid
+        yield srv
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+
+
+def test_health_endpoints(server):
+    for route in ("/ping", "/health", "/version"):
+        with urllib.request.urlopen(f"{server.url}{route}", timeout=5) as resp:
+            assert resp.status == 200, route
+
+
+def test_invocations_answer_like_the_trained_policy(server, registered, tiny_policy):
+    model, _, _ = tiny_policy
+    prompts = [r.prompt for r in TEMPLATE] + ["Hi"]
+    answers = serving.predict(server.url, prompts, {"max_new_tokens": 6})
+
+    tok = loading.load_tokenizer("tiny:llama")
+    expected = generation.sample(model, tok, [generation.chat_prompt(tok, p) for p in prompts],
+                                 max_new_tokens=6, temperature=0.0)
+    assert [a["response"] for a in answers] == expected.texts
+    assert [a["completion_tokens"] for a in answers] == expected.response_mask.sum(dim=1).tolist()
+    assert all(1 <= a["completion_tokens"] <= 6 and a["prompt_tokens"] > 0 for a in answers)
+    assert {a["weights_sha256"] for a in answers} == {registered.weights_sha256}
+
+
+def test_sampling_honours_params(server):
+    answers = serving.predict(server.url, ["Hi", "Describe a cafe."], {"max_new_tokens": 3, "temperature": 1.5})
+    assert [sorted(a) for a in answers] == [["completion_tokens", "prompt_tokens", "response", "weights_sha256"]] * 2
+    assert all(a["completion_tokens"] <= 3 for a in answers)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"max_new_tokens": 1000}, "params.max_new_tokens must be an integer in [1, 256], got 1000"),
+    ({"temperature": -1}, "params.temperature must be a number in [0.0, 2.0]"),
+    ({"max_new_tokens": "many"}, "max_new_tokens"),  # rejected by MLflow's ParamSchema type check
+])
+def test_out_of_range_params_are_a_client_error_and_the_server_keeps_serving(server, params, message):
+    result = serving.invoke(server.url, {"dataframe_records": [{"prompt": "Hi"}], "params": params})
+    assert result.status == 400
+    assert message in result.error_message
+    with pytest.raises(serving.ServingError, match="HTTP 400"):
+        serving.predict(server.url, ["Hi"], params)
+    assert len(serving.predict(server.url, ["Hi"], {"max_new_tokens": 2})) == 1
+
+
+def test_inference_template_passes_with_the_registered_weights(server, registered):
+    report = run_inference_template(server.url, TEMPLATE, registered.weights_sha256)
+    assert report.ok, report.failures
+    assert len(report.answers) == 2 and len(report.checks) == 8
+    assert report.to_dict()["ok"] is True
+    assert all(a.completion_tokens <= r.max_new_tokens for a, r in zip(report.answers, TEMPLATE))
+
+
+def test_inference_template_fails_on_other_weights(server):
+    report = run_inference_template(server.url, TEMPLATE, "0" * 64)
+    assert not report.ok
+    assert [c.name for c in report.failures] == ["request[0].weights_sha256_matches",
+                                                 "request[1].weights_sha256_matches"]
+
+
+def test_inference_template_reports_rejected_requests(server, registered):
+    report = run_inference_template(server.url, [InferenceRequest(prompt="Hi", max_new_tokens=999)],
+                                    registered.weights_sha256)
+    assert not report.ok
+    assert report.answers[0].status == 400 and "max_new_tokens" in report.answers[0].error
+    assert [c.name for c in report.checks] == ["request[0].http_200"]
+
+
+def test_check_registered_version(registered):
+    client = MlflowClient()
+    assert check_registered_version(client, MODEL_NAME, "champion", registered.version).ok
+    moved = check_registered_version(client, MODEL_NAME, "champion", str(int(registered.version) + 1))
+    assert not moved.ok and "expected" in moved.detail
+    missing = check_registered_version(client, MODEL_NAME, "no-such-alias", registered.version)
+    assert not missing.ok and "not found" in missing.detail
+
+
+def test_server_that_cannot_load_fails_fast_with_its_log(mlflow_tracking, tmp_path):
+    with pytest.raises(serving.ServingError, match=r"exited with code .* before becoming ready") as exc:
+        with serving.ModelServer(f"models:/{MODEL_NAME}/999", startup_timeout=60, log_dir=tmp_path):
+            pass
+    assert "999" in str(exc.value)  # the log tail names the missing version
+
+
+def test_stop_pid_stops_the_whole_group_of_a_detached_server():
+    """What the inference step does to a server the deploy step left running: the session leader and
+    its children (uvicorn under the mlflow CLI) all go."""
+    # Started through a short-lived intermediate process, like the deploy step that exits after
+    # starting the server: the leader is then not our child (our child's zombie would keep the group
+    # "alive" until reaped).
+    launcher = subprocess.run(
+        [sys.executable, "-c",
+         "import subprocess; print(subprocess.Popen(['bash', '-c', 'sleep 60 & wait'], start_new_session=True,"
+         " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"],  # else it holds our pipes open
+        capture_output=True, text=True, check=True,
+    )
+    pid = int(launcher.stdout)
+    start = time.monotonic()
+    serving.stop_pid(pid, timeout=10)
+    assert time.monotonic() - start < 5  # stopped by SIGTERM, not by the SIGKILL fallback
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    serving.stop_pid(pid)  # already gone: nothing to do
+
+
+def test_stop_pid_refuses_a_process_it_did_not_start():
+    other = subprocess.Popen(["sleep", "60"])  # shares our process group: not a ModelServer
+    try:
+        with pytest.raises(serving.ServingError, match="not the leader of its process group"):
+            serving.stop_pid(other.pid)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
