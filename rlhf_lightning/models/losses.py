@@ -1,0 +1,117 @@
+"""The RLHF losses as small pure functions on tensors (unit-tested on hand-computed values).
+
+Shapes: B = batch rows, T = response tokens. `mask` is 1 on real response tokens (up to and including
+the first EOS) and 0 on padding; every token-level mean is taken over the real tokens of the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is 1 (all of them, or along `dim`)."""
+    # x, mask: (B, T)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit (population) variance over the masked positions; padding is set to 0."""
+    # x, mask: (B, T)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask  # (B, T)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """-log P(chosen preferred) with P = sigmoid(r_chosen - r_rejected), averaged over the pairs."""
+    # r_chosen, r_rejected: (B,)
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 estimator of KL(policy || reference) at each sampled token: log pi(a) - log ref(a).
+
+    Unbiased for the sequence KL when the tokens were sampled from the policy; summed over a
+    response it is the log-ratio of the whole sequence."""
+    # logp, ref_logp: (B, T)
+    return logp - ref_logp
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of `mask`."""
+    # mask: (B, T) -> (B,)
+    positions = torch.arange(mask.shape[1], device=mask.device)  # (T,)
+    return (positions * mask).argmax(dim=1)
+
+
+def kl_penalised_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL at every token, plus the sequence score at the last real token.
+
+    The reward model judges whole responses, so its score arrives once, when the response ends; the
+    KL penalty is paid token by token where it is incurred."""
+    # score: (B,); logp, ref_logp, mask: (B, T)
+    rewards = -kl_coef * per_token_kl(logp, ref_logp) * mask  # (B, T)
+    last = last_token_index(mask)  # (B,)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)  # (B,)
+    rewards[rows, last] += score
+    return rewards  # (B, T)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation -> (advantages, returns = advantages + values).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1}.
+    Padding is zeroed first, so the value after the last real token is 0 (the episode ends there)."""
+    # rewards, values, mask: (B, T)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)  # (B, T)
+    next_value = torch.zeros_like(rewards[:, 0])  # (B,)
+    next_advantage = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask  # (B, T), (B, T)
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate -> (loss, clip_fraction, approx_kl).
+
+    loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))): the pessimistic bound stops the
+    update from moving a token's probability further than the clip range in the advantageous direction.
+    approx_kl is the k3 estimator (ratio - 1) - log(ratio) of KL(old || new): >= 0, low variance."""
+    # logp, old_logp, advantages, mask: (B, T)
+    log_ratio = logp - old_logp  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped = -advantages * ratio  # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (B, T)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss -> (loss, clip_fraction).
+
+    loss = 0.5 * mean(max((V - R)^2, (V_clip - R)^2)), V_clip = V_old + clip(V - V_old, -eps, eps):
+    like the policy, the value head may not jump far from its rollout-time predictions in one update."""
+    # values, old_values, returns, mask: (B, T)
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)  # (B, T)
+    unclipped_error = (values - returns) ** 2  # (B, T)
+    clipped_error = (clipped_values - returns) ** 2  # (B, T)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask)
+    return loss, clip_fraction

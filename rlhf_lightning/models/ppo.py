@@ -1,0 +1,279 @@
+"""PPO of a LoRA policy against a trained reward model: a LightningModule with manual optimisation.
+
+One `training_step` is one PPO iteration on a batch of prompts, in four phases:
+
+1. rollout       sample responses with the current policy (prompts left-padded, as `generate` needs);
+2. score_and_kl  reward-model score of the decoded (prompt, response) text, normalised with the reward
+                 model's training statistics; log-probs of the response tokens under the policy and the
+                 reference; values. The reference is the same PeftModel with its adapter disabled;
+3. advantages    per-token rewards (-kl_coef * KL, plus the score at the last token), GAE, whitening;
+4. ppo_epochs    minibatches x epochs of clipped policy loss + vf_coef * clipped value loss.
+
+Log-probs are computed for the response tokens only (`logits_to_keep`): the LM head (49152 wide for
+SmolLM2) is most of the cost of a forward pass on these small models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
+from rlhf_lightning.models.generation import Sampled, sample
+from rlhf_lightning.models.loading import load_policy, load_tokenizer
+from rlhf_lightning.models.losses import (
+    gae,
+    kl_penalised_rewards,
+    masked_mean,
+    masked_whiten,
+    per_token_kl,
+    ppo_policy_loss,
+    value_loss,
+)
+from rlhf_lightning.models.reward_model import RewardScorer, build_trainer
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+@dataclass
+class Scored:
+    """What phase 2 measures about one rollout (no gradients)."""
+
+    scores: torch.Tensor  # (B,) raw reward-model scores
+    logp: torch.Tensor  # (B, R) log-probs of the response tokens under the rollout policy
+    ref_logp: torch.Tensor  # (B, R) the same under the reference (adapter disabled)
+    values: torch.Tensor  # (B, R) value predictions before each response token
+    entropy: torch.Tensor  # (B, R) entropy of the policy's next-token distribution
+
+
+@dataclass
+class Experience:
+    """One rollout with everything the PPO update needs. Prompts left-padded, responses right-padded."""
+
+    prompt_ids: torch.Tensor  # (B, P)
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
+    logp: torch.Tensor  # (B, R) rollout-time log-probs (the "old" policy of the ratio)
+    values: torch.Tensor  # (B, R) rollout-time values (centre of the value clip)
+    advantages: torch.Tensor  # (B, R) whitened GAE advantages
+    returns: torch.Tensor  # (B, R) value targets
+
+    def __getitem__(self, rows: torch.Tensor) -> Experience:
+        return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def response_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits / temperature, last hidden state) at the positions that predict the response tokens,
+    with the same inputs `generate` saw. Only R+1 positions go through the LM head."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P+R)
+    # Left padding: positions count real tokens only, as `generate` does. Models with absolute
+    # position embeddings (GPT-2) would otherwise see short prompts shifted by their padding; RoPE
+    # is invariant to the shift only up to rounding.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P+R)
+    R = response_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=R + 1, output_hidden_states=True)
+    # The state at position t predicts token t+1: the last R+1 positions minus the final one score
+    # the R response tokens. Dividing by the temperature matches the sampling distribution.
+    logits = out.logits[:, :-1].float() / temperature  # (B, R, V)
+    hidden = out.hidden_states[-1][:, -R - 1 : -1]  # (B, R, H) final-norm states before each token
+    return logits, hidden
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] at each position."""
+    # logits: (B, R, V), token_ids: (B, R)
+    return logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (B, R)
+
+
+def sequence_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                      response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens under `model` at sampling temperature `temperature`: (B, R).
+    Used by evaluation for KL(policy || reference) on the same tokens PPO sees."""
+    logits, _ = response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)
+    return token_logprobs(logits, response_ids)
+
+
+class PPOModule(L.LightningModule):
+    """LoRA policy + scalar value head, trained by PPO against a frozen reward model."""
+
+    def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str,
+                 reward_stats: tuple[float, float] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # several optimiser steps per rollout
+        # Checkpoints hold only the trainable weights (on_save_checkpoint): 4-bit base weights do not reload.
+        self.strict_loading = False
+        self.cfg = ppo
+        self.policy = load_policy(policy)
+        self.tokenizer = load_tokenizer(policy.model)  # left padding for generate
+        # fp32 even over a bf16/4-bit policy: values are regression targets of a few units.
+        self.value_head = nn.Linear(self.policy.config.hidden_size, 1, dtype=torch.float32)
+        # Zero init: the first values are 0, so the first advantages are the plain returns.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        # A plain attribute, not a submodule: the frozen reward model stays out of checkpoints and optimiser.
+        self.scorer = RewardScorer.load(reward_model_dir)
+        if reward_stats is not None:
+            self.scorer.mean, self.scorer.std = reward_stats
+        self.history: list[dict[str, float]] = []
+
+    def on_fit_start(self) -> None:
+        self.scorer.to(self.device)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]  # LoRA + value head
+        return torch.optim.AdamW(trainable, lr=self.cfg.learning_rate)
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logp, values, logits) of the response tokens: (B, R), (B, R), (B, R, V)."""
+        logits, hidden = response_forward(self.policy, prompt_ids, prompt_mask, response_ids, response_mask,
+                                          self.cfg.temperature)  # (B, R, V), (B, R, H)
+        values = self.value_head(hidden.float()).squeeze(-1)  # (B, R)
+        return token_logprobs(logits, response_ids), values, logits
+
+    # -- phase 1 ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, chat_prompts: list[str]) -> Sampled:
+        self.policy.eval()  # no dropout while sampling: rollout and update must see the same policy
+        return sample(self.policy, self.tokenizer, chat_prompts, max_new_tokens=self.cfg.max_new_tokens,
+                      temperature=self.cfg.temperature)
+
+    # -- phase 2 ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_and_kl(self, prompts: list[str], sampled: Sampled) -> Scored:
+        inputs = (sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, sampled.response_mask)
+        scores = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
+        logp, values, logits = self(*inputs)  # (B, R), (B, R), (B, R, V)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # (B, R)
+        with self.policy.disable_adapter():
+            ref_logp, _, _ = self(*inputs)  # (B, R)
+        return Scored(scores, logp, ref_logp, values, entropy)
+
+    # -- phase 3 ---------------------------------------------------------------------------------------
+    def advantages(self, scored: Scored, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(whitened advantages, returns), both (B, R)."""
+        score = self.scorer.normalise(scored.scores)  # (B,)
+        rewards = kl_penalised_rewards(score, scored.logp, scored.ref_logp, mask, self.cfg.kl_coef)  # (B, R)
+        advantages, returns = gae(rewards, scored.values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R) x 2
+        return masked_whiten(advantages, mask), returns
+
+    # -- phase 4 ---------------------------------------------------------------------------------------
+    def ppo_epochs(self, exp: Experience) -> dict[str, float]:
+        """Clipped PPO updates over minibatches of the rollout; returns the mean losses and fractions."""
+        opt = self.optimizers()
+        self.policy.train()
+        self.value_head.train()
+        totals: dict[str, list[float]] = defaultdict(list)
+        for _ in range(self.cfg.ppo_epochs):
+            for rows in torch.randperm(exp.logp.shape[0], device=self.device).split(self.cfg.minibatch_size):
+                mb = exp[rows]
+                logp, values, _ = self(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+                pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
+                    logp, mb.logp, mb.advantages, mb.response_mask, self.cfg.clip_range)
+                vf_loss, vf_clip_fraction = value_loss(
+                    values, mb.values, mb.returns, mb.response_mask, self.cfg.clip_range_value)
+                opt.zero_grad()
+                self.manual_backward(pg_loss + self.cfg.vf_coef * vf_loss)
+                self.clip_gradients(opt, gradient_clip_val=self.cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
+                                    ("value_clip_fraction", vf_clip_fraction), ("approx_kl", approx_kl)):
+                    totals[name].append(value.item())
+        return {name: sum(v) / len(v) for name, v in totals.items()}
+
+    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        sampled = self.rollout(batch["prompt_chat"])
+        scored = self.score_and_kl(batch["prompt"], sampled)
+        mask = sampled.response_mask  # (B, R)
+        advantages, returns = self.advantages(scored, mask)
+        exp = Experience(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, mask,
+                         scored.logp, scored.values, advantages, returns)
+        losses = self.ppo_epochs(exp)
+
+        stats = {
+            "reward": scored.scores.mean().item(),
+            "reward_normalised": self.scorer.normalise(scored.scores).mean().item(),
+            "kl": (per_token_kl(scored.logp, scored.ref_logp) * mask).sum(1).mean().item(),  # per sequence
+            "entropy": masked_mean(scored.entropy, mask).item(),
+            "response_length": mask.sum(1).float().mean().item(),
+            **losses,
+        }
+        stats = {f"ppo/{k}": v for k, v in stats.items()}
+        self.history.append({"iteration": batch_idx, **stats})
+        on_bar = {"ppo/reward", "ppo/kl"}
+        for keys, prog_bar in ((on_bar, True), (stats.keys() - on_bar, False)):
+            self.log_dict({k: stats[k] for k in keys}, on_step=True, on_epoch=False, prog_bar=prog_bar,
+                          batch_size=mask.shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only LoRA + value head: the frozen base is re-loaded from its reference, and 4-bit base
+        # weights (absmax, quant_map) would not load back anyway (STACK_NOTES).
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
+    """`prompt_chat` (template applied) goes to the policy, the raw `prompt` to the reward model."""
+    return {"prompt": [row["prompt"] for row in rows], "prompt_chat": [row["prompt_chat"] for row in rows]}
+
+
+def prompt_loader(rows: list[dict], ppo: PPOConfig) -> DataLoader:
+    """Exactly `iterations` batches of `rollout_batch_size` prompts. Without replacement the sampler
+    chains fresh permutations, so with few prompts each is used once per pass before any repeats."""
+    sampler = RandomSampler(rows, num_samples=ppo.iterations * ppo.rollout_batch_size,
+                            generator=torch.Generator().manual_seed(ppo.seed))
+    return DataLoader(rows, batch_size=ppo.rollout_batch_size, sampler=sampler, collate_fn=collate_prompts)
+
+
+@dataclass
+class PPOResult:
+    adapter_dir: str
+    """peft adapter directory (`save_pretrained`), with the value head in value_head.pt."""
+    metrics: dict[str, float]
+    """The last iteration's statistics."""
+    history: list[dict[str, float]]
+    """Statistics of every iteration."""
+
+
+def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir: str, logger=None) -> PPOResult:
+    """Run PPO on an existing module and save the adapter + value head in out_dir/adapter."""
+    if not rl_prompts:
+        raise ValueError("PPO: no RL prompts")
+    out = Path(out_dir)
+    steps_per_iteration = cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
+    # global_step counts optimiser steps (STACK_NOTES): checkpoint after every iteration, keep the latest.
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=steps_per_iteration)
+    trainer = build_trainer(cfg.trainer, max_epochs=1, logger=logger if logger is not None else False,
+                            log_every_n_steps=1, callbacks=[checkpoint], default_root_dir=out)
+    with warnings.catch_warnings():
+        # Lightning warns that manual-optimisation checkpoints hold the post-update weights: we want those.
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        trainer.fit(module, prompt_loader(rl_prompts, cfg.ppo))
+
+    adapter_dir = out / "adapter"
+    if trainer.is_global_zero:
+        module.policy.save_pretrained(adapter_dir)
+        torch.save(module.value_head.state_dict(), adapter_dir / VALUE_HEAD_FILE)
+    return PPOResult(str(adapter_dir), dict(module.history[-1]), list(module.history))
+
+
+def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,
+              reward_stats: tuple[float, float] | None = None) -> PPOResult:
+    """PPO from a fresh adapter. `reward_stats` = (mean, std) overrides the normalisation stored in
+    reward_model_dir/reward_stats.json; `logger` is a Lightning logger (e.g. MLFlowLogger) or None."""
+    L.seed_everything(cfg.ppo.seed)
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, reward_stats)
+    return fit_ppo(module, cfg, rl_prompts, out_dir, logger)

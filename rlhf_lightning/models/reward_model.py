@@ -1,0 +1,251 @@
+"""Bradley-Terry reward model: a LightningModule around a plain HF sequence-classification model.
+
+The model reads a (prompt, response) text pair and returns one scalar. Training maximises
+log sigmoid(r(chosen) - r(rejected)) over preference pairs. Over-long pairs are cut from the *left of the
+prompt*, never dropped and never cut in the response: the response is what is judged (STACK_NOTES: TRL
+drops over-long pairs and lost accuracy for it).
+
+`train_reward_model` fits it, saves a plain (LoRA-merged) HF model directory with `reward_stats.json`
+(score mean/std on the training pairs, for PPO's reward normalisation, plus the final metrics), and
+`RewardScorer` loads that directory for PPO and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhf_lightning.config import LoraConfig, RLHFConfig, TrainerConfig
+from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
+from rlhf_lightning.models.losses import bradley_terry_loss
+
+STATS_FILE = "reward_stats.json"
+
+
+class PairEncoder:
+    """(prompt, response) texts -> padded model inputs of at most `max_length` tokens.
+
+    The response is encoded first and keeps its head if it alone is too long; the prompt keeps its *tail*
+    in the room that is left. Then the tokenizer's own pair template adds its special tokens
+    ([CLS] p [SEP] r [SEP] and token types for BERT). Responses are prefixed with a newline: decoder
+    tokenizers have no pair template and would glue the two texts together; WordPiece drops it."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
+        # A private copy of the Rust tokenizer with truncation and padding off: we cut by hand.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+        self.pad_id = tokenizer.pad_token_id
+        self.with_token_types = "token_type_ids" in tokenizer.model_input_names
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        encodings = []
+        for p, r in zip(self.backend.encode_batch(prompts, add_special_tokens=False),
+                        self.backend.encode_batch(["\n" + text for text in responses], add_special_tokens=False)):
+            r.truncate(self.room, direction="right")
+            p.truncate(self.room - len(r.ids), direction="left")
+            encodings.append(self.backend.post_process(p, r, add_special_tokens=True))
+        width = max(len(e.ids) for e in encodings)
+
+        def padded(rows: list[list[int]], value: int) -> torch.Tensor:  # right padding -> (B, T)
+            return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+        batch = {
+            "input_ids": padded([e.ids for e in encodings], self.pad_id),  # (B, T)
+            "attention_mask": padded([[1] * len(e.ids) for e in encodings], 0),  # (B, T)
+        }
+        if self.with_token_types:
+            batch["token_type_ids"] = padded([e.type_ids for e in encodings], 0)  # (B, T)
+        return batch
+
+
+def collate_preferences(rows: list[dict], encoder: PairEncoder) -> dict[str, torch.Tensor]:
+    """Preference rows -> one batch of 2B sequences: the B chosen first, then the B rejected."""
+    prompts = [row["prompt"] for row in rows]
+    return encoder(prompts + prompts, [row["chosen"] for row in rows] + [row["rejected"] for row in rows])
+
+
+def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
+    """accuracy = share of pairs with r_chosen > r_rejected; margin = mean(r_chosen - r_rejected)."""
+    # r_chosen, r_rejected: (B,)
+    return {
+        "accuracy": (r_chosen > r_rejected).float().mean().item(),
+        "margin": (r_chosen - r_rejected).mean().item(),
+        "loss": bradley_terry_loss(r_chosen, r_rejected).item(),
+    }
+
+
+class RewardModel(L.LightningModule):
+    """Bradley-Terry training of a scalar head on `backbone` (full fine-tuning or LoRA + head)."""
+
+    def __init__(self, backbone: str, finetune: Literal["full", "lora"] = "full", lora: LoraConfig | None = None,
+                 learning_rate: float = 5e-5, max_length: int = 160):
+        super().__init__()
+        if finetune == "lora" and lora is None:
+            raise ValueError("finetune='lora' needs a LoraConfig")
+        self.save_hyperparameters()
+        self.learning_rate = learning_rate
+        model, self.tokenizer = load_reward_backbone(backbone)
+        if finetune == "lora":
+            from peft import get_peft_model
+
+            # Task type SEQ_CLS makes peft add the new head ("classifier" / "score") to modules_to_save,
+            # so the randomly initialised head trains alongside the adapter.
+            model = get_peft_model(model, peft_lora_config(lora, "SEQ_CLS"))
+        self.model = model
+        self.encoder = PairEncoder(self.tokenizer, max_length)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).logits.squeeze(-1).float()  # (2B,)
+
+    def _pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = self(batch)  # (2B,): chosen first, then rejected (collate_preferences)
+        return rewards.chunk(2)  # (B,), (B,)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        r_chosen, r_rejected = self._pair_rewards(batch)
+        loss = bradley_terry_loss(r_chosen, r_rejected)
+        n = r_chosen.shape[0]
+        self.log("rm/train_loss", loss, prog_bar=True, batch_size=n)
+        self.log("rm/train_accuracy", (r_chosen > r_rejected).float().mean(), batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        r_chosen, r_rejected = self._pair_rewards(batch)
+        n = r_chosen.shape[0]
+        for name, value in preference_metrics(r_chosen, r_rejected).items():
+            self.log(f"rm/eval_{name}", value, prog_bar=name == "accuracy", batch_size=n)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
+
+    def export_model(self) -> torch.nn.Module:
+        """The trained HF model alone; LoRA is merged so consumers need no peft."""
+        if self.hparams.finetune == "lora":
+            return self.model.merge_and_unload()
+        return self.model
+
+
+class RewardScorer:
+    """Scores (prompt, response) pairs with a trained reward model, batched, without gradients."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                 mean: float = 0.0, std: float = 1.0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.encoder = PairEncoder(tokenizer, max_length)
+        self.mean, self.std = mean, std
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> RewardScorer:
+        stats = json.loads((Path(model_dir) / STATS_FILE).read_text())
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32)
+        return cls(model, tokenizer, stats["max_length"], stats["mean"], stats["std"])
+
+    def save(self, model_dir: str | Path, metrics: dict[str, float] | None = None) -> None:
+        """HF model + tokenizer + reward_stats.json (what `load` reads back)."""
+        model_dir = Path(model_dir)
+        self.model.save_pretrained(model_dir)
+        self.tokenizer.save_pretrained(model_dir)
+        stats = {"mean": self.mean, "std": self.std, "max_length": self.max_length, "metrics": metrics or {}}
+        (model_dir / STATS_FILE).write_text(json.dumps(stats, indent=2))
+
+    def to(self, device: torch.device | str) -> RewardScorer:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Raw scores, float32 on the CPU."""
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            batch = self.encoder(prompts[i : i + batch_size], responses[i : i + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out.append(self.model(**batch).logits.squeeze(-1).float().cpu())  # (b,)
+        return torch.cat(out)  # (B,)
+
+    def normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores on the scale of the training pairs: zero mean, unit std (keeps PPO's KL coef meaningful)."""
+        return (scores - self.mean) / self.std
+
+    def score_pairs(self, rows: list[dict], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_chosen, r_rejected) of preference rows."""
+        prompts = [row["prompt"] for row in rows]
+        r_chosen = self.score(prompts, [row["chosen"] for row in rows], batch_size)  # (B,)
+        r_rejected = self.score(prompts, [row["rejected"] for row in rows], batch_size)  # (B,)
+        return r_chosen, r_rejected
+
+
+@dataclass
+class RewardModelResult:
+    model_dir: str
+    """Directory of the HF model + tokenizer + reward_stats.json (load it with `RewardScorer.load`)."""
+    metrics: dict[str, float]
+    """Final model on the eval and train pairs: eval_accuracy, eval_margin, eval_loss, train_accuracy, ..."""
+    reward_mean: float
+    """Mean score of all chosen and rejected training responses."""
+    reward_std: float
+    """Their standard deviation."""
+
+
+def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
+    """A Lightning Trainer with the configured hardware settings (shared by reward model and PPO)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+                     precision=cfg.precision, enable_progress_bar=True, **kwargs)
+
+
+def resolve_backbone(cfg: RLHFConfig) -> str:
+    """`policy` means the policy's own base model."""
+    return cfg.policy.model if cfg.reward_model.backbone == "policy" else cfg.reward_model.backbone
+
+
+def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[dict], out_dir: str,
+                       logger=None) -> RewardModelResult:
+    """Fit the reward model, save it to `out_dir/model` and measure it. `logger`: a Lightning logger or None."""
+    if not train_rows or not eval_rows:
+        raise ValueError(f"reward model: need training and eval pairs, got {len(train_rows)} and {len(eval_rows)}")
+    rm = cfg.reward_model
+    out = Path(out_dir)
+    L.seed_everything(rm.seed)
+    module = RewardModel(backbone=resolve_backbone(cfg), finetune=rm.finetune,
+                         lora=rm.lora if rm.finetune == "lora" else None,
+                         learning_rate=rm.learning_rate, max_length=rm.max_length)
+    collate = partial(collate_preferences, encoder=module.encoder)
+    train_loader = DataLoader(train_rows, batch_size=rm.batch_size, shuffle=True, collate_fn=collate)
+    eval_loader = DataLoader(eval_rows, batch_size=rm.batch_size, collate_fn=collate)
+    trainer = build_trainer(
+        cfg.trainer, max_epochs=rm.epochs, logger=logger if logger is not None else False,
+        # The latest epoch, i.e. the same weights as the exported model.
+        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints")],
+        log_every_n_steps=min(50, len(train_loader)), default_root_dir=out,
+    )
+    trainer.fit(module, train_loader, eval_loader)
+
+    # Measure the final model exactly as PPO and evaluation will use it: through a RewardScorer.
+    scorer = RewardScorer(module.export_model(), module.tokenizer, rm.max_length)
+    train_chosen, train_rejected = scorer.score_pairs(train_rows)
+    all_train = torch.cat([train_chosen, train_rejected])  # (2N,)
+    scorer.mean, scorer.std = all_train.mean().item(), all_train.std().clamp(min=1e-6).item()
+    metrics = {f"eval_{k}": v for k, v in preference_metrics(*scorer.score_pairs(eval_rows)).items()}
+    metrics |= {f"train_{k}": v for k, v in preference_metrics(train_chosen, train_rejected).items()}
+    model_dir = out / "model"
+    scorer.save(model_dir, metrics)
+    return RewardModelResult(str(model_dir), metrics, scorer.mean, scorer.std)

@@ -1,0 +1,114 @@
+"""The losses against values computed by hand (the arithmetic is written out in the comments)."""
+
+import math
+
+import torch
+
+from rlhf_lightning.models.losses import (
+    bradley_terry_loss,
+    gae,
+    kl_penalised_rewards,
+    masked_mean,
+    masked_whiten,
+    per_token_kl,
+    ppo_policy_loss,
+    value_loss,
+)
+
+T = torch.tensor
+
+
+def close(a, b, tol=1e-6):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), T(b, dtype=torch.float32), atol=tol, rtol=0)
+
+
+def test_masked_mean():
+    x = T([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    close(masked_mean(x, mask), 7.0 / 3.0)  # (1 + 2 + 4) / 3
+    close(masked_mean(x, mask, dim=1), [1.5, 4.0])  # (1 + 2) / 2, 4 / 1
+
+
+def test_masked_whiten_ignores_padding():
+    x = T([[1.0, 2.0, 3.0, 100.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    # mean 2, population variance (1 + 0 + 1) / 3 = 2/3, std 0.8164966; padding -> 0
+    close(masked_whiten(x, mask), [[-1.2247449, 0.0, 1.2247449, 0.0]])
+
+
+def test_bradley_terry_loss():
+    # -(log sigmoid(1) + log sigmoid(0)) / 2 = (0.3132617 + 0.6931472) / 2
+    close(bradley_terry_loss(T([1.0, 0.0]), T([0.0, 0.0])), 0.5032044)
+
+
+def test_per_token_kl_and_penalised_rewards():
+    logp = T([[-1.0, -2.0, -0.5, -3.0]])
+    ref_logp = T([[-1.5, -2.0, -1.0, -9.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    close(per_token_kl(logp, ref_logp), [[0.5, 0.0, 0.5, 6.0]])
+    # -0.1 * kl on real tokens; the score 2.0 lands on the last real token (index 2): -0.05 + 2 = 1.95
+    rewards = kl_penalised_rewards(T([2.0]), logp, ref_logp, mask, kl_coef=0.1)
+    close(rewards, [[-0.05, 0.0, 1.95, 0.0]])
+
+
+def test_gae_1x3_by_hand():
+    rewards = T([[0.0, 0.0, 1.0]])
+    values = T([[0.5, 0.4, 0.8]])
+    mask = T([[1.0, 1.0, 1.0]])
+    # gamma 0.9, lam 0.5 (gamma * lam = 0.45); the value after the last token is 0.
+    # t=2: delta = 1 + 0.9*0   - 0.8 =  0.2    A2 = 0.2
+    # t=1: delta = 0 + 0.9*0.8 - 0.4 =  0.32   A1 = 0.32 + 0.45*0.2  = 0.41
+    # t=0: delta = 0 + 0.9*0.4 - 0.5 = -0.14   A0 = -0.14 + 0.45*0.41 = 0.0445
+    # returns = A + V = [0.5445, 0.81, 1.0]
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    close(advantages, [[0.0445, 0.41, 0.2]])
+    close(returns, [[0.5445, 0.81, 1.0]])
+
+
+def test_gae_padding_ends_the_episode():
+    # Same case with a padded 4th token holding junk: it must neither leak into the real tokens
+    # (its value is not bootstrapped) nor get an advantage of its own.
+    rewards = T([[0.0, 0.0, 1.0, 5.0]])
+    values = T([[0.5, 0.4, 0.8, 9.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    close(advantages, [[0.0445, 0.41, 0.2, 0.0]])
+    close(returns, [[0.5445, 0.81, 1.0, 0.0]])
+
+
+def test_ppo_policy_loss_by_hand():
+    old_logp = T([[0.0, 0.0, 0.0, 0.0]])
+    logp = T([[math.log(1.5), math.log(0.5), 0.0, 7.0]])  # ratios 1.5, 0.5, 1.0, (padding)
+    advantages = T([[1.0, 1.0, -2.0, 3.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    # clip 0.2: token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5;
+    # token 2: max(2, 2) = 2.  loss = (-1.2 - 0.5 + 2) / 3 = 0.1, clip fraction 1/3.
+    # approx_kl = mean((r - 1) - log r) = ((0.5 - 0.4054651) + (-0.5 + 0.6931472) + 0) / 3 = 0.0958940
+    loss, clip_fraction, approx_kl = ppo_policy_loss(logp, old_logp, advantages, mask, clip_range=0.2)
+    close(loss, 0.1)
+    close(clip_fraction, 1.0 / 3.0)
+    close(approx_kl, 0.0958940)
+
+
+def test_ppo_policy_loss_gradient_is_zero_when_clipped():
+    logp = T([[math.log(1.5)]], requires_grad=True)
+    loss, _, _ = ppo_policy_loss(logp, T([[0.0]]), T([[1.0]]), T([[1.0]]), clip_range=0.2)
+    loss.backward()
+    assert logp.grad.item() == 0.0
+
+
+def test_value_loss_by_hand():
+    old_values = T([[0.0, 0.0, 1.0, 0.0]])
+    values = T([[0.5, -0.1, 1.0, 4.0]])
+    returns = T([[1.0, 0.0, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    # clip 0.2: token 0: V_clip = 0.2, errors (0.5-1)^2 = 0.25 vs (0.2-1)^2 = 0.64 -> 0.64 (clipped)
+    #           token 1: V_clip = -0.1, errors 0.01 vs 0.01 -> 0.01;  token 2: 1.0 vs 1.0 -> 1.0
+    # loss = 0.5 * (0.64 + 0.01 + 1.0) / 3 = 0.275, clip fraction 1/3
+    loss, clip_fraction = value_loss(values, old_values, returns, mask, clip_range_value=0.2)
+    close(loss, 0.275)
+    close(clip_fraction, 1.0 / 3.0)
+
+
+def test_masked_mean_of_nothing_is_zero_not_nan():
+    assert masked_mean(T([[3.0]]), T([[0.0]])).item() == 0.0

@@ -1,0 +1,175 @@
+"""PPO on tiny models: the training forward reproduces the sampling distribution (positions, padding,
+temperature), only LoRA and the value head train, 4-bit LoRA gets gradients after `generate`,
+checkpoints hold only trainable weights, and the per-iteration metrics reach the logger."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from rlhf_lightning.config import from_dict
+from rlhf_lightning.models.generation import chat_prompt, response_mask_from_ids
+from rlhf_lightning.models.loading import load_reward_backbone, load_tokenizer
+from rlhf_lightning.models.ppo import VALUE_HEAD_FILE, PPOModule, prompt_loader, train_ppo
+from rlhf_lightning.models.reward_model import RewardScorer
+
+USER_PROMPTS = [
+    "Write a one-sentence review of a small cafe.",
+    "Give a short opinion about a quiet family-run bakery in the old town near the harbour in Lisbon.",
+    "Describe a museum to a friend in one sentence.",
+    "What did you think of a rooftop bar in Osaka? Answer in one sentence.",
+]
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory) -> str:
+    """An untrained tiny BERT scorer: PPO's mechanics do not need a meaningful reward."""
+    model, tok = load_reward_backbone("tiny:bert")
+    out = tmp_path_factory.mktemp("rm") / "model"
+    RewardScorer(model, tok, max_length=64, mean=0.0, std=1.0).save(out)
+    return str(out)
+
+
+def tiny_cfg(**overrides):
+    return from_dict({
+        "policy": {"model": "tiny:llama", **overrides.pop("policy", {})},
+        "ppo": {"iterations": 2, "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 1,
+                "max_new_tokens": 8, "learning_rate": 1e-2, **overrides.pop("ppo", {})},
+        "trainer": {"accelerator": "cpu"},
+    })
+
+
+def prompt_rows(tokenizer) -> list[dict]:
+    return [{"prompt": p, "prompt_chat": chat_prompt(tokenizer, p), "source": f"test:{i}"}
+            for i, p in enumerate(USER_PROMPTS)]
+
+
+def randomise_lora(module: PPOModule) -> None:
+    """peft starts with lora_B = 0 (policy == reference); make the adapter do something."""
+    torch.manual_seed(1)
+    for name, p in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+
+
+def test_prompt_loader_gives_exact_iterations_and_spreads_few_prompts():
+    rows = [{"prompt": str(i), "prompt_chat": f"<{i}>"} for i in range(3)]
+    batches = list(prompt_loader(rows, tiny_cfg(ppo={"iterations": 3}).ppo))
+    assert [len(b["prompt"]) for b in batches] == [4, 4, 4]
+    # 12 draws from 3 prompts: successive permutations use each exactly 4 times.
+    assert Counter(p for b in batches for p in b["prompt"]) == {"0": 4, "1": 4, "2": 4}
+    assert all(b["prompt_chat"] == [f"<{p}>" for p in b["prompt"]] for b in batches)
+
+
+def test_training_logp_matches_the_sampling_distribution(reward_model_dir):
+    """Log-probs of the PPO forward == log-softmax(generate's logits / T) on left-padded prompts.
+    This is what makes KL(policy, reference) ~ 0 before the first update meaningful."""
+    cfg = tiny_cfg(ppo={"temperature": 0.7})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    randomise_lora(module)
+    with torch.no_grad():  # a sharp next-token distribution: near-uniform logits would match trivially
+        module.policy.get_base_model().lm_head.weight.mul_(30)
+    module.policy.eval()
+    tok = module.tokenizer
+    enc = tok([r["prompt_chat"] for r in prompt_rows(tok)], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any(), "the test needs left padding"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = module.policy.generate(**enc, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                                     output_logits=True, return_dict_in_generate=True,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        response = out.sequences[:, enc["input_ids"].shape[1]:]  # (B, R)
+        mask = response_mask_from_ids(response, tok.eos_token_id)  # (B, R)
+        gen_logits = torch.stack(out.logits, dim=1).float() / 0.7  # (B, R, V)
+        gen_logp = gen_logits.log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)  # (B, R)
+
+        logp, values, _ = module(enc["input_ids"], enc["attention_mask"], response, mask)
+    assert values.shape == logp.shape == response.shape
+    assert gen_logp.std() > 0.5  # the check below is not vacuous
+    assert ((logp - gen_logp).abs() * mask).max() < 1e-4
+
+
+@pytest.fixture
+def weights(monkeypatch) -> dict:
+    """Records PPOModule's parameters when fitting starts and ends."""
+    seen: dict = {}
+    start = PPOModule.on_fit_start
+
+    def on_fit_start(self):
+        seen["before"] = {n: p.detach().clone() for n, p in self.named_parameters()}
+        start(self)
+
+    def on_fit_end(self):
+        seen["after"] = {n: p.detach().clone() for n, p in self.named_parameters()}
+        seen["trainable"] = {n for n, p in self.named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(PPOModule, "on_fit_start", on_fit_start)
+    monkeypatch.setattr(PPOModule, "on_fit_end", on_fit_end)
+    return seen
+
+
+def test_ppo_trains_adapter_and_value_head_only(tmp_path, reward_model_dir, weights):
+    cfg = tiny_cfg()
+    rows = prompt_rows(load_tokenizer("tiny:llama"))
+    logger = CSVLogger(tmp_path, name="logs")
+    result = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "ppo"), logger=logger)
+
+    assert len(result.history) == 2 and result.metrics == result.history[-1]
+    assert result.history[0]["ppo/kl"] < 1e-4  # policy == reference before the first update
+    assert result.history[1]["ppo/kl"] != 0.0  # ...and no longer after it
+
+    trainable = weights["trainable"]
+    assert any("lora_" in n for n in trainable) and {"value_head.weight", "value_head.bias"} <= trainable
+    assert all("lora_" in n or n.startswith("value_head.") for n in trainable)
+    for name, before in weights["before"].items():
+        moved = not torch.equal(before, weights["after"][name])
+        assert moved == (name in trainable), f"{name}: trainable={name in trainable}, moved={moved}"
+
+    # Adapter + value head on disk.
+    adapter = tmp_path / "ppo" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    head = torch.load(adapter / VALUE_HEAD_FILE)
+    torch.testing.assert_close(head["weight"], weights["after"]["value_head.weight"])
+
+    # The Lightning checkpoint holds the trainable weights and nothing else.
+    (ckpt_path,) = (tmp_path / "ppo" / "checkpoints").glob("*.ckpt")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert set(ckpt["state_dict"]) == trainable
+
+    # One logged row per iteration with every PPO metric.
+    with open(next(tmp_path.glob("logs/*/metrics.csv"))) as f:
+        logged = list(csv.DictReader(f))
+    expected = {"ppo/reward", "ppo/reward_normalised", "ppo/kl", "ppo/policy_loss", "ppo/value_loss",
+                "ppo/clip_fraction", "ppo/value_clip_fraction", "ppo/approx_kl", "ppo/response_length",
+                "ppo/entropy"}
+    assert expected <= set(logged[0]) and len(logged) == 2
+
+
+def test_4bit_lora_gets_gradients_after_generate_and_checkpoint_reloads(tmp_path, reward_model_dir):
+    cfg = tiny_cfg(policy={"quantization": "4bit"}, ppo={"iterations": 1})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    randomise_lora(module)  # with lora_B = 0 every lora_A gradient is 0 by construction
+    rows = prompt_rows(module.tokenizer)
+    sampled = module.rollout([r["prompt_chat"] for r in rows])  # the no-grad forward that broke bnb on CPU
+    module.policy.train()
+    logp, values, _ = module(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, sampled.response_mask)
+    (logp.sum() + values.sum()).backward()
+    lora = {n: p for n, p in module.named_parameters() if "lora_" in n}
+    assert lora
+    no_grad = [n for n, p in lora.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"LoRA parameters without gradient after generate: {no_grad}"
+
+    # A 4-bit PPO run's checkpoint loads back into a fresh 4-bit module.
+    train_ppo(cfg, rows, reward_model_dir, str(tmp_path))
+    (ckpt_path,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    reloaded = PPOModule.load_from_checkpoint(ckpt_path, weights_only=False)
+    saved = torch.load(ckpt_path, weights_only=False)["state_dict"]
+    assert saved and all("lora_" in k or k.startswith("value_head.") for k in saved)
+    state = reloaded.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key

