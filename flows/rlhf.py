@@ -1,40 +1,42 @@
-"""RLHF pipeline: preference data in, a served PPO-tuned LoRA policy out.
-
-Steps (one MLflow parent run per flow run, one nested MLflow run per stage):
-
- 1. start              create the MLflow parent run (and the tracking DB, once)
- 2. preprocess         read every source (the built-in task by default), clean, template, truncate, split
- 3. validate           check every row; stop here on errors, with a report (JSON, card, MLflow artifact)
- 4. train_reward_model Bradley-Terry reward model on the preference pairs   } in parallel
- 5. prepare_prompts    RL prompts and held-out evaluation prompts            }
- 6. join
- 7. reinforce          PPO on the LoRA policy against the reward model
- 8. evaluate           policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
- 9. register           MLflow pyfunc model -> Model Registry, alias `candidate` (+ `champion` if it wins)
-10. deploy             `mlflow models serve` of the registered version on a free local port
-11. inference          verify the served version and weights, send the inference template, stop the server
-12. end
-
-Run:  python flows/rlhf.py run                                  (configs/default.yaml: SmolLM2 + MiniLM)
-      python flows/rlhf.py --config cfg configs/tiny.yaml run   (tiny models, ~3 minutes)
-AWS:  python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it)
-"""
+"""The rlhf-lightning pipeline as a Metaflow flow (see RLHFFlow's docstring)."""
 
 import os
 import sys
 
 from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, step
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Running `python flows/rlhf.py` from a checkout works without installing the package.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
 
 from rlhf_lightning.config import parse_yaml_config  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.yaml")
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
 
 
 class RLHFFlow(FlowSpec):
-    """Preference data -> reward model -> PPO LoRA policy -> evaluation -> registry -> endpoint."""
+    """RLHF pipeline: preference data in, a served PPO-tuned LoRA policy out.
+
+    Steps (one MLflow parent run per flow run, one nested MLflow run per stage):
+
+     1. start              create the MLflow parent run (and the tracking DB, once)
+     2. preprocess         read every source (the built-in task by default), clean, template, truncate, split
+     3. validate           check every row; stop here on errors, with a report (JSON, card, MLflow artifact)
+     4. train_reward_model Bradley-Terry reward model on the preference pairs   } in parallel
+     5. prepare_prompts    RL prompts and held-out evaluation prompts            }
+     6. join
+     7. reinforce          PPO on the LoRA policy against the reward model
+     8. evaluate           policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
+     9. register           MLflow pyfunc model -> Model Registry, alias `candidate` (+ `champion` if it wins)
+    10. deploy             `mlflow models serve` of the registered version on a free local port
+    11. inference          verify the served version and weights, send the inference template, stop the server
+    12. end
+
+    Run:  python flows/rlhf.py run                                  (configs/default.yaml: SmolLM2 + MiniLM)
+          python flows/rlhf.py --config cfg configs/tiny.yaml run   (tiny models, ~3 minutes)
+    AWS:  python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it)
+    """
 
     cfg = Config("cfg", default=DEFAULT_CONFIG, parser=parse_yaml_config,
                  help="YAML file of the config tree (rlhf_lightning/config.py); default configs/default.yaml")
@@ -61,6 +63,7 @@ class RLHFFlow(FlowSpec):
 
     @step
     def start(self):
+        """Create the MLflow parent run (and the tracking DB, once, before parallel steps)."""
         from rlhf_lightning import pipeline
 
         self.parent_run_id = pipeline.start(self._config(), flow_name=current.flow_name, run_id=current.run_id)
@@ -70,6 +73,7 @@ class RLHFFlow(FlowSpec):
     @resources(cpu=2, memory=8000)
     @step
     def preprocess(self):
+        """Read, clean, template, truncate and split every data source."""
         from rlhf_lightning import pipeline
 
         self.data = pipeline.preprocess(self._config(), self.parent_run_id, self._workdir("preprocess"))
@@ -78,6 +82,7 @@ class RLHFFlow(FlowSpec):
     @card(type="blank")
     @step
     def validate(self):
+        """Check every row; stop the run here, with a report, on errors."""
         from rlhf_lightning import pipeline
 
         self.validation = pipeline.validate(self._config(), self.parent_run_id, self.data,
@@ -88,6 +93,7 @@ class RLHFFlow(FlowSpec):
     @resources(cpu=4, memory=16000, gpu=1)
     @step
     def train_reward_model(self):
+        """Train the Bradley-Terry reward model and measure its held-out accuracy."""
         from rlhf_lightning import pipeline
 
         self.reward_model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,
@@ -96,6 +102,7 @@ class RLHFFlow(FlowSpec):
 
     @step
     def prepare_prompts(self):
+        """Hand the RL prompts and the held-out evaluation prompts on."""
         from rlhf_lightning import pipeline
 
         self.prompts = pipeline.prepare_prompts(self._config(), self.parent_run_id, self.data)
@@ -103,6 +110,7 @@ class RLHFFlow(FlowSpec):
 
     @step
     def join(self, inputs):
+        """Bring the reward model and the prompts together."""
         self.merge_artifacts(inputs, include=["parent_run_id", "data", "validation", "reward_model", "prompts"])
         self.next(self.reinforce)
 
@@ -110,6 +118,7 @@ class RLHFFlow(FlowSpec):
     @resources(cpu=4, memory=16000, gpu=1)
     @step
     def reinforce(self):
+        """PPO on the LoRA policy against the reward model."""
         from rlhf_lightning import pipeline
 
         self.policy = pipeline.reinforce(self._config(), self.parent_run_id, self.prompts, self.reward_model,
@@ -120,6 +129,7 @@ class RLHFFlow(FlowSpec):
     @resources(cpu=4, memory=16000, gpu=1)
     @step
     def evaluate(self):
+        """Policy vs reference on held-out prompts; decide promotion."""
         from rlhf_lightning import pipeline
 
         self.evaluation = pipeline.evaluate(self._config(), self.parent_run_id, self.prompts, self.reward_model,
@@ -128,6 +138,7 @@ class RLHFFlow(FlowSpec):
 
     @step
     def register(self):
+        """Log the pyfunc model and register it (candidate, champion if promoted)."""
         from rlhf_lightning import pipeline
 
         self.model_version = pipeline.register(
@@ -138,6 +149,7 @@ class RLHFFlow(FlowSpec):
 
     @step
     def deploy(self):
+        """Start `mlflow models serve` of the registered version."""
         from rlhf_lightning import pipeline
 
         self.endpoint = pipeline.deploy(self._config(), self.parent_run_id, self.model_version,
@@ -147,6 +159,7 @@ class RLHFFlow(FlowSpec):
     @card(type="blank")
     @step
     def inference(self):
+        """Verify the served version and weights, send the inference template, stop the server."""
         from rlhf_lightning import pipeline
 
         self.inference_report = pipeline.inference(self._config(), self.parent_run_id, self.model_version,
@@ -155,6 +168,7 @@ class RLHFFlow(FlowSpec):
 
     @step
     def end(self):
+        """Close the MLflow parent run and print the summary."""
         from rlhf_lightning import pipeline
 
         pipeline.end(self.parent_run_id, self.model_version, self.evaluation)

@@ -235,15 +235,22 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
 
     try:
         with tracking.stage_run(parent_run_id, "inference"):
-            version_ok = inf.check_registered_version(model_version.name, endpoint["alias"], endpoint["version"])
+            from mlflow import MlflowClient
+
             report = inf.run_inference_template(endpoint["url"], cfg.serving.requests, model_version.weights_sha256)
-            data = {**report.to_dict(), "version_check": version_ok}
+            # The checkpoint check: the alias still names the version deploy started, and the served
+            # weights hash (in every answer) equals the registered adapter's.
+            report.checks.insert(0, inf.check_registered_version(MlflowClient(), model_version.name,
+                                                                 endpoint["alias"], endpoint["version"]))
+            data = report.to_dict()
             tracking.log_dict_artifact(data, "inference/report.json")
-            tracking.log_metrics({"inference/ok": float(report.ok and version_ok)})
-            lines = [f"| {a['prompt'][:60]} | {a.get('response', '')[:120]} |" for a in data["answers"]]
+            tracking.log_metrics({"inference/ok": float(report.ok),
+                                  "inference/latency_s": max(a.latency_s for a in report.answers)})
+            lines = [f"| {a.request['prompt'][:60]} | {(a.response or a.error or '')[:120]} |" for a in report.answers]
             _card_markdown(card, "# Inference template\n\n| prompt | response |\n|---|---|\n" + "\n".join(lines))
-            if not (report.ok and version_ok):
-                raise RuntimeError(f"inference checks failed: {data['checks']}; server log: {endpoint['log']}")
+            if not report.ok:
+                failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
+                raise RuntimeError(f"inference checks failed: {failed}; server log: {endpoint['log']}")
     finally:
         if not cfg.serving.keep_running:
             serving.stop_pid(endpoint["pid"])
