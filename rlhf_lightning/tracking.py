@@ -27,20 +27,24 @@ def tracking_uri() -> str:
 
 def start_parent_run(cfg: RLHFConfig, *, flow_name: str, run_id: str, tags: dict[str, str] | None = None) -> str:
     """Create the experiment (and with it the sqlite DB, once, before parallel steps race to create it)
-    and the parent run; return its id. The run is left open until `end_parent_run`."""
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    experiment = mlflow.set_experiment(cfg.registry.experiment)
+    and the parent run; return its id. The run is left open until `end_parent_run`.
+
+    Launched by `mlflow run` (MLflow Projects), the project's own run (`MLFLOW_RUN_ID`) becomes the
+    parent instead of a second, empty run beside it."""
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None)
     client = MlflowClient()
-    run = client.create_run(
-        experiment.experiment_id,
-        run_name=f"{flow_name}-{run_id}",
-        tags={"metaflow.flow_name": flow_name, "metaflow.run_id": str(run_id), **(tags or {})},
-    )
-    params = {k: str(v)[:500] for k, v in flatten(cfg).items()}
-    items = list(params.items())
+    tags = {"metaflow.flow_name": flow_name, "metaflow.run_id": str(run_id), **(tags or {})}
+    if project_run:
+        parent_id = project_run
+        for key, value in tags.items():
+            client.set_tag(parent_id, key, value)
+    else:
+        experiment = mlflow.set_experiment(cfg.registry.experiment)
+        parent_id = client.create_run(experiment.experiment_id, run_name=f"{flow_name}-{run_id}", tags=tags).info.run_id
+    items = [(k, str(v)[:500]) for k, v in flatten(cfg).items()]
     for i in range(0, len(items), 100):  # MLflow caps a log_batch at 100 params
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
-    return run.info.run_id
+        client.log_batch(parent_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+    return parent_id
 
 
 def end_parent_run(parent_run_id: str, status: str = "FINISHED") -> None:
