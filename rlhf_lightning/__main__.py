@@ -1,5 +1,6 @@
 """Command line: the stages a user runs on their own, outside the Metaflow flow.
 
+  python -m rlhf_lightning validate --preferences prefs.jsonl --prompts prompts.jsonl [--config cfg.yaml]
   python -m rlhf_lightning data --config configs/default.yaml
   python -m rlhf_lightning train-reward-model --config configs/default.yaml
   python -m rlhf_lightning serve --model-uri models:/rlhf-policy@champion --port 5001
@@ -19,6 +20,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rlhf_lightning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    text = ("check data before launching a run: read, clean and cut it as the pipeline would, check every "
+            "row, write a JSON report; exit 0 if valid, 1 if not")
+    s = sub.add_parser("validate", help=text, description=text)
+    s.add_argument("--preferences", nargs="+", required=True, metavar="FILE",
+                   help="preference files, globs, s3:// or hf: sources (overrides data.preferences)")
+    s.add_argument("--prompts", nargs="+", required=True, metavar="FILE", help="RL prompt sources (overrides data.prompts)")
+    s.add_argument("--eval-prompts", nargs="+", default=None, metavar="FILE",
+                   help="held-out evaluation prompt sources (overrides data.eval_prompts)")
+    s.add_argument("--config", default=None, help="YAML config for the format, limits and policy tokenizer "
+                                                  "(default: the built-in defaults)")
+    s.add_argument("--format", default=None, choices=["auto", "vertex", "trl", "hh", "mapping"],
+                   help="record layout (overrides data.format)")
+    s.add_argument("--strict", action="store_true", help="treat warnings as errors (sets data.strict)")
+    s.add_argument("--report", default="outputs/validate/validation_report.json",
+                   help="where to write the JSON report (default: %(default)s)")
     for name, text in (
         ("data", "preprocess and validate the configured data; write the report under --out"),
         ("train-reward-model", "preprocess, validate and train the reward model; print held-out accuracy"),
@@ -33,8 +49,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate_command(args: argparse.Namespace) -> int:
+    """`validate`: preprocess + validate without MLflow or Metaflow; the report beside `--report`."""
+    import dataclasses
+    import tempfile
+
+    from rlhf_lightning.config import ConfigError, RLHFConfig, load_config
+    from rlhf_lightning.data import preprocess as pre
+    from rlhf_lightning.data import validate as val
+
+    try:
+        cfg = load_config(args.config) if args.config else RLHFConfig()
+        overrides = {"preferences": args.preferences, "prompts": args.prompts, "strict": args.strict or cfg.data.strict}
+        if args.eval_prompts is not None:
+            overrides["eval_prompts"] = args.eval_prompts
+        if args.format is not None:
+            overrides["format"] = args.format
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **overrides))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="rlhf-validate-") as tmp:
+            data = pre.preprocess(cfg, tmp)  # the canonical splits are not kept: this is a check
+    except ConfigError as exc:  # e.g. a prompt_length too small for the chat template
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = val.validate(data, cfg)
+    path = report.write_json(args.report)
+    print(val.summary(report, path))
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "validate":
+        return validate_command(args)
     from rlhf_lightning.config import ConfigError, load_config
 
     if args.command == "serve":

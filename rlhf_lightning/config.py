@@ -57,23 +57,53 @@ class BuiltinTaskConfig:
 
 
 @dataclass
+class FieldMapping:
+    """Names of the fields of a layout no built-in format knows (OpenRLHF-style keys), used when
+    `data.format` is `mapping`. Each value may be text or a list of `{role, content}` messages."""
+
+    prompt_key: str = "prompt"
+    """Field holding the prompt (text or a conversation)."""
+    chosen_key: str = "chosen"
+    """Field holding the preferred response."""
+    rejected_key: str = "rejected"
+    """Field holding the other response."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_key", "chosen_key", "rejected_key"):
+            _check(isinstance(getattr(self, name), str) and bool(getattr(self, name)),
+                   f"data.field_mapping.{name}", "name the record's field (a non-empty string)")
+        _check(self.chosen_key != self.rejected_key, "data.field_mapping.rejected_key",
+               "must differ from chosen_key")
+
+
+@dataclass
 class DataConfig:
-    """Where the data comes from and how it is cut."""
+    """Where the data comes from, in which format, and how it is cut."""
 
     preferences: list[str] = field(default_factory=list)
-    """Preference files in Vertex RLHF format `{input_text, candidate_0, candidate_1, choice}`: paths or
-    globs of JSONL, JSON (a list), Parquet or CSV files (`.gz` for the text formats); empty = generate
-    the built-in task."""
+    """Preference sources: local paths or globs of JSONL, JSON (a list), Parquet or CSV files (`.gz` for
+    the text formats), `s3://bucket/key` (globs allowed in the key; AWS_ENDPOINT_URL is honoured) or a
+    Hugging Face dataset `hf:ID[@DATA_DIR][:SPLIT]` (e.g. `hf:Anthropic/hh-rlhf@harmless-base:test`,
+    needs hub access). Empty = generate the built-in task. Formats: see `format`."""
     prompts: list[str] = field(default_factory=list)
-    """RL prompt files `{input_text}` (same formats; a preference file works too); required when
-    `preferences` is set, empty otherwise = the built-in task's RL prompts."""
+    """RL prompt sources (same kinds; a preference file works too: only its prompt is used); required
+    when `preferences` is set, empty otherwise = the built-in task's RL prompts."""
     eval_prompts: list[str] = field(default_factory=list)
-    """Held-out evaluation prompt files `{input_text}`; empty = the built-in task's, or a split of `prompts`."""
+    """Held-out evaluation prompt sources; empty = the built-in task's, or a split of `prompts`."""
+    format: Literal["auto", "vertex", "trl", "hh", "mapping"] = "auto"
+    """Record layout. `vertex`: `{input_text | messages, candidate_0, candidate_1, choice}` (prompts
+    `{input_text | messages}`, optional `context`); `trl`: `{prompt, chosen, rejected}` as text or lists
+    of `{role, content}` (prompts `{prompt}`); `hh`: Anthropic HH `{chosen, rejected}` transcripts whose
+    shared prompt is split off; `mapping`: the fields named in `field_mapping`; `auto`: detect each
+    record's format from its keys (one format per file; the report lists what each file was read as)."""
+    field_mapping: FieldMapping = field(default_factory=FieldMapping)
+    """Field names used when `format` is `mapping`."""
     eval_fraction: float = 0.2
     """Fraction of the distinct preference prompts held out, with all their pairs, to evaluate the reward
     model (split by prompt, so no prompt is in both); also of the RL prompts when no eval prompt file is given."""
     prompt_length: int = 96
-    """Maximum prompt length in policy tokens after the chat template; longer prompts keep their end."""
+    """Maximum prompt length in policy tokens after the chat template. Longer prompts keep their end:
+    whole leading turns of a conversation go first, then the start of the first remaining message."""
     target_length: int = 64
     """Maximum response length in tokens; longer responses are cut at the end."""
     seed: int = 0
@@ -81,14 +111,24 @@ class DataConfig:
     strict: bool = False
     """Treat every validation warning (duplicates, cut rows, label imbalance, prompts shared between
     sets...) as an error that stops the run."""
+    drop_invalid_rows: bool = False
+    """Drop records with errors (unreadable, malformed, missing fields, empty text, ties, transcripts
+    without a shared prompt...) instead of stopping: each is counted and reported as a warning with its
+    location. Problems of whole files still stop the run. For public data you cannot fix at the source."""
     builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
     """Settings of the built-in task (used when `preferences` is empty)."""
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.drop_invalid_rows, bool), "data.drop_invalid_rows", "must be true or false")
         _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", "must lie strictly between 0 and 1")
         _check(self.prompt_length > 0, "data.prompt_length", "must be a positive integer")
         _check(self.target_length > 0, "data.target_length", "must be a positive integer")
         _check(isinstance(self.strict, bool), "data.strict", "must be true or false")
+        _check(self.format in ("auto", "vertex", "trl", "hh", "mapping"), "data.format",
+               f"got {self.format!r}; use auto, vertex, trl, hh or mapping")
+        for name in ("preferences", "prompts", "eval_prompts"):
+            for source in getattr(self, name):
+                _check(bool(source.strip()), f"data.{name}", "contains an empty path")
 
 
 @dataclass

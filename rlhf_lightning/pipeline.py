@@ -96,16 +96,22 @@ def validate(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None)
         import mlflow
 
         mlflow.log_artifact(path, "validation")
-        tracking.log_metrics({"validation/errors": len(report.errors), "validation/warnings": len(report.warnings)})
+        tracking.log_metrics({"validation/errors": len(report.errors), "validation/warnings": len(report.warnings),
+                              **{f"validation/errors/{k}": v for k, v in report.stats["errors_by_kind"].items()},
+                              **{f"validation/warnings/{k}": v for k, v in report.stats["warnings_by_kind"].items()}})
         fig = report.histogram_figure()
         tracking.log_figure(fig, "validation/lengths.png")
-        _card_markdown(card, "# Validation report\n\n" + report.markdown())
+        _card_markdown(card, "# Validation report\n\n" + report.markdown()
+                       + f"\n\nFull report (every problem): `{path}`, MLflow artifact `validation/validation_report.json`")
         _card_figure(card, fig)
         report.raise_if_errors(path)
     return report.to_dict()
 
 
 def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None) -> ModelBundle:
+    """Train and measure the reward model; raise `evaluation.GateError` (stopping the run before RL) when
+    its held-out accuracy is below `reward_model.min_eval_accuracy`."""
+    from rlhf_lightning import evaluation
     from rlhf_lightning.models import reward_model as rm
 
     with tracking.stage_run(parent_run_id, "train_reward_model") as run:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlhf_lightning.config import ConfigError, from_dict
+from rlhf_lightning.config import ConfigError, FieldMapping, from_dict
 from rlhf_lightning.data import formats
 from rlhf_lightning.data.formats import DataError, Issue, read_preferences, read_prompts
 from rlhf_lightning.data.preprocess import (
@@ -111,16 +112,22 @@ def test_csv_and_parquet_problems_point_at_their_row(tmp_path):
     assert len(result.rows) == 1
 
 
-def test_non_utf8_line_is_a_row_problem_in_jsonl_and_a_file_error_in_csv(tmp_path):
+def test_non_utf8_bytes_are_a_problem_of_their_record_only(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + b'{"input_text": "caf\xe9"}\n')
     result = read_preferences([str(jsonl)])
     assert locations(result.problems) == [(f"{jsonl}:2", "record")]
     assert "not valid UTF-8" in str(result.problems[0]) and len(result.rows) == 1
-    csv = tmp_path / "p.csv"
+    csv = tmp_path / "p.csv"  # CSV records are numbered from the first row after the header
     csv.write_bytes(b"input_text,candidate_0,candidate_1,choice\nok,a,b,0\ncaf\xe9,a,b,1\n")
-    with pytest.raises(DataError, match=rf"{csv}:3: not valid UTF-8 \(byte 0xe9; re-save the file as UTF-8\)"):
-        read_preferences([str(csv)])
+    result = read_preferences([str(csv)])
+    assert [str(p) for p in result.problems] == [f"{csv}:2: input_text: not valid UTF-8 (byte 0xe9; re-save the "
+                                                 "file as UTF-8)"]
+    assert [r["source"] for r in result.rows] == [f"{csv}:1"]
+    js = tmp_path / "p.json"
+    js.write_bytes(b'[{"prompt": "ok", "chosen": "a", "rejected": "b"},\n {"prompt": "x", "chosen": "\xff", "rejected": "b"}]')
+    result = read_preferences([str(js)])
+    assert locations(result.problems) == [(f"{js}:2", "chosen")] and len(result.rows) == 1
 
 
 @pytest.mark.parametrize("content, name, match", [
@@ -129,16 +136,29 @@ def test_non_utf8_line_is_a_row_problem_in_jsonl_and_a_file_error_in_csv(tmp_pat
     (b"x", "p.txt", r"p\.txt: unknown file type \(name it \.jsonl, \.json, \.parquet or \.csv"),
     (b'{"a": 1}\n{"a": 2}\n', "p.json", r"p\.json:2: malformed JSON: Extra data .*name one-object-per-line files \.jsonl"),
     (b'{"a": 1}', "p.json", r"p\.json: expected a JSON list of objects, got a dict"),
-    (b"input_text,choice\nx,1\n", "p.csv", r"p\.csv: column\(s\) \['candidate_0', 'candidate_1'\] missing"),
+    (b"input_text,choice\nx,1\n", "p.csv", r"p\.csv: column\(s\) \['candidate_0', 'candidate_1'\] missing for the Vertex"),
+    (b"a,b\nx,1\n", "p.csv", r"p\.csv: columns \['a', 'b'\] match no known format"),
     (b"not parquet", "p.parquet", r"p\.parquet: not a readable Parquet file"),
     (b"not gzip", "p.jsonl.gz", r"p\.jsonl\.gz:1: cannot read"),
+    (b"", "p.jsonl", r"p\.jsonl: no records \(the file is empty"),
+    (b"\n \n", "p.jsonl", r"p\.jsonl: no records"),
+    (b"[]", "p.json", r"p\.json: no records"),
+    (b"", "p.csv", r"p\.csv: empty CSV file"),
 ])
-def test_file_level_failures_raise_data_error_with_the_path(tmp_path, content, name, match):
+def test_file_level_failures_are_problems_with_the_path(tmp_path, content, name, match):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(DataError, match=match):
-        read_preferences([str(path)])
+    good = write_records(tmp_path / "good.jsonl", RECORDS[:2])
+    result = read_preferences([str(path), str(good)])
+    assert len(result.problems) == 1 and re.search(match, str(result.problems[0]))
+    assert result.problems[0].field == "" and result.problems[0].location.startswith(str(path))
+    assert len(result.rows) == 2  # the other file's rows are still read
+    with pytest.raises(DataError, match=match):  # the single-file API raises
+        if content is None:
+            formats.expand_paths([str(path)], "data.preferences")
+        else:
+            formats._read_file(str(path), "preferences", "auto", FieldMapping(), formats.ReadResult())
 
 
 def test_globs_expand_sorted_and_read_each_file_once(tmp_path):
@@ -224,7 +244,7 @@ def test_preprocess_counts_every_row_and_writes_parquet(prepared_user_files):
     assert [str(p) for p in data.problems] == [str(p) for p in read_preferences([str(PROBLEMS)]).problems]
     for name, rows in (("pref_train", data.pref_train), ("rl_prompts", data.rl_prompts), ("eval_prompts", data.eval_prompts)):
         assert pq.read_table(data.files[name]).to_pylist() == rows
-    assert set(data.rl_prompts[0]) == {"prompt", "prompt_chat", "source"}
+    assert set(data.rl_prompts[0]) == {"prompt", "prompt_chat", "source", "messages"}
     assert data.rl_prompts[0]["prompt_chat"].startswith("<|im_start|>user\n")
 
 
@@ -238,7 +258,8 @@ def test_validate_reports_every_problem_with_its_location(prepared_user_files, t
     assert (f"{where}:9", "prompt") in errors  # whitespace-only prompt
     assert not report.ok
     messages = " | ".join(str(w) for w in report.warnings)
-    assert "1 exact duplicate row(s) dropped" in messages
+    extra = cfg.data.preferences[1]
+    assert f"{extra}:2: record: duplicate (same text) of {extra}:1: dropped" in messages
     assert "data.target_length=16" in messages and "data.prompt_length=32" in messages
     assert "also in" in messages  # "Review a quiet museum." is a preference prompt and an RL/eval prompt
 

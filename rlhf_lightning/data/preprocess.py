@@ -2,12 +2,17 @@
 
 Per role (``preferences``, ``prompts`` = RL prompts, ``eval_prompts``), in this order:
 
-1. read (:mod:`.formats`): invalid records are dropped (``dropped.invalid``); their problems are kept in
-   :attr:`PreparedData.problems` so that validation reports every one of them;
-2. clean the text (:func:`clean_text`): each row counts once per reason that changed it (``changed.<reason>``);
-3. drop exact duplicates, keeping the first (``dropped.duplicate``);
+1. read (:mod:`.formats`, in ``data.format``): invalid records are dropped (``dropped.invalid``); their
+   problems are kept in :attr:`PreparedData.problems` so that validation reports every one of them;
+2. clean the text, every message of a conversation included (:func:`clean_text`): each row counts once
+   per reason that changed it (``changed.<reason>``);
+   with ``data.drop_invalid_rows``, rows with empty text or ties are dropped here (``dropped.empty_text``,
+   ``dropped.tie``), their problems kept like reading problems; otherwise validation reports them as errors;
+3. drop exact duplicates (``dropped.duplicate``), then rows equal to an earlier one once case, Unicode
+   compatibility forms and whitespace are normalised (:func:`normalise`, ``dropped.duplicate_normalised``),
+   keeping the first; each drop is also a note with both locations (:attr:`PreparedData.notes`);
 4. cut to the token limits of the policy tokenizer (``changed.truncated_prompt``/``changed.truncated_response``):
-   prompts keep their END, responses their START (see :func:`fit_prompts`, :func:`fit_responses`).
+   prompts keep their END, responses their START (see :func:`fit_conversations`, :func:`fit_responses`).
    Pairs the cut turns into ties are dropped (``dropped.tie_after_truncation``: a tie teaches nothing),
    rows it makes identical too (``dropped.duplicate_after_truncation``);
 5. split train/eval by prompt (:func:`split_by_prompt`).
@@ -35,9 +40,11 @@ from rlhf_lightning.config import ConfigError, RLHFConfig
 from rlhf_lightning.data import formats
 from rlhf_lightning.data.formats import Issue
 
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PREFERENCE_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
-                               ("source", pa.string())])
-PROMPT_SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_chat", pa.string()), ("source", pa.string())])
+                               ("source", pa.string()), ("messages", MESSAGES)])
+PROMPT_SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_chat", pa.string()), ("source", pa.string()),
+                           ("messages", MESSAGES)])
 
 # Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; \t and \n carry layout and stay.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -50,7 +57,7 @@ CLEAN_STEPS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("spaces", lambda t: _SPACE_RUN.sub(" ", t)),
     ("ends", str.strip),
 )
-DROP_REASONS = ("invalid", "duplicate", "duplicate_after_truncation")
+DROP_REASONS = ("invalid", "empty_text", "tie", "duplicate", "duplicate_normalised", "duplicate_after_truncation")
 
 
 @dataclass
@@ -58,11 +65,12 @@ class PreparedData:
     """The canonical datasets of one run (a Metaflow artifact; rows are plain dicts)."""
 
     pref_train: list[dict]
-    """Preference rows ``{prompt, chosen, rejected, source}`` for training the reward model."""
+    """Preference rows ``{prompt, chosen, rejected, source, messages}`` for training the reward model
+    (``messages``: the prompt conversation, None for a single user message; see :mod:`.formats`)."""
     pref_eval: list[dict]
     """Held-out preference rows (no prompt shared with `pref_train`)."""
     rl_prompts: list[dict]
-    """Prompt rows ``{prompt, prompt_chat, source}`` for PPO rollouts."""
+    """Prompt rows ``{prompt, prompt_chat, source, messages}`` for PPO rollouts."""
     eval_prompts: list[dict]
     """Held-out prompt rows for the policy-vs-reference evaluation."""
     counts: dict[str, int]
@@ -72,7 +80,11 @@ class PreparedData:
     sources: dict[str, list[str]]
     """Input files read per role: preferences, prompts, eval_prompts."""
     problems: list[Issue] = field(default_factory=list)
-    """Problems of the records that could not be read (their rows are counted as dropped.invalid)."""
+    """Problems of the records and files that could not be read (their rows are counted as dropped.invalid)."""
+    notes: list[Issue] = field(default_factory=list)
+    """Rows dropped as duplicates, each with the location of the row kept (validation warns)."""
+    formats: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    """Per role and input file: records read per detected format."""
     token_lengths: dict[str, list[int]] = field(default_factory=dict)
     """Policy-token lengths before truncation, per `<role>.<field>` (prompts counted with the chat
     template): for length statistics and histograms."""
@@ -95,37 +107,58 @@ def _count_tokens(tok, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
-def fit_prompts(tok, texts: list[str], max_tokens: int) -> tuple[list[str], list[str], list[int]]:
-    """Fit each user message so that its chat-templated form has at most `max_tokens` tokens.
+def render_chat(tok, messages: list[dict]) -> str:
+    """A prompt conversation in the policy's chat template, ready for generation (for one user message
+    the same text as `generation.chat_prompt`)."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    Policy: a long message keeps its END — the question or instruction usually comes last, and in a
-    multi-turn transcript the last turn is the one the response answers. The cut falls on a token
-    boundary (the tokenizer's character offsets), so no character is split.
-    Returns (user texts, chat prompts, chat token counts before cutting)."""
-    from rlhf_lightning.models.generation import chat_prompt
 
-    chats = [chat_prompt(tok, t) for t in texts]
+def fit_conversations(tok, conversations: list[list[dict]], max_tokens: int
+                      ) -> tuple[list[list[dict]], list[str], list[int]]:
+    """Fit each prompt conversation so that its chat-templated form has at most `max_tokens` tokens.
+
+    Policy: a long prompt keeps its END — the last user turn is the one the response answers, and in a
+    single message the question or instruction usually comes last. Whole leading turns go first (then
+    any assistant turn left leading the conversation); if the one remaining message is still too long,
+    its start is cut on a token boundary (the tokenizer's character offsets), so no character is split.
+    Returns (conversations, chat prompts, chat token counts before cutting)."""
+    chats = [render_chat(tok, m) for m in conversations]
     lengths = _count_tokens(tok, chats)
-    out_texts, out_chats = list(texts), list(chats)
+    out, out_chats = [list(m) for m in conversations], list(chats)
     for i, n in enumerate(lengths):
+        if n <= max_tokens:
+            continue
+        msgs = out[i]
+        while n > max_tokens and len(msgs) > 1:
+            msgs = msgs[1:]
+            while len(msgs) > 1 and msgs[0]["role"] == "assistant":
+                msgs = msgs[1:]
+            out_chats[i] = render_chat(tok, msgs)
+            n = _count_tokens(tok, [out_chats[i]])[0]
         if n > max_tokens:
-            out_texts[i], out_chats[i] = _keep_end(tok, texts[i], n, max_tokens)
-    return out_texts, out_chats, lengths
+            msgs, out_chats[i] = _keep_end(tok, msgs[0], n, max_tokens)
+        out[i] = msgs
+    return out, out_chats, lengths
 
 
-def _keep_end(tok, text: str, chat_len: int, max_tokens: int) -> tuple[str, str]:
-    from rlhf_lightning.models.generation import chat_prompt
+def fit_prompts(tok, texts: list[str], max_tokens: int) -> tuple[list[str], list[str], list[int]]:
+    """:func:`fit_conversations` for single user messages: (texts, chat prompts, token counts before)."""
+    convs, chats, lengths = fit_conversations(tok, [[{"role": "user", "content": t}] for t in texts], max_tokens)
+    return [c[-1]["content"] for c in convs], chats, lengths
 
+
+def _keep_end(tok, message: dict, chat_len: int, max_tokens: int) -> tuple[list[dict], str]:
+    text = message["content"]
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    overhead = chat_len - len(offsets)  # the template's own tokens stay; the user's text gives way
+    overhead = chat_len - len(offsets)  # the template's own tokens stay; the message's text gives way
     keep = min(max_tokens - overhead, len(offsets) - 1)
     # Tokens can merge differently across the new start, so check the result and give up one more
     # token until it fits (almost always the first try).
     while keep > 0:
-        cut = text[offsets[-keep][0]:].lstrip()
-        chat = chat_prompt(tok, cut)
+        msgs = [{"role": message["role"], "content": text[offsets[-keep][0]:].lstrip()}]
+        chat = render_chat(tok, msgs)
         if _count_tokens(tok, [chat])[0] <= max_tokens:
-            return cut, chat
+            return msgs, chat
         keep -= 1
     raise ConfigError(f"config: data.prompt_length: {max_tokens} tokens leave no room for the user's text; "
                       f"the chat template alone takes about {overhead} (raise data.prompt_length)")
@@ -172,7 +205,7 @@ def resolve_sources(cfg: RLHFConfig) -> dict[str, list[str]]:
     if d.preferences:
         if not d.prompts:
             raise ConfigError("config: data.prompts: empty while data.preferences is set (name the RL prompt "
-                              "files; a preference file works too: its input_text is used)")
+                              "files; a preference file works too: only its prompt is used)")
         return {"preferences": list(d.preferences), "prompts": list(d.prompts), "eval_prompts": list(d.eval_prompts)}
     from rlhf_lightning.data.builtin import generate_builtin_task
 
@@ -205,26 +238,103 @@ def _clean_rows(rows: list[dict], fields: tuple[str, ...], c: _Counts) -> list[d
         for name in fields:
             new[name], why = clean_text(row[name])
             reasons.update(why)
+        if row.get("messages"):
+            # The conversation is the prompt's truth; its flattened text is rebuilt from the cleaned turns.
+            new["messages"] = []
+            for msg in row["messages"]:
+                content, why = clean_text(msg["content"])
+                reasons.update(why)
+                new["messages"].append({"role": msg["role"], "content": content})
+            new["prompt"] = formats.flatten(new["messages"])
         for reason in reasons:
             c.add(f"changed.{reason}")
         out.append(new)
     return out
 
 
-def _dedupe(rows: list[dict], fields: tuple[str, ...], c: _Counts, reason: str) -> list[dict]:
-    seen, out = set(), []
+def row_problems(row: dict) -> list[Issue]:
+    """Errors of one cleaned row: empty or whitespace-only text, a tie (preference rows)."""
+    out = []
+    empty = "empty or whitespace-only text (write the text or remove the record)"
+    for name in ("prompt", "chosen", "rejected"):
+        if name in row and not row[name].strip():
+            out.append(Issue(row["source"], name, empty, "empty_text"))
+    if "chosen" in row and row["chosen"] == row["rejected"] and row["chosen"].strip():
+        out.append(Issue(row["source"], "chosen", "same text as rejected (after cleaning): a tie carries no "
+                                                  "preference (drop the pair or fix one candidate)", "tie"))
+    return out
+
+
+def _drop_invalid(rows: list[dict], c: _Counts, problems: list[Issue]) -> list[dict]:
+    out = []
     for row in rows:
-        key = tuple(row[f] for f in fields)
-        if key in seen:
-            c.add(f"dropped.{reason}")
+        found = row_problems(row)
+        if found:
+            c.add(f"dropped.{found[0].kind}")  # one reason per row: the counts add up to the rows read
+            problems.extend(found)
         else:
-            seen.add(key)
             out.append(row)
     return out
 
 
+_SPEAKER = re.compile(r"(?:^|\s)(Human|User|Assistant):")
+
+
+def row_notes(rows: list[dict]) -> list[Issue]:
+    """Warnings about cleaned rows, before cutting (which may remove what they point at): conversations
+    with two turns in a row from one role, responses containing a speaker label."""
+    out = []
+    for row in rows:
+        for name in ("chosen", "rejected"):
+            m = _SPEAKER.search(row.get(name, ""))
+            if m:
+                out.append(Issue(row["source"], name, f"contains {m.group(1) + ':'!r} at character {m.start(1)}: the "
+                                                      "response seems to write another turn of the conversation "
+                                                      "itself (cut it there, or drop the pair)", "speaker_in_response"))
+        roles = [m["role"] for m in row.get("messages") or []]
+        i = next((i for i in range(1, len(roles)) if roles[i] == roles[i - 1]), None)
+        if i is not None:
+            out.append(Issue(row["source"], "prompt", f"turns {i} and {i + 1} are both {roles[i]!r}: a turn was "
+                                                      "probably split in two or the other speaker's turn lost "
+                                                      "(merge them or restore it)", "same_role_twice"))
+    return out
+
+
+def normalise(text: str) -> str:
+    """The key of normalised duplicates: NFKC (compatibility forms such as ligatures and full-width
+    letters), case folded, every whitespace run one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _dedupe(rows: list[dict], fields: tuple[str, ...], c: _Counts, reason: str, notes: list[Issue] | None,
+            key: Callable[[str], str] = lambda t: t) -> list[dict]:
+    seen: dict[tuple, str] = {}
+    out = []
+    for row in rows:
+        k = tuple(key(row[f]) for f in fields)
+        if k in seen:
+            c.add(f"dropped.{reason}")
+            if notes is not None:
+                how = "same text" if reason == "duplicate" else "same text once case and whitespace are normalised"
+                notes.append(Issue(row["source"], "record", f"duplicate ({how}) of {seen[k]}: dropped, the first kept "
+                                                            "(remove one of them)", reason))
+        else:
+            seen[k] = row["source"]
+            out.append(row)
+    return out
+
+
+def _dedupe_all(rows: list[dict], fields: tuple[str, ...], c: _Counts, notes: list[Issue]) -> list[dict]:
+    rows = _dedupe(rows, fields, c, "duplicate", notes)
+    return _dedupe(rows, fields, c, "duplicate_normalised", notes, normalise)
+
+
+def _conversation(row: dict) -> list[dict]:
+    return row["messages"] or [{"role": "user", "content": row["prompt"]}]
+
+
 def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts: Counter,
-                        lengths: dict[str, list[int]]) -> list[dict]:
+                        lengths: dict[str, list[int]], notes: list[Issue]) -> list[dict]:
     """Read preference rows -> clean, deduplicated, cut rows (steps 2-4 of the module docstring)."""
     fields = ("prompt", "chosen", "rejected")
     c = _Counts(counts, "preferences", DROP_REASONS + ("tie_after_truncation",),
@@ -233,37 +343,50 @@ def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts
     c.add("dropped.invalid", result.invalid)
     for label in (0, 1):
         c.add(f"choice_{label}", result.labels[label])
-    rows = _dedupe(_clean_rows(result.rows, fields, c), fields, c, "duplicate")
+    rows = _clean_rows(result.rows, fields, c)
+    if cfg.data.drop_invalid_rows:
+        rows = _drop_invalid(rows, c, result.problems)
+    notes.extend(row_notes(rows))
+    rows = _dedupe_all(rows, fields, c, notes)
 
-    prompts, _, lengths["preferences.prompt_chat"] = fit_prompts(tok, [r["prompt"] for r in rows], cfg.data.prompt_length)
+    convs, _, lengths["preferences.prompt_chat"] = fit_conversations(tok, [_conversation(r) for r in rows],
+                                                                     cfg.data.prompt_length)
     chosen, lengths["preferences.chosen"] = fit_responses(tok, [r["chosen"] for r in rows], cfg.data.target_length)
     rejected, lengths["preferences.rejected"] = fit_responses(tok, [r["rejected"] for r in rows], cfg.data.target_length)
     out = []
-    for row, p, ch, rj in zip(rows, prompts, chosen, rejected):
-        c.add("changed.truncated_prompt", int(p != row["prompt"]))
+    for row, conv, ch, rj in zip(rows, convs, chosen, rejected):
+        prompt = formats.prompt_fields(conv)
+        c.add("changed.truncated_prompt", int(prompt["prompt"] != row["prompt"]))
         c.add("changed.truncated_response", int(ch != row["chosen"] or rj != row["rejected"]))
         if ch == rj and row["chosen"] != row["rejected"]:
             c.add("dropped.tie_after_truncation")
             continue
-        out.append({**row, "prompt": p, "chosen": ch, "rejected": rj})
-    out = _dedupe(out, fields, c, "duplicate_after_truncation")
+        out.append({**row, **prompt, "chosen": ch, "rejected": rj})
+    out = _dedupe(out, fields, c, "duplicate_after_truncation", None)
     c.add("kept", len(out))
     return out
 
 
 def prepare_prompts(role: str, result: formats.ReadResult, tok, cfg: RLHFConfig, counts: Counter,
-                    lengths: dict[str, list[int]]) -> list[dict]:
+                    lengths: dict[str, list[int]], notes: list[Issue]) -> list[dict]:
     """Read prompt rows -> clean, deduplicated rows with `prompt_chat` (steps 2-4 of the module docstring)."""
     c = _Counts(counts, role, DROP_REASONS, tuple(r for r, _ in CLEAN_STEPS) + ("truncated_prompt",))
     c.add("read", result.records)
     c.add("dropped.invalid", result.invalid)
-    rows = _dedupe(_clean_rows(result.rows, ("prompt",), c), ("prompt",), c, "duplicate")
-    prompts, chats, lengths[f"{role}.prompt_chat"] = fit_prompts(tok, [r["prompt"] for r in rows], cfg.data.prompt_length)
+    rows = _clean_rows(result.rows, ("prompt",), c)
+    if cfg.data.drop_invalid_rows:
+        rows = _drop_invalid(rows, c, result.problems)
+    notes.extend(row_notes(rows))
+    rows = _dedupe_all(rows, ("prompt",), c, notes)
+    convs, chats, lengths[f"{role}.prompt_chat"] = fit_conversations(tok, [_conversation(r) for r in rows],
+                                                                     cfg.data.prompt_length)
     out = []
-    for row, p, chat in zip(rows, prompts, chats):
-        c.add("changed.truncated_prompt", int(p != row["prompt"]))
-        out.append({"prompt": p, "prompt_chat": chat, "source": row["source"]})
-    out = _dedupe(out, ("prompt",), c, "duplicate_after_truncation")
+    for row, conv, chat in zip(rows, convs, chats):
+        prompt = formats.prompt_fields(conv)
+        c.add("changed.truncated_prompt", int(prompt["prompt"] != row["prompt"]))
+        out.append({"prompt": prompt["prompt"], "prompt_chat": chat, "source": row["source"],
+                    "messages": prompt["messages"]})
+    out = _dedupe(out, ("prompt",), c, "duplicate_after_truncation", None)
     c.add("kept", len(out))
     return out
 
@@ -277,8 +400,8 @@ def write_parquet(rows: list[dict], schema: pa.Schema, path: Path) -> str:
 def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
     """Read every source, clean, cut and split it, and write one Parquet file per split into `out_dir`.
 
-    Raises :class:`~rlhf_lightning.data.formats.DataError` for files that cannot be read at all; problems
-    of single records are returned in `problems` for validation to report (all of them)."""
+    Problems of records and of whole files (missing, unreadable, empty) are returned in `problems` for
+    validation to report, all of them: one bad file does not hide the others' problems."""
     from rlhf_lightning.models.loading import load_tokenizer
 
     d = cfg.data
@@ -290,19 +413,23 @@ def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
     counts: Counter = Counter()
     lengths: dict[str, list[int]] = {}
 
-    read_prefs = formats.read_preferences(sources["preferences"], "data.preferences")
-    read_rl = formats.read_prompts(sources["prompts"], "data.prompts")
-    read_eval = formats.read_prompts(sources["eval_prompts"], "data.eval_prompts") if sources["eval_prompts"] else None
-    problems = read_prefs.problems + read_rl.problems + (read_eval.problems if read_eval else [])
+    fmt, mapping = d.format, d.field_mapping
+    read_prefs = formats.read_preferences(sources["preferences"], "data.preferences", fmt, mapping)
+    read_rl = formats.read_prompts(sources["prompts"], "data.prompts", fmt, mapping)
+    read_eval = formats.read_prompts(sources["eval_prompts"], "data.eval_prompts", fmt, mapping) \
+        if sources["eval_prompts"] else None
+    notes: list[Issue] = []
 
-    pref_train, pref_eval = split_by_prompt(prepare_preferences(read_prefs, tok, cfg, counts, lengths),
+    pref_train, pref_eval = split_by_prompt(prepare_preferences(read_prefs, tok, cfg, counts, lengths, notes),
                                             d.eval_fraction, d.seed)
-    rl_prompts = prepare_prompts("prompts", read_rl, tok, cfg, counts, lengths)
+    rl_prompts = prepare_prompts("prompts", read_rl, tok, cfg, counts, lengths, notes)
     if read_eval is not None:
-        eval_prompts = prepare_prompts("eval_prompts", read_eval, tok, cfg, counts, lengths)
+        eval_prompts = prepare_prompts("eval_prompts", read_eval, tok, cfg, counts, lengths, notes)
     else:  # no held-out prompt file: hold out a fraction of the RL prompts
         rl_prompts, eval_prompts = split_by_prompt(rl_prompts, d.eval_fraction, d.seed)
 
+    # After preparing: with data.drop_invalid_rows it adds the problems of the rows it dropped.
+    problems = read_prefs.problems + read_rl.problems + (read_eval.problems if read_eval else [])
     splits = {"pref_train": pref_train, "pref_eval": pref_eval, "rl_prompts": rl_prompts, "eval_prompts": eval_prompts}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,5 +443,7 @@ def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
         counts=dict(sorted(counts.items())), files=files,
         sources={"preferences": read_prefs.files, "prompts": read_rl.files,
                  "eval_prompts": read_eval.files if read_eval else []},
-        problems=problems, token_lengths=lengths,
+        problems=problems, token_lengths=lengths, notes=notes,
+        formats={"preferences": read_prefs.formats, "prompts": read_rl.formats,
+                 "eval_prompts": read_eval.formats if read_eval else {}},
     )

@@ -1,11 +1,17 @@
 """Validate Inputs: check the prepared datasets and say precisely what is wrong, where and how to fix it.
 
-Errors (the run stops): records that could not be read (from :mod:`.formats`), empty or whitespace-only
-text, ties (``chosen == rejected``), an empty split.
-Warnings: rows dropped as duplicates or cut to the length limits, ties/duplicates created by the cut,
-a label imbalance of the raw ``choice`` too large for chance, pairs labelled both ways, and prompts shared
-between sets (reward-model train/eval pairs, RL prompts, evaluation prompts).
+Errors (the run stops): files and records that could not be read or parsed (from :mod:`.formats`:
+unreadable or empty file, malformed line, missing or wrongly typed field, ``choice`` not 0/1, invalid
+message roles, HH transcripts that do not share a prompt, a record in no or another format), empty or
+whitespace-only text, ties (``chosen == rejected``), an empty split.
+Warnings: rows dropped as exact or normalised duplicates (each with the row kept), rows cut to the length
+limits, ties/duplicates created by the cut, a label imbalance of the raw ``choice`` too large for chance,
+pairs labelled both ways, conversations with two turns in a row from the same role, responses that
+contain a speaker label (``Human:``: the response writes the user's next turn itself), and prompts
+shared between sets (reward-model train/eval pairs, RL prompts, evaluation prompts).
 With ``data.strict`` every warning is an error.
+
+Every :class:`Issue` has a ``kind``; the report counts them by kind.
 
 Row problems point at ``file:line`` of the input record and name the canonical field (``prompt``,
 ``chosen``, ``rejected``); reading problems name the field as it appears in the file.
@@ -13,8 +19,10 @@ Row problems point at ``file:line`` of the input record and name the canonical f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +31,7 @@ import numpy as np
 
 from rlhf_lightning.config import RLHFConfig
 from rlhf_lightning.data.formats import DataError, Issue
-from rlhf_lightning.data.preprocess import PreparedData
+from rlhf_lightning.data.preprocess import PreparedData, row_problems
 
 SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
 ROLES = ("preferences", "prompts", "eval_prompts")
@@ -72,38 +80,71 @@ class ValidationReport:
         return str(path)
 
     def markdown(self) -> str:
-        """A short summary for a Metaflow card: verdict, rows per split, lengths, first problems."""
+        """A summary for a Metaflow card: verdict, rows per split, formats read, counts by reason,
+        problems by kind, token lengths, first problems."""
+        st = self.stats
         verdict = "passed" if self.ok else "FAILED"
-        lines = [f"### Data validation {verdict}: {len(self.errors)} error(s), {len(self.warnings)} warning(s)", "",
+        lines = [f"### Data validation {verdict}: {len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+                 + (" (strict: warnings count as errors)" if st.get("strict") else ""), "",
                  "| split | rows |", "|---|---:|"]
-        lines += [f"| {name} | {n} |" for name, n in self.stats["rows"].items()]
-        lines += ["", "| tokens before cutting | rows | p50 | p90 | max | limit |", "|---|---:|---:|---:|---:|---:|"]
-        for name, q in self.stats["token_lengths"].items():
+        lines += [f"| {name} | {n} |" for name, n in st["rows"].items()]
+        formats = [(role, path, n) for role, files in st.get("formats", {}).items() for path, n in files.items()]
+        if formats:
+            lines += ["", "| role | file | records per detected format |", "|---|---|---|"]
+            lines += [f"| {role} | `{path}` | {', '.join(f'{k}: {v}' for k, v in n.items()) or 'none read'} |"
+                      for role, path, n in formats]
+        lines += ["", "| role | read | kept | dropped (by reason) | changed (by reason) |", "|---|---:|---:|---|---|"]
+        counts = st["counts"]
+        for role in ROLES:
+            if f"{role}.read" not in counts:
+                continue
+            by = {kind: ", ".join(f"{k.split('.', 2)[2]} {v}" for k, v in counts.items()
+                                  if k.startswith(f"{role}.{kind}.") and v) or "-" for kind in ("dropped", "changed")}
+            lines.append(f"| {role} | {counts[f'{role}.read']} | {counts.get(f'{role}.kept', 0)} | {by['dropped']} | "
+                         f"{by['changed']} |")
+        kinds = sorted(set(st["errors_by_kind"]) | set(st["warnings_by_kind"]))
+        if kinds:
+            lines += ["", "| problem | errors | warnings |", "|---|---:|---:|"]
+            lines += [f"| {k} | {st['errors_by_kind'].get(k, 0)} | {st['warnings_by_kind'].get(k, 0)} |" for k in kinds]
+        lines += ["", "| tokens before cutting | rows | p50 | p90 | max | limit | over limit |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, q in st["token_lengths"].items():
             if q["n"]:
+                limit = self.limits.get(_length_kind(name))
+                over = sum(v > limit for v in self.lengths.get(name, [])) if limit else ""
                 lines.append(f"| {name} | {q['n']} | {q['p50']:.0f} | {q['p90']:.0f} | {q['max']} | "
-                             f"{self.limits.get(_length_kind(name), '')} |")
+                             f"{limit or ''} | {over} |")
         for title, issues in (("Errors", self.errors), ("Warnings", self.warnings)):
             if issues:
-                lines += ["", f"**{title}** ({min(len(issues), SHOWN)} of {len(issues)} shown)", ""]
+                lines += ["", f"**{title}** ({min(len(issues), SHOWN)} of {len(issues)} shown; all in the JSON report)", ""]
                 lines += [f"- `{i.location}` {i.field + ': ' if i.field else ''}{i.message}" for i in issues[:SHOWN]]
         return "\n".join(lines)
 
     def histogram_figure(self):
-        """Histograms of prompt (with chat template) and response token lengths, limits marked."""
+        """Histograms of prompt (with chat template) and response token lengths per set, before cutting,
+        the limits marked and the share of rows over them in the titles."""
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend in a step
 
-        fig = Figure(figsize=(10, 3.5), layout="constrained")
+        fig = Figure(figsize=(11, 3.8), layout="constrained")
         for ax, kind, title in zip(fig.subplots(1, 2), ("prompt", "response"),
-                                   ("prompt tokens with chat template, before cutting", "response tokens, before cutting")):
+                                   ("prompt tokens with chat template", "response tokens")):
+            limit, n, over = self.limits.get(kind), 0, 0
+            values_all = [v for name, values in self.lengths.items() if _length_kind(name) == kind for v in values]
+            top = max(values_all + [limit or 1])
+            bins = np.linspace(0, top + 1, 41)  # shared bins: the sets compare bar for bar
             for name, values in self.lengths.items():
                 if _length_kind(name) == kind and values:
-                    ax.hist(values, bins=30, alpha=0.5, label=name)
-            if kind in self.limits:
-                ax.axvline(self.limits[kind], color="black", linestyle="--", label=f"limit {self.limits[kind]}")
-            ax.set_title(title)
-            ax.set_xlabel("tokens")
+                    ax.hist(values, bins=bins, alpha=0.5, label=f"{name} ({len(values)})")
+                    n += len(values)
+                    over += sum(v > limit for v in values) if limit else 0
+            if limit:
+                ax.axvline(limit, color="black", linestyle="--", label=f"limit {limit}")
+                title += f": {over} of {n} over the limit, cut"
+            ax.set_title(title, fontsize="medium")
+            ax.set_xlabel("tokens (before cutting)")
             ax.set_ylabel("rows")
-            ax.legend(fontsize="small")
+            if n:
+                ax.legend(fontsize="small")
         return fig
 
     def raise_if_errors(self, report_path: str | Path) -> None:
@@ -115,6 +156,25 @@ class ValidationReport:
         more = f"\n  ... and {len(self.errors) - SHOWN} more" if len(self.errors) > SHOWN else ""
         raise DataValidationError(f"data validation failed with {len(self.errors)} error(s):\n{shown}{more}\n"
                                   f"full report: {report_path}")
+
+
+def summary(report: ValidationReport, path: str) -> str:
+    """Plain-text verdict for a terminal: counts, formats read, rows per split, first problems, report path."""
+    st = report.stats
+    verdict = "data ok" if report.ok else "data INVALID"
+    lines = [f"{verdict}: {len(report.errors)} error(s), {len(report.warnings)} warning(s)"
+             + (" (strict: warnings count as errors)" if st["strict"] else "")]
+    for role, files in st["formats"].items():
+        for file, n in files.items():
+            lines.append(f"  {role}: {file}: " + (", ".join(f"{v} {k}" for k, v in n.items()) or "nothing read"))
+    lines.append("  rows: " + ", ".join(f"{name} {n}" for name, n in st["rows"].items()))
+    for title, issues in (("errors", report.errors), ("warnings", report.warnings)):
+        if issues:
+            kinds = ", ".join(f"{k} {v}" for k, v in st[f"{title}_by_kind"].items())
+            lines.append(f"{title} ({kinds}), first {min(SHOWN, len(issues))}:")
+            lines += [f"  {issue}" for issue in issues[:SHOWN]]
+    lines.append(f"report: {path}")
+    return "\n".join(lines)
 
 
 def _length_kind(name: str) -> str:
@@ -138,20 +198,15 @@ def _role_where(data: PreparedData, role: str) -> str:
 
 
 def check_rows(data: PreparedData) -> list[Issue]:
-    """Empty text and ties, one error per row and field, at the row's source location."""
-    errors = []
-    empty = "empty or whitespace-only text (write the text or remove the record)"
-    for row in data.pref_train + data.pref_eval:
-        for name in ("prompt", "chosen", "rejected"):
-            if not row[name].strip():
-                errors.append(Issue(row["source"], name, empty))
-        if row["chosen"] == row["rejected"] and row["chosen"].strip():
-            errors.append(Issue(row["source"], "chosen", "same text as rejected (after cleaning): a tie carries "
-                                                        "no preference (drop the pair or fix one candidate)"))
-    for row in data.rl_prompts + data.eval_prompts:
-        if not row["prompt"].strip():
-            errors.append(Issue(row["source"], "prompt", empty))
-    return errors
+    """Errors of single prepared rows at their source location: empty text and ties
+    (:func:`~.preprocess.row_problems`)."""
+    return [issue for row in data.pref_train + data.pref_eval + data.rl_prompts + data.eval_prompts
+            for issue in row_problems(row)]
+
+
+def _unique(issues: list[Issue]) -> list[Issue]:
+    """Each issue once: a file read both as preferences and as prompts reports its problems once."""
+    return list(dict.fromkeys(issues))
 
 
 def check_splits(data: PreparedData) -> list[Issue]:
@@ -161,14 +216,13 @@ def check_splits(data: PreparedData) -> list[Issue]:
         "rl_prompts": "no RL prompts (check data.prompts and the read/dropped counts)",
         "eval_prompts": "no evaluation prompts (check data.eval_prompts, or give more RL prompts to split)",
     }
-    return [Issue(name, "", fix) for name, fix in fixes.items() if not getattr(data, name)]
+    return [Issue(name, "", fix, "empty_split") for name, fix in fixes.items() if not getattr(data, name)]
 
 
 def check_counts(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
     """Warnings about rows preprocessing dropped or cut (each counted there)."""
     d, c, out = cfg.data, data.counts, []
-    messages = {
-        "dropped.duplicate": "{n} exact duplicate row(s) dropped, the first occurrence kept",
+    messages = {  # duplicates are reported one by one, from data.notes
         "dropped.duplicate_after_truncation": "{n} row(s) became identical to another once cut to the token limits "
                                               "and were dropped (raise data.prompt_length/data.target_length)",
         "dropped.tie_after_truncation": f"{{n}} pair(s) whose candidates differ only after data.target_length="
@@ -184,7 +238,7 @@ def check_counts(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
         for key, message in messages.items():
             n = c.get(f"{role}.{key}", 0)
             if n:
-                out.append(Issue(_role_where(data, role), "", message.format(n=n)))
+                out.append(Issue(_role_where(data, role), "", message.format(n=n), key.split(".")[1]))
     return out
 
 
@@ -200,7 +254,8 @@ def check_labels(data: PreparedData) -> list[Issue]:
     if major / n > 0.6 and z > 3:
         return [Issue(_role_where(data, "preferences"), "choice",
                       f"{label} in {major} of {n} pairs ({major / n:.0%}, {z:.1f} standard deviations from 50%) "
-                      "(check the annotation for position bias and the export for a fixed candidate order)")]
+                      "(check the annotation for position bias and the export for a fixed candidate order)",
+                      "label_imbalance")]
     return []
 
 
@@ -214,7 +269,8 @@ def check_contradictions(data: PreparedData) -> list[Issue]:
         other = first.get((p, rj, ch))
         if other is not None and source < other:  # report each contradicting couple once
             out.append(Issue(source, "chosen", f"the same pair is labelled the other way at {other} "
-                                               "(check the annotations; the two cancel out in training)"))
+                                               "(check the annotations; the two cancel out in training)",
+                                  "contradiction"))
     return out
 
 
@@ -234,14 +290,21 @@ def check_leakage(data: PreparedData) -> list[Issue]:
         if shared:
             p = shared[0]
             out.append(Issue(index[a][p], "prompt", f"{len(shared)} prompt(s) of {a} also in {b}, e.g. this one at "
-                                                    f"{index[b][p]}: {why} (remove them from one of the sets)"))
+                                                    f"{index[b][p]}: {why} (remove them from one of the sets)",
+                                  "leakage"))
     return out
 
 
 def validate(data: PreparedData, cfg: RLHFConfig) -> ValidationReport:
     """Check the prepared data; see the module docstring for what is an error and what a warning."""
-    errors = list(data.problems) + check_splits(data) + check_rows(data)
-    warnings = check_counts(data, cfg) + check_labels(data) + check_contradictions(data) + check_leakage(data)
+    problems, dropped = list(data.problems), []
+    if cfg.data.drop_invalid_rows:  # record problems (they name a field) were dropped rows: warn
+        dropped = [dataclasses.replace(i, message=f"{i.message} [row dropped: data.drop_invalid_rows]")
+                   for i in problems if i.field]
+        problems = [i for i in problems if not i.field]
+    errors = _unique(problems + check_splits(data) + check_rows(data))
+    warnings = _unique(dropped + list(data.notes) + check_counts(data, cfg) + check_labels(data)
+                       + check_contradictions(data) + check_leakage(data))
     if cfg.data.strict:
         errors, warnings = errors + warnings, []
     stats = {
@@ -249,11 +312,14 @@ def validate(data: PreparedData, cfg: RLHFConfig) -> ValidationReport:
         "strict": cfg.data.strict,
         "n_errors": len(errors),
         "n_warnings": len(warnings),
+        "errors_by_kind": dict(Counter(i.kind or "other" for i in errors).most_common()),
+        "warnings_by_kind": dict(Counter(i.kind or "other" for i in warnings).most_common()),
         "rows": {name: len(getattr(data, name)) for name in SPLITS},
         "counts": dict(data.counts),
         "labels": {f"choice_{k}": data.counts.get(f"preferences.choice_{k}", 0) for k in (0, 1)},
         "token_lengths": {name: _quantiles(values) for name, values in data.token_lengths.items()},
         "sources": data.sources,
+        "formats": data.formats,
     }
     return ValidationReport(errors=errors, warnings=warnings, stats=stats, lengths=data.token_lengths,
                             limits={"prompt": cfg.data.prompt_length, "response": cfg.data.target_length})
