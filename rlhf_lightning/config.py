@@ -189,12 +189,16 @@ class RewardModelConfig:
     """Passes over the training pairs."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
+    min_eval_accuracy: float = 0.6
+    """Gate before RL: the run stops unless the held-out preference accuracy reaches this. PPO against
+    a reward model near chance (0.5) optimises noise; 0 turns the gate off."""
 
     def __post_init__(self) -> None:
         _check(self.finetune in ("full", "lora"), "reward_model.finetune", f"got {self.finetune!r}; use full or lora")
         _check(self.max_length > 8, "reward_model.max_length", "must be > 8")
         _check(self.learning_rate > 0, "reward_model.learning_rate", "must be > 0")
         _check(self.batch_size > 0 and self.epochs > 0, "reward_model.batch_size/epochs", "must be positive")
+        _check(0.0 <= self.min_eval_accuracy <= 1.0, "reward_model.min_eval_accuracy", "must lie in [0, 1]")
 
 
 @dataclass
@@ -205,6 +209,9 @@ class PPOConfig:
     """Rollout + update iterations."""
     rollout_batch_size: int = 16
     """Prompts per rollout."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt in a rollout (rows = rollout_batch_size x samples_per_prompt). The
+    rloo and grpo estimators compare the samples of one prompt with each other and need at least 2."""
     minibatch_size: int = 8
     """Rollout rows per gradient step."""
     ppo_epochs: int = 2
@@ -215,49 +222,91 @@ class PPOConfig:
     """Response length during rollouts."""
     temperature: float = 1.0
     """Sampling temperature during rollouts (1.0 keeps the sampled tokens on-policy)."""
+    estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    """Advantage estimator. `gae`: per-token rewards, a learned value head and GAE (classic PPO).
+    `rloo`: sequence reward minus the mean reward of the other samples of the same prompt.
+    `grpo`: sequence reward standardised within the samples of its prompt. rloo and grpo need no
+    value head (none is created) and `samples_per_prompt` >= 2."""
     kl_coef: float = 0.05
-    """Per-token KL penalty coefficient against the reference (adapter disabled)."""
+    """KL penalty coefficient against the reference (adapter disabled); the initial value when
+    `kl_target` is set."""
+    kl_target: float | None = None
+    """Adaptive KL control (InstructGPT / trlX): the coefficient is steered so that the rollouts' mean
+    sequence KL (nats) approaches this. null keeps `kl_coef` fixed."""
+    kl_horizon: int = 10000
+    """Rollout samples over which the adaptive controller corrects a KL error (larger = slower): each
+    iteration multiplies kl_coef by 1 + clip(kl / kl_target - 1, -0.2, 0.2) * rows / kl_horizon.
+    10000 is trlX's value for runs of many thousand samples; a short CPU run needs a few hundred."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the normalised score of responses that hit max_new_tokens without an end token
+    (cut-off text); 0 turns it off."""
     gamma: float = 1.0
-    """Discount."""
+    """Discount (gae)."""
     lam: float = 0.95
     """GAE lambda."""
     clip_range: float = 0.2
     """PPO policy ratio clip."""
     clip_range_value: float = 0.2
-    """Value prediction clip around the rollout's values."""
+    """Value prediction clip around the rollout's values (gae)."""
     vf_coef: float = 0.1
-    """Weight of the value loss."""
+    """Weight of the value loss (gae)."""
     max_grad_norm: float = 1.0
     """Gradient norm clip."""
+    max_approx_kl: float = 0.1
+    """Early stop: the rest of an iteration's PPO epochs are skipped once a minibatch's approximate
+    KL(old || new) per token exceeds this, as the update has left the trust region the clip assumes."""
     seed: int = 0
-    """Seed for sampling and prompt order."""
+    """Seed for sampling and prompt order: the same seed on CPU reproduces a run."""
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):
+        for name in ("iterations", "rollout_batch_size", "samples_per_prompt", "minibatch_size", "ppo_epochs",
+                     "max_new_tokens", "kl_horizon"):
             _check(getattr(self, name) > 0, f"ppo.{name}", "must be a positive integer")
-        _check(self.rollout_batch_size % self.minibatch_size == 0, "ppo.minibatch_size",
-               f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        rows = self.rollout_batch_size * self.samples_per_prompt
+        _check(rows % self.minibatch_size == 0, "ppo.minibatch_size",
+               f"must divide rollout_batch_size x samples_per_prompt ({rows})")
+        _check(self.estimator in ("gae", "rloo", "grpo"), "ppo.estimator", f"got {self.estimator!r}; use gae, rloo or grpo")
+        _check(self.estimator == "gae" or self.samples_per_prompt >= 2, "ppo.samples_per_prompt",
+               f"the {self.estimator} estimator compares samples of the same prompt: set it to 2 or more")
         _check(self.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+        _check(self.kl_target is None or (isinstance(self.kl_target, (int, float)) and self.kl_target > 0),
+               "ppo.kl_target", "must be a positive number of nats, or null for a fixed kl_coef")
+        _check(self.kl_target is None or self.kl_coef > 0, "ppo.kl_coef",
+               "must be > 0 when kl_target is set (the adaptive controller scales it)")
+        if self.kl_target is not None:
+            self.kl_target = float(self.kl_target)
+        _check(self.missing_eos_penalty >= 0, "ppo.missing_eos_penalty", "must be >= 0")
         _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma/lam", "gamma in (0, 1], lam in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "ppo.clip_range", "must be > 0")
+        _check(self.max_approx_kl > 0, "ppo.max_approx_kl", "must be > 0")
         _check(self.temperature > 0, "ppo.temperature", "must be > 0")
 
 
 @dataclass
 class EvaluationConfig:
-    """Policy vs reference on held-out prompts."""
+    """Policy vs reference (and vs the current champion) on held-out prompts; the promotion gate."""
 
     max_new_tokens: int = 32
-    """Response length for both models."""
+    """Response length for every model compared."""
     temperature: float = 1.0
-    """Sampling temperature for both models (same seeds for both). 1.0 is the distribution PPO optimised
+    """Sampling temperature for every model (same seeds for all). 1.0 is the distribution PPO optimised
     and the one KL(policy || reference) is measured on."""
     samples_per_prompt: int = 4
     """Responses per held-out prompt and model: more comparisons, tighter win-rate intervals."""
     batch_size: int = 16
     """Prompts per `generate` call."""
     promotion_margin: float = 0.05
-    """Promote to `champion` only if the gold win rate exceeds 0.5 by this much."""
+    """Promote to `champion` only if the win rate against the reference, and against the current
+    champion when there is one, exceeds 0.5 by this much (gold judge when there is one, else the
+    reward model)."""
+    compare_champion: bool = True
+    """Also compare with the registry's current `champion` on the same prompts and seeds (skipped when
+    none is registered)."""
+    every_n_iterations: int = 0
+    """During PPO, evaluate on `monitor_prompts` held-out prompts every this many iterations (and after
+    the last), for the over-optimisation curve; 0 = only the rollouts' own statistics."""
+    monitor_prompts: int = 16
+    """Held-out prompts (one sample each) used by the in-training evaluation."""
     seed: int = 1
     """Sampling seed."""
 
@@ -266,6 +315,8 @@ class EvaluationConfig:
         _check(self.samples_per_prompt > 0 and self.batch_size > 0 and self.max_new_tokens > 0,
                "evaluation.samples_per_prompt/batch_size/max_new_tokens", "must be positive integers")
         _check(self.temperature > 0, "evaluation.temperature", "must be > 0 (KL is measured on samples)")
+        _check(self.every_n_iterations >= 0, "evaluation.every_n_iterations", "must be >= 0 (0 = off)")
+        _check(self.monitor_prompts > 0, "evaluation.monitor_prompts", "must be a positive integer")
 
 
 @dataclass

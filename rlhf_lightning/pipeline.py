@@ -123,6 +123,18 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, 
 
         mlflow.log_artifacts(result.model_dir, "reward_model")
         _card_markdown(card, "# Reward model\n\n" + _metrics_table(metrics))
+        # Gate before RL: recorded, then raised, so the stage run is FAILED and the flow stops here.
+        threshold = cfg.reward_model.min_eval_accuracy
+        passed = result.metrics["eval_accuracy"] >= threshold
+        mlflow.set_tags({"gate.reward_model": "passed" if passed else "failed",
+                         "gate.reward_model.min_eval_accuracy": str(threshold)})
+        _card_markdown(card, f"**Gate:** held-out accuracy {result.metrics['eval_accuracy']:.3f} "
+                             f"{'>=' if passed else '<'} reward_model.min_eval_accuracy {threshold:.3f}")
+        try:
+            evaluation.check_reward_model(result.metrics, threshold, len(data.pref_eval))
+        except evaluation.GateError:
+            tracking.end_parent_run(parent_run_id, status="FAILED")  # the run ends here
+            raise
     print(f"reward model: held-out accuracy {result.metrics['eval_accuracy']:.3f}")
     return ModelBundle.pack(result.model_dir, metrics=metrics, mlflow_run_id=run.info.run_id,
                             extras={"reward_mean": result.reward_mean, "reward_std": result.reward_std})
@@ -139,19 +151,29 @@ def prepare_prompts(cfg: RLHFConfig, parent_run_id: str, data) -> dict[str, list
 
 def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: ModelBundle, workdir: str,
               card=None) -> ModelBundle:
+    """PPO; logs the per-iteration history, training curves and the over-optimisation plot."""
+    from rlhf_lightning import evaluation
     from rlhf_lightning.models import ppo
 
     rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
+    gold = evaluation.has_gold_judge(cfg)
+    # The monitor's prompts are the first held-out prompts: never trained on, cheap to sample.
+    callbacks = ([evaluation.HeldoutMonitor(prompts["eval"], cfg.evaluation, gold)]
+                 if cfg.evaluation.every_n_iterations > 0 else [])
     with tracking.stage_run(parent_run_id, "reinforce") as run:
         logger = tracking.lightning_logger(run.info.run_id)
-        result = ppo.train_ppo(cfg, prompts["rl"], rm_dir, workdir, logger=logger)
+        result = ppo.train_ppo(cfg, prompts["rl"], rm_dir, workdir, logger=logger, gold_judge=gold,
+                               callbacks=callbacks)
         import mlflow
 
         mlflow.log_artifacts(result.adapter_dir, "adapter")
         tracking.log_dict_artifact(result.history, "ppo/history.json")
         fig = _history_figure(result.history)
         tracking.log_figure(fig, "ppo/training_curves.png")
+        overopt = evaluation.overoptimisation_figure(result.history)
+        tracking.log_figure(overopt, "ppo/overoptimisation.png")
         _card_markdown(card, "# PPO\n\n" + _metrics_table(result.metrics))
+        _card_figure(card, overopt)
         _card_figure(card, fig)
     return ModelBundle.pack(result.adapter_dir, metrics=result.metrics, mlflow_run_id=run.info.run_id,
                             extras={"history": result.history})
@@ -163,10 +185,15 @@ def _history_figure(history: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/clip_fraction", "ppo/response_length")
+    keys = [k for k in ("ppo/reward", "ppo/kl", "ppo/kl_coef", "ppo/value_loss", "ppo/clip_fraction",
+                        "ppo/approx_kl", "ppo/entropy", "ppo/response_length", "ppo/eos_rate")
             if history and k in history[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    cols = min(len(keys), 5)
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
         ax.plot([h[key] for h in history])
         ax.set_title(key)
         ax.set_xlabel("iteration")
@@ -174,23 +201,52 @@ def _history_figure(history: list[dict]):
     return fig
 
 
+def _current_champion(cfg: RLHFConfig, workdir: str) -> tuple[tuple[str, str] | None, str]:
+    """((adapter dir, label), note) of the registry's `champion`, with only its adapter downloaded; None
+    and the reason when there is none to compare with (none yet, or trained on another base model)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from rlhf_lightning.registry import CHAMPION_ALIAS
+
+    name = cfg.registry.model_name
+    client = MlflowClient()
+    models = client.search_registered_models(filter_string=f"name = '{name}'")
+    version = models[0].aliases.get(CHAMPION_ALIAS) if models else None
+    if version is None:
+        return None, f"no {name}@{CHAMPION_ALIAS} registered yet"
+    base = client.get_model_version(name, version).tags.get("base_model")
+    if base != cfg.policy.model:
+        return None, f"{name}@{CHAMPION_ALIAS} is v{version} on base {base!r}, not {cfg.policy.model!r}: not comparable"
+    adapter = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts/adapter",
+                                                  dst_path=os.path.join(workdir, f"champion-v{version}"))
+    return (adapter, f"v{version}"), f"compared with {name}@{CHAMPION_ALIAS} (v{version})"
+
+
 def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: ModelBundle, policy: ModelBundle,
              workdir: str, card=None) -> dict[str, Any]:
+    """Policy vs reference (and vs the current champion) on the held-out prompts, and the promotion gate.
+    The decision and the numbers behind it are recorded on the evaluate run (metrics + `gate.*` tags)."""
     from rlhf_lightning import evaluation
 
     rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
     adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
     with tracking.stage_run(parent_run_id, "evaluate"):
-        result = evaluation.evaluate(cfg, prompts["eval"], adapter_dir, rm_dir)
-        metrics = {**result.metrics, "reward_model/eval_accuracy": reward_model.metrics["reward_model/eval_accuracy"]}
+        champion, champion_note = (_current_champion(cfg, workdir) if cfg.evaluation.compare_champion
+                                   else (None, "champion comparison off (evaluation.compare_champion)"))
+        result = evaluation.evaluate(cfg, prompts["eval"], adapter_dir, rm_dir, champion=champion)
+        metrics = {**result.metrics, "reward_model/eval_accuracy": reward_model.metrics["reward_model/eval_accuracy"],
+                   "gate/promote": float(result.promote), "gate/threshold": 0.5 + cfg.evaluation.promotion_margin}
         tracking.log_metrics(metrics)
         tracking.log_dict_artifact(result.samples, "evaluation/samples.json")
         import mlflow
 
-        mlflow.set_tags({"gate.promote": str(result.promote), "gate.reason": result.reason})
-        _card_markdown(card, f"# Evaluation\n\n{_metrics_table(metrics)}\n\n**Gate:** {result.reason}")
-    print(f"evaluation: {result.reason}")
-    return {"metrics": metrics, "promote": result.promote, "reason": result.reason}
+        mlflow.set_tags({"gate.promote": str(result.promote), "gate.reason": result.reason,
+                         "gate.champion": champion_note})
+        _card_markdown(card, f"# Evaluation\n\n{_metrics_table(metrics)}\n\n**Gate:** {result.reason}\n\n"
+                             f"Champion: {champion_note}")
+    print(f"evaluation: {result.reason} ({champion_note})")
+    return {"metrics": metrics, "promote": result.promote, "reason": result.reason, "champion": champion_note}
 
 
 def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, evaluation: dict, workdir: str,
@@ -206,6 +262,8 @@ def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, evaluatio
             "ppo_run_id": policy.mlflow_run_id,
             "base_model": cfg.policy.model,
             "gate.promote": str(evaluation["promote"]),
+            "gate.reason": evaluation["reason"],
+            "gate.champion": evaluation["champion"],
             **{k: f"{v:.4f}" for k, v in evaluation["metrics"].items()},
         }
         info = registry.log_and_register(cfg, adapter_dir, base_model_dir(cfg.policy.model, workdir),

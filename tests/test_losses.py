@@ -4,14 +4,21 @@ import math
 
 import torch
 
+import pytest
+
 from rlhf_lightning.models.losses import (
+    AdaptiveKLController,
     bradley_terry_loss,
     gae,
+    group_normalised_advantages,
     kl_penalised_rewards,
     masked_mean,
     masked_whiten,
+    missing_eos_penalty,
     per_token_kl,
     ppo_policy_loss,
+    rloo_advantages,
+    sequence_rewards,
     value_loss,
 )
 
@@ -112,3 +119,50 @@ def test_value_loss_by_hand():
 
 def test_masked_mean_of_nothing_is_zero_not_nan():
     assert masked_mean(T([[3.0]]), T([[0.0]])).item() == 0.0
+
+
+def test_rloo_by_hand():
+    # Two prompts x 3 samples. Prompt 1: rewards 1, 2, 3; the others' means are 2.5, 2, 1.5.
+    # Prompt 2: all 4 -> every sample is exactly its baseline.
+    close(rloo_advantages(T([1.0, 2.0, 3.0, 4.0, 4.0, 4.0]), k=3), [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0])
+    # k = 2: each sample against the other one: 1 - 3 = -2, 3 - 1 = 2.
+    close(rloo_advantages(T([1.0, 3.0]), k=2), [-2.0, 2.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(T([1.0, 3.0]), k=1)
+
+
+def test_group_normalised_by_hand():
+    # Prompt 1: mean 2, Bessel std sqrt(((-1)^2 + 0 + 1^2) / 2) = 1 -> (r - 2) / (1 + 1e-4).
+    # Prompt 2: all equal -> std 0 -> advantages 0 (no division by zero).
+    close(group_normalised_advantages(T([1.0, 2.0, 3.0, 4.0, 4.0, 4.0]), k=3),
+          [-1.0 / 1.0001, 0.0, 1.0 / 1.0001, 0.0, 0.0, 0.0])
+    # k = 2: [0, 2]: mean 1, std sqrt((1 + 1) / 1) = 1.4142136 -> -+0.7070568 (eps 1e-4)
+    close(group_normalised_advantages(T([0.0, 2.0]), k=2), [-0.7070568, 0.7070568])
+
+
+def test_sequence_rewards_by_hand():
+    logp = T([[-1.0, -2.0, -0.5, -3.0]])
+    ref_logp = T([[-1.5, -2.0, -1.0, -9.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    # KL of the real tokens 0.5 + 0 + 0.5 = 1 (padding's 6 ignored): 2 - 0.1 * 1 = 1.9,
+    # the same total as the per-token rewards of test_per_token_kl_and_penalised_rewards: -0.05 + 0 + 1.95
+    close(sequence_rewards(T([2.0]), logp, ref_logp, mask, kl_coef=0.1), [1.9])
+
+
+def test_missing_eos_penalty():
+    close(missing_eos_penalty(T([1.0, 1.0]), T([True, False]), penalty=0.5), [1.0, 0.5])
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=100)
+    # KL 9 vs target 6: error 9/6 - 1 = 0.5 -> clipped to 0.2; 0.1 * (1 + 0.2 * 10/100) = 0.102
+    assert ctl.update(kl=9.0, n_steps=10) == pytest.approx(0.102)
+    # KL 5.4: error -0.1 (inside the clip); 0.102 * (1 - 0.1 * 10/100) = 0.10098
+    assert ctl.update(kl=5.4, n_steps=10) == pytest.approx(0.10098)
+    # KL 0 (policy == reference): error -1 -> clipped to -0.2; 0.10098 * (1 - 0.2 * 50/100) = 0.090882
+    assert ctl.update(kl=0.0, n_steps=50) == pytest.approx(0.090882)
+
+
+def test_fixed_kl_controller_never_moves():
+    ctl = AdaptiveKLController(kl_coef=0.05, target=None, horizon=100)
+    assert ctl.update(kl=100.0, n_steps=1000) == 0.05 and ctl.value == 0.05

@@ -1,6 +1,8 @@
 """PPO on tiny models: the training forward reproduces the sampling distribution (positions, padding,
 temperature), only LoRA and the value head train, 4-bit LoRA gets gradients after `generate`,
-checkpoints hold only trainable weights, and the per-iteration metrics reach the logger."""
+checkpoints hold only trainable weights, the per-iteration metrics reach the logger, a seed repeats a
+run, rloo/grpo train without a value head, the KL controller and the approximate-KL early stop act,
+and responses without an end token pay the penalty."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models.generation import chat_prompt, response_mask_from_ids
 from rlhf_lightning.models.loading import load_reward_backbone, load_tokenizer
+from rlhf_lightning.models.losses import masked_mean
 from rlhf_lightning.models.ppo import VALUE_HEAD_FILE, PPOModule, prompt_loader, train_ppo
 from rlhf_lightning.models.reward_model import RewardScorer
 
@@ -173,3 +176,88 @@ def test_4bit_lora_gets_gradients_after_generate_and_checkpoint_reloads(tmp_path
     state = reloaded.state_dict()
     for key, value in saved.items():
         assert torch.equal(state[key], value), key
+
+
+def test_same_seed_reproduces_the_first_iteration(tmp_path, reward_model_dir):
+    """A CPU run with the same seed repeats exactly: sampling is seeded per iteration, LoRA init by seed."""
+    cfg = tiny_cfg(ppo={"iterations": 1})
+    rows = prompt_rows(load_tokenizer("tiny:llama"))
+    first = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "a")).history[0]
+    again = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "b")).history[0]
+    assert first == again
+    other = train_ppo(tiny_cfg(ppo={"iterations": 1, "seed": 1}), rows, reward_model_dir, str(tmp_path / "c"))
+    assert other.history[0] != first
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_group_estimators_train_without_a_value_head(tmp_path, reward_model_dir, weights, estimator):
+    cfg = tiny_cfg(ppo={"estimator": estimator, "samples_per_prompt": 2, "rollout_batch_size": 2,
+                        "minibatch_size": 2})
+    rows = prompt_rows(load_tokenizer("tiny:llama"))
+    result = train_ppo(cfg, rows, reward_model_dir, str(tmp_path), gold_judge=True)
+    trainable = weights["trainable"]
+    assert trainable and all("lora_" in n for n in trainable)  # no value head at all
+    assert any(not torch.equal(weights["before"][n], weights["after"][n]) for n in trainable)
+    h = result.history[0]
+    assert "ppo/value_loss" not in h and h["ppo/updates"] == 2  # 4 rows / minibatch 2, one epoch
+    assert "ppo/gold_score" in h  # monitoring only
+    assert not (tmp_path / "adapter" / VALUE_HEAD_FILE).exists()
+
+
+def test_advantages_follow_the_estimator(reward_model_dir):
+    """Phase 3 on a hand-made rollout: gae whitens per token; rloo/grpo give every token of a response
+    its group-relative sequence advantage, with the KL penalty inside the sequence reward."""
+    from rlhf_lightning.models.ppo import Scored
+
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    logp = torch.tensor([[-1.0, -1.0], [-1.0, 0.0], [-1.0, -1.0], [-1.0, -1.0]])
+    ref_logp = logp - torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # KL 1, 1, 0, 0
+    score = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    scored = Scored(score, score, torch.ones(4, dtype=torch.bool), logp, ref_logp, torch.zeros(4, 2),
+                    torch.zeros(4, 2))
+    cfg = tiny_cfg(ppo={"estimator": "rloo", "samples_per_prompt": 2, "kl_coef": 0.5})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    # sequence rewards: 1 - 0.5 = 0.5, 3 - 0.5 = 2.5, 0, 0 -> rloo per pair: -2, 2, 0, 0
+    advantages, returns = module.advantages(scored, mask)
+    assert returns is None
+    torch.testing.assert_close(advantages, torch.tensor([[-2.0, -2.0], [2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+
+    cfg = tiny_cfg(ppo={"estimator": "gae", "kl_coef": 0.5})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    advantages, returns = module.advantages(scored, mask)
+    assert returns.shape == mask.shape
+    assert masked_mean(advantages, mask).abs() < 1e-6  # whitened over the real tokens
+    assert advantages[1, 1] == 0  # padding
+
+
+def test_adaptive_kl_and_early_stop_in_a_run(tmp_path, reward_model_dir):
+    cfg = tiny_cfg(ppo={"kl_coef": 0.2, "kl_target": 1.0, "kl_horizon": 40, "ppo_epochs": 4, "max_approx_kl": 1e-3,
+                        "learning_rate": 5e-2})
+    rows = prompt_rows(load_tokenizer("tiny:llama"))
+    history = train_ppo(cfg, rows, reward_model_dir, str(tmp_path)).history
+    # Iteration 0: KL ~ 0 < target -> error clipped to -0.2: 0.2 * (1 - 0.2 * 4 rows / 40) = 0.196
+    assert history[0]["ppo/kl_coef"] == 0.2
+    assert history[1]["ppo/kl_coef"] == pytest.approx(0.196)
+    # lr 5e-2 moves the tiny policy far in one step: the bound stops the iteration early.
+    assert history[0]["ppo/early_stop"] == 1.0
+    assert 1 <= history[0]["ppo/updates"] < 4 * 2
+
+
+def test_ended_with_eos_and_the_missing_eos_penalty(reward_model_dir):
+    from rlhf_lightning.models.generation import Sampled
+    from rlhf_lightning.models.ppo import ended_with_eos
+
+    eos, pad, x = 7, 0, 5
+    response = torch.tensor([[x, eos, pad], [x, x, x], [eos, pad, pad]])
+    mask = response_mask_from_ids(response, eos)
+    sampled = Sampled(torch.ones(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long), response, mask,
+                      ["a", "b", ""])
+    assert ended_with_eos(sampled, eos).tolist() == [True, False, True]
+
+    cfg = tiny_cfg(ppo={"missing_eos_penalty": 2.0})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    rows = prompt_rows(module.tokenizer)
+    sampled = module.rollout([r["prompt_chat"] for r in rows], seed=0)
+    scored = module.score_and_kl([r["prompt"] for r in rows], sampled)
+    expected = module.scorer.normalise(scored.raw_scores) - 2.0 * (~scored.ended).float()
+    torch.testing.assert_close(scored.score, expected)

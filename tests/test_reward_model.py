@@ -88,6 +88,10 @@ def test_full_finetune_learns_and_every_parameter_moves(tmp_path, weights):
 
     assert result.metrics["eval_accuracy"] > 0.8, result.metrics
     assert result.metrics["eval_margin"] > 0
+    # Built-in task config, so the gold judge also scores the pairs: the positive-word answers are the
+    # gold-preferred ones, so the labels agree with gold and a good reward model does too.
+    assert result.metrics["eval_label_gold_agreement"] > 0.9
+    assert result.metrics["eval_gold_accuracy"] > 0.8
     assert weights["trainable"] == set(weights["after"])  # full fine-tuning trains everything
     unchanged = [n for n in weights["trainable"] if torch.equal(weights["before"][n], weights["after"][n])]
     # Bradley-Terry sees only r_chosen - r_rejected, so the head's bias has zero gradient, always.

@@ -115,3 +115,74 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask)
     return loss, clip_fraction
+
+
+# ---------------------------------------------------------------- sequence-level estimators
+# rloo and grpo score whole responses: the sequence reward (score - kl_coef * sequence KL) gets a
+# baseline from the other samples of the same prompt, and the advantage is shared by every token of
+# the response. Rows are grouped by prompt in consecutive blocks of k (`rollout` repeats each prompt k
+# times), so (B,) -> (B / k, k) puts one prompt per row.
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out: A_i = r_i - mean of the other k - 1 rewards of the same prompt.
+
+    Unbiased (the baseline does not depend on the sample it corrects) and needs no value head
+    (Ahmadian et al. 2024, "Back to Basics")."""
+    # rewards: (B,) with B = groups * k
+    if k < 2:
+        raise ValueError(f"rloo needs at least 2 samples per prompt, got {k}")
+    grouped = rewards.view(-1, k)  # (G, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)  # (G, k)
+    return (grouped - baseline).reshape(-1)  # (B,)
+
+
+def group_normalised_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's baseline: A_i = (r_i - mean_group) / (std_group + eps), std with Bessel's correction as
+    in DeepSeekMath / trl. A group whose samples all score the same gives 0, not a division by 0."""
+    # rewards: (B,) with B = groups * k
+    if k < 2:
+        raise ValueError(f"grpo needs at least 2 samples per prompt, got {k}")
+    grouped = rewards.view(-1, k)  # (G, k)
+    mean = grouped.mean(1, keepdim=True)  # (G, 1)
+    std = grouped.std(1, keepdim=True)  # (G, 1)
+    return ((grouped - mean) / (std + eps)).reshape(-1)  # (B,)
+
+
+def sequence_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                     kl_coef: float) -> torch.Tensor:
+    """score - kl_coef * KL of the whole response (the sum of the per-token k1 terms): the reward the
+    sequence-level estimators compare; the same total as `kl_penalised_rewards` summed over tokens."""
+    # score: (B,); logp, ref_logp, mask: (B, T)
+    return score - kl_coef * (per_token_kl(logp, ref_logp) * mask).sum(1)  # (B,)
+
+
+def missing_eos_penalty(score: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Subtract `penalty` from the score of responses that never produced an end token.
+
+    The reward model judges the visible text and cannot tell a finished answer from one the length
+    limit cut off; without this, PPO can drift towards rambling that never ends."""
+    # score: (B,); ended: (B,) bool
+    return score - penalty * (~ended).to(score.dtype)  # (B,)
+
+
+class AdaptiveKLController:
+    """The InstructGPT / trlX controller: kl_coef follows a proportional rule towards a target KL.
+
+        error   = clip(kl / target - 1, -0.2, 0.2)
+        kl_coef = kl_coef * (1 + error * n_steps / horizon)
+
+    The clip bounds a single correction at 20% of the horizon's worth; `n_steps` is the number of
+    rollout samples the measured KL came from. With target None the coefficient stays fixed."""
+
+    def __init__(self, kl_coef: float, target: float | None, horizon: int):
+        self.value = kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        """Feed the rollout's mean sequence KL (nats); return the coefficient for the next rollout."""
+        if self.target is not None:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value

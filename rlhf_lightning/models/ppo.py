@@ -1,13 +1,20 @@
 """PPO of a LoRA policy against a trained reward model: a LightningModule with manual optimisation.
 
-One `training_step` is one PPO iteration on a batch of prompts, in four phases:
+One `training_step` is one iteration on a batch of prompts, in four named phases:
 
-1. rollout       sample responses with the current policy (prompts left-padded, as `generate` needs);
+1. rollout       sample `samples_per_prompt` responses per prompt with the current policy (prompts
+                 left-padded, as `generate` needs), seeded per iteration so a CPU run repeats exactly;
 2. score_and_kl  reward-model score of the decoded (prompt, response) text, normalised with the reward
-                 model's training statistics; log-probs of the response tokens under the policy and the
-                 reference; values. The reference is the same PeftModel with its adapter disabled;
-3. advantages    per-token rewards (-kl_coef * KL, plus the score at the last token), GAE, whitening;
-4. ppo_epochs    minibatches x epochs of clipped policy loss + vf_coef * clipped value loss.
+                 model's training statistics, minus the missing-EOS penalty; log-probs of the response
+                 tokens under the policy and the reference (the same PeftModel with its adapter
+                 disabled); values and entropy;
+3. advantages    the estimator: `gae` (per-token rewards -kl_coef * KL plus the score at the last token,
+                 GAE over a learned value head, whitened) or `rloo` / `grpo` (sequence reward minus a
+                 baseline from the other samples of the same prompt, no value head);
+4. ppo_epochs    minibatches x epochs of the clipped policy loss (+ vf_coef * clipped value loss for
+                 gae), gradient clipping, early stop once the approximate KL leaves the trust region.
+
+After the update the adaptive controller moves kl_coef towards `kl_target` (when set).
 
 Log-probs are computed for the response tokens only (`logits_to_keep`): the LM head (49152 wide for
 SmolLM2) is most of the cost of a forward pass on these small models.
@@ -19,23 +26,31 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
+from statistics import fmean
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from rlhf_lightning import judge
 from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
 from rlhf_lightning.models.loading import load_policy, load_tokenizer
 from rlhf_lightning.models.losses import (
+    AdaptiveKLController,
     gae,
+    group_normalised_advantages,
     kl_penalised_rewards,
+    last_token_index,
     masked_mean,
     masked_whiten,
+    missing_eos_penalty,
     per_token_kl,
     ppo_policy_loss,
+    rloo_advantages,
+    sequence_rewards,
     value_loss,
 )
 from rlhf_lightning.models.reward_model import RewardScorer, build_trainer
@@ -47,10 +62,12 @@ VALUE_HEAD_FILE = "value_head.pt"
 class Scored:
     """What phase 2 measures about one rollout (no gradients)."""
 
-    scores: torch.Tensor  # (B,) raw reward-model scores
+    raw_scores: torch.Tensor  # (B,) reward-model scores as the model outputs them
+    score: torch.Tensor  # (B,) normalised scores minus the missing-EOS penalty: the reward PPO maximises
+    ended: torch.Tensor  # (B,) bool, the response produced an end token
     logp: torch.Tensor  # (B, R) log-probs of the response tokens under the rollout policy
     ref_logp: torch.Tensor  # (B, R) the same under the reference (adapter disabled)
-    values: torch.Tensor  # (B, R) value predictions before each response token
+    values: torch.Tensor | None  # (B, R) value predictions before each response token; None without value head
     entropy: torch.Tensor  # (B, R) entropy of the policy's next-token distribution
 
 
@@ -63,12 +80,13 @@ class Experience:
     response_ids: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
     logp: torch.Tensor  # (B, R) rollout-time log-probs (the "old" policy of the ratio)
-    values: torch.Tensor  # (B, R) rollout-time values (centre of the value clip)
-    advantages: torch.Tensor  # (B, R) whitened GAE advantages
-    returns: torch.Tensor  # (B, R) value targets
+    advantages: torch.Tensor  # (B, R) per-token advantages
+    values: torch.Tensor | None = None  # (B, R) rollout-time values (centre of the value clip); gae only
+    returns: torch.Tensor | None = None  # (B, R) value targets; gae only
 
     def __getitem__(self, rows: torch.Tensor) -> Experience:
-        return Experience(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                             for f in fields(self)})
 
 
 def response_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -105,112 +123,169 @@ def sequence_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     return token_logprobs(logits, response_ids)
 
 
+def ended_with_eos(sampled: Sampled, eos_token_id: int) -> torch.Tensor:
+    """(B,) bool: the last real response token is the end token (else max_new_tokens cut it off)."""
+    rows = torch.arange(sampled.response_ids.shape[0], device=sampled.response_ids.device)
+    return sampled.response_ids[rows, last_token_index(sampled.response_mask)] == eos_token_id
+
+
 class PPOModule(L.LightningModule):
-    """LoRA policy + scalar value head, trained by PPO against a frozen reward model."""
+    """LoRA policy (+ scalar value head for gae), trained by PPO against a frozen reward model."""
 
     def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str,
-                 reward_stats: tuple[float, float] | None = None):
+                 reward_stats: tuple[float, float] | None = None, gold_judge: bool = False):
+        """`gold_judge`: also score the rollouts with the built-in task's gold judge, for monitoring
+        only (`ppo/gold_score`); it never enters the reward."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # several optimiser steps per rollout
         # Checkpoints hold only the trainable weights (on_save_checkpoint): 4-bit base weights do not reload.
         self.strict_loading = False
         self.cfg = ppo
+        self.gold_judge = gold_judge
         self.policy = load_policy(policy)
         self.tokenizer = load_tokenizer(policy.model)  # left padding for generate
-        # fp32 even over a bf16/4-bit policy: values are regression targets of a few units.
-        self.value_head = nn.Linear(self.policy.config.hidden_size, 1, dtype=torch.float32)
-        # Zero init: the first values are 0, so the first advantages are the plain returns.
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head: nn.Linear | None = None
+        if ppo.estimator == "gae":
+            # fp32 even over a bf16/4-bit policy: values are regression targets of a few units.
+            self.value_head = nn.Linear(self.policy.config.hidden_size, 1, dtype=torch.float32)
+            # Zero init: the first values are 0, so the first advantages are the plain returns.
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
         # A plain attribute, not a submodule: the frozen reward model stays out of checkpoints and optimiser.
         self.scorer = RewardScorer.load(reward_model_dir)
         if reward_stats is not None:
             self.scorer.mean, self.scorer.std = reward_stats
+        self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.history: list[dict[str, float]] = []
 
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        trainable = [p for p in self.parameters() if p.requires_grad]  # LoRA + value head
+        trainable = [p for p in self.parameters() if p.requires_grad]  # LoRA (+ value head)
         return torch.optim.AdamW(trainable, lr=self.cfg.learning_rate)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logp, values, logits) of the response tokens: (B, R), (B, R), (B, R, V)."""
+                response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(logp, values, logits) of the response tokens: (B, R), (B, R) or None without a value head, (B, R, V)."""
         logits, hidden = response_forward(self.policy, prompt_ids, prompt_mask, response_ids, response_mask,
                                           self.cfg.temperature)  # (B, R, V), (B, R, H)
-        values = self.value_head(hidden.float()).squeeze(-1)  # (B, R)
+        values = None if self.value_head is None else self.value_head(hidden.float()).squeeze(-1)  # (B, R)
         return token_logprobs(logits, response_ids), values, logits
 
     # -- phase 1 ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, chat_prompts: list[str]) -> Sampled:
+    def rollout(self, chat_prompts: list[str], seed: int | None = None) -> Sampled:
+        """One response per entry of `chat_prompts` (which repeats each prompt samples_per_prompt times)."""
         self.policy.eval()  # no dropout while sampling: rollout and update must see the same policy
         return sample(self.policy, self.tokenizer, chat_prompts, max_new_tokens=self.cfg.max_new_tokens,
-                      temperature=self.cfg.temperature)
+                      temperature=self.cfg.temperature, seed=seed)
 
     # -- phase 2 ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def score_and_kl(self, prompts: list[str], sampled: Sampled) -> Scored:
-        inputs = (sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, sampled.response_mask)
-        scores = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
-        logp, values, logits = self(*inputs)  # (B, R), (B, R), (B, R, V)
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # (B, R)
-        with self.policy.disable_adapter():
-            ref_logp, _, _ = self(*inputs)  # (B, R)
-        return Scored(scores, logp, ref_logp, values, entropy)
+        ended = ended_with_eos(sampled, self.tokenizer.eos_token_id)  # (B,)
+        raw = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
+        score = missing_eos_penalty(self.scorer.normalise(raw), ended, self.cfg.missing_eos_penalty)  # (B,)
+        # In minibatch-sized chunks: the (rows, R, V) logits of a whole k-sample rollout would not fit
+        # comfortably in memory with a 49152-token vocabulary.
+        logp, ref_logp, values, entropy = [], [], [], []
+        for rows in torch.arange(len(prompts), device=self.device).split(self.cfg.minibatch_size):
+            inputs = (sampled.prompt_ids[rows], sampled.prompt_mask[rows], sampled.response_ids[rows],
+                      sampled.response_mask[rows])
+            lp, v, logits = self(*inputs)  # (b, R), (b, R) | None, (b, R, V)
+            logp.append(lp)
+            values.append(v)
+            entropy.append(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))  # (b, R)
+            with self.policy.disable_adapter():
+                ref_logp.append(self(*inputs)[0])  # (b, R)
+        values_all = None if self.value_head is None else torch.cat(values)  # (B, R)
+        return Scored(raw, score, ended, torch.cat(logp), torch.cat(ref_logp), values_all, torch.cat(entropy))
 
     # -- phase 3 ---------------------------------------------------------------------------------------
-    def advantages(self, scored: Scored, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(whitened advantages, returns), both (B, R)."""
-        score = self.scorer.normalise(scored.scores)  # (B,)
-        rewards = kl_penalised_rewards(score, scored.logp, scored.ref_logp, mask, self.cfg.kl_coef)  # (B, R)
-        advantages, returns = gae(rewards, scored.values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R) x 2
-        return masked_whiten(advantages, mask), returns
+    def advantages(self, scored: Scored, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(advantages, returns or None), (B, R) each, by the configured estimator at the current kl_coef."""
+        kl_coef = self.kl_ctl.value
+        if self.cfg.estimator == "gae":
+            rewards = kl_penalised_rewards(scored.score, scored.logp, scored.ref_logp, mask, kl_coef)  # (B, R)
+            advantages, returns = gae(rewards, scored.values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R) x 2
+            # Whitening: the policy step size no longer depends on the reward scale or its drift.
+            return masked_whiten(advantages, mask), returns
+        seq = sequence_rewards(scored.score, scored.logp, scored.ref_logp, mask, kl_coef)  # (B,)
+        k = self.cfg.samples_per_prompt
+        per_seq = rloo_advantages(seq, k) if self.cfg.estimator == "rloo" else group_normalised_advantages(seq, k)
+        return per_seq.unsqueeze(1) * mask, None  # every token of a response shares its advantage: (B, R)
 
     # -- phase 4 ---------------------------------------------------------------------------------------
     def ppo_epochs(self, exp: Experience) -> dict[str, float]:
-        """Clipped PPO updates over minibatches of the rollout; returns the mean losses and fractions."""
+        """Clipped PPO updates over minibatches of the rollout; returns the mean losses and fractions,
+        the number of optimiser steps taken and whether the approximate-KL bound stopped the iteration."""
         opt = self.optimizers()
         self.policy.train()
-        self.value_head.train()
         totals: dict[str, list[float]] = defaultdict(list)
+        steps, stopped = 0, False
         for _ in range(self.cfg.ppo_epochs):
             for rows in torch.randperm(exp.logp.shape[0], device=self.device).split(self.cfg.minibatch_size):
                 mb = exp[rows]
                 logp, values, _ = self(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
                 pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
                     logp, mb.logp, mb.advantages, mb.response_mask, self.cfg.clip_range)
-                vf_loss, vf_clip_fraction = value_loss(
-                    values, mb.values, mb.returns, mb.response_mask, self.cfg.clip_range_value)
+                # Measured before this minibatch's step: past the bound, the ratio clip no longer keeps the
+                # policy near the one that sampled the rollout, so the remaining updates are skipped.
+                if approx_kl.item() > self.cfg.max_approx_kl:
+                    stopped = True
+                    break
+                loss = pg_loss
+                stats = {"policy_loss": pg_loss, "clip_fraction": clip_fraction, "approx_kl": approx_kl}
+                if values is not None:
+                    vf_loss, vf_clip_fraction = value_loss(
+                        values, mb.values, mb.returns, mb.response_mask, self.cfg.clip_range_value)
+                    loss = loss + self.cfg.vf_coef * vf_loss
+                    stats |= {"value_loss": vf_loss, "value_clip_fraction": vf_clip_fraction}
                 opt.zero_grad()
-                self.manual_backward(pg_loss + self.cfg.vf_coef * vf_loss)
+                self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=self.cfg.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
-                for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
-                                    ("value_clip_fraction", vf_clip_fraction), ("approx_kl", approx_kl)):
+                steps += 1
+                for name, value in stats.items():
                     totals[name].append(value.item())
-        return {name: sum(v) / len(v) for name, v in totals.items()}
+            if stopped:
+                break
+        return {**{name: fmean(v) for name, v in totals.items()}, "updates": float(steps),
+                "early_stop": float(stopped)}
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
-        sampled = self.rollout(batch["prompt_chat"])
-        scored = self.score_and_kl(batch["prompt"], sampled)
+        k = self.cfg.samples_per_prompt
+        prompts = [p for p in batch["prompt"] for _ in range(k)]  # (B,) consecutive groups of k
+        chats = [c for c in batch["prompt_chat"] for _ in range(k)]
+        # Seeded per iteration, not by the global stream: a run repeats on CPU even if something
+        # else (a callback, the prompt sampler) draws random numbers in between.
+        sampled = self.rollout(chats, seed=self.cfg.seed * 1_000_003 + batch_idx)
+        scored = self.score_and_kl(prompts, sampled)
         mask = sampled.response_mask  # (B, R)
         advantages, returns = self.advantages(scored, mask)
-        exp = Experience(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, mask,
-                         scored.logp, scored.values, advantages, returns)
+        kl_coef = self.kl_ctl.value  # the coefficient this rollout was penalised with
+        exp = Experience(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, mask, scored.logp,
+                         advantages, scored.values, returns)
         losses = self.ppo_epochs(exp)
+        seq_kl = (per_token_kl(scored.logp, scored.ref_logp) * mask).sum(1).mean().item()  # per sequence
+        self.kl_ctl.update(seq_kl, n_steps=mask.shape[0])
 
         stats = {
-            "reward": scored.scores.mean().item(),
-            "reward_normalised": self.scorer.normalise(scored.scores).mean().item(),
-            "kl": (per_token_kl(scored.logp, scored.ref_logp) * mask).sum(1).mean().item(),  # per sequence
+            "reward": scored.raw_scores.mean().item(),
+            "reward_normalised": self.scorer.normalise(scored.raw_scores).mean().item(),
+            "score": scored.score.mean().item(),
+            "kl": seq_kl,
+            "kl_per_token": masked_mean(per_token_kl(scored.logp, scored.ref_logp), mask).item(),
+            "kl_coef": kl_coef,
             "entropy": masked_mean(scored.entropy, mask).item(),
             "response_length": mask.sum(1).float().mean().item(),
+            "eos_rate": scored.ended.float().mean().item(),
             **losses,
         }
+        if self.gold_judge:  # monitoring only: the over-optimisation curve's ground truth
+            stats["gold_score"] = fmean(judge.gold_scores(sampled.texts))
         stats = {f"ppo/{k}": v for k, v in stats.items()}
         self.history.append({"iteration": batch_idx, **stats})
         on_bar = {"ppo/reward", "ppo/kl"}
@@ -223,6 +298,10 @@ class PPOModule(L.LightningModule):
         # weights (absmax, quant_map) would not load back anyway (STACK_NOTES).
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["kl_coef"] = self.kl_ctl.value
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl_ctl.value = checkpoint.get("kl_coef", self.kl_ctl.value)
 
 
 def collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
@@ -241,23 +320,24 @@ def prompt_loader(rows: list[dict], ppo: PPOConfig) -> DataLoader:
 @dataclass
 class PPOResult:
     adapter_dir: str
-    """peft adapter directory (`save_pretrained`), with the value head in value_head.pt."""
+    """peft adapter directory (`save_pretrained`), with the value head (gae) in value_head.pt."""
     metrics: dict[str, float]
     """The last iteration's statistics."""
     history: list[dict[str, float]]
-    """Statistics of every iteration."""
+    """Statistics of every iteration (plus the held-out monitor's, when it ran that iteration)."""
 
 
-def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir: str, logger=None) -> PPOResult:
-    """Run PPO on an existing module and save the adapter + value head in out_dir/adapter."""
+def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir: str, logger=None,
+            callbacks: list[Callback] | None = None) -> PPOResult:
+    """Run PPO on an existing module and save the adapter (+ value head) in out_dir/adapter."""
     if not rl_prompts:
         raise ValueError("PPO: no RL prompts")
     out = Path(out_dir)
-    steps_per_iteration = cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
-    # global_step counts optimiser steps (STACK_NOTES): checkpoint after every iteration, keep the latest.
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=steps_per_iteration)
+    # global_step counts optimiser steps (STACK_NOTES), which the approximate-KL early stop makes
+    # irregular; checking after every step still saves once per iteration (at its end), keeping the latest.
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=1)
     trainer = build_trainer(cfg.trainer, max_epochs=1, logger=logger if logger is not None else False,
-                            log_every_n_steps=1, callbacks=[checkpoint], default_root_dir=out)
+                            log_every_n_steps=1, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=out)
     with warnings.catch_warnings():
         # Lightning warns that manual-optimisation checkpoints hold the post-update weights: we want those.
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -266,14 +346,18 @@ def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir:
     adapter_dir = out / "adapter"
     if trainer.is_global_zero:
         module.policy.save_pretrained(adapter_dir)
-        torch.save(module.value_head.state_dict(), adapter_dir / VALUE_HEAD_FILE)
+        if module.value_head is not None:
+            torch.save(module.value_head.state_dict(), adapter_dir / VALUE_HEAD_FILE)
     return PPOResult(str(adapter_dir), dict(module.history[-1]), list(module.history))
 
 
 def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,
-              reward_stats: tuple[float, float] | None = None) -> PPOResult:
+              reward_stats: tuple[float, float] | None = None, gold_judge: bool = False,
+              callbacks: list[Callback] | None = None) -> PPOResult:
     """PPO from a fresh adapter. `reward_stats` = (mean, std) overrides the normalisation stored in
-    reward_model_dir/reward_stats.json; `logger` is a Lightning logger (e.g. MLFlowLogger) or None."""
+    reward_model_dir/reward_stats.json; `logger` is a Lightning logger (e.g. MLFlowLogger) or None;
+    `gold_judge` logs the built-in task's gold score of the rollouts (monitoring only); `callbacks`
+    e.g. evaluation.HeldoutMonitor."""
     L.seed_everything(cfg.ppo.seed)
-    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, reward_stats)
-    return fit_ppo(module, cfg, rl_prompts, out_dir, logger)
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, reward_stats, gold_judge)
+    return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks)

@@ -25,7 +25,9 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_lightning import judge
 from rlhf_lightning.config import LoraConfig, RLHFConfig, TrainerConfig
+from rlhf_lightning.evaluation import has_gold_judge
 from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
 from rlhf_lightning.models.losses import bradley_terry_loss
 
@@ -192,6 +194,20 @@ class RewardScorer:
         return r_chosen, r_rejected
 
 
+def gold_agreement(rows: list[dict], r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
+    """Against the gold judge instead of the noisy labels (built-in task only):
+    eval_gold_accuracy = share of pairs the reward model orders as the gold judge does;
+    eval_label_gold_agreement = share whose label does: the ceiling of `eval_accuracy` for a perfect
+    reward model. Gold ties count half."""
+    # r_chosen, r_rejected: (N,)
+    gold_diff = torch.tensor([judge.gold_score(r["chosen"]) - judge.gold_score(r["rejected"]) for r in rows])  # (N,)
+
+    def agree(diff: torch.Tensor) -> float:
+        return torch.where(gold_diff == 0, 0.5, ((diff > 0) == (gold_diff > 0)).float()).mean().item()
+
+    return {"eval_gold_accuracy": agree(r_chosen - r_rejected), "eval_label_gold_agreement": agree(torch.ones_like(gold_diff))}
+
+
 @dataclass
 class RewardModelResult:
     model_dir: str
@@ -244,8 +260,11 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     train_chosen, train_rejected = scorer.score_pairs(train_rows)
     all_train = torch.cat([train_chosen, train_rejected])  # (2N,)
     scorer.mean, scorer.std = all_train.mean().item(), all_train.std().clamp(min=1e-6).item()
-    metrics = {f"eval_{k}": v for k, v in preference_metrics(*scorer.score_pairs(eval_rows)).items()}
+    eval_chosen, eval_rejected = scorer.score_pairs(eval_rows)
+    metrics = {f"eval_{k}": v for k, v in preference_metrics(eval_chosen, eval_rejected).items()}
     metrics |= {f"train_{k}": v for k, v in preference_metrics(train_chosen, train_rejected).items()}
+    if has_gold_judge(cfg):
+        metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
     model_dir = out / "model"
     scorer.save(model_dir, metrics)
     return RewardModelResult(str(model_dir), metrics, scorer.mean, scorer.std)

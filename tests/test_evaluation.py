@@ -1,0 +1,139 @@
+"""Evaluation: win rates, distinct-n and the promotion decision by hand; the tiny policy compared with
+its reference and with a champion on the same seeds; the held-out monitor and the over-optimisation plot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_lightning import evaluation
+from rlhf_lightning.config import from_dict
+from rlhf_lightning.models.generation import chat_prompt
+from rlhf_lightning.models.loading import load_reward_backbone, load_tokenizer
+from rlhf_lightning.models.reward_model import RewardScorer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PROMPTS = ["Write a one-sentence review of a small cafe.", "Describe a museum to a friend in one sentence.",
+           "Give a short opinion about a busy bakery in Lisbon."]
+
+
+def test_win_rate_counts_ties_half():
+    # wins 1, 0, 0.5, 1 -> 0.625; half-width 1.96 * sqrt(0.625 * 0.375 / 4) = 0.4744...
+    p, ci = evaluation.win_rate([2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, 0.0])
+    assert p == 0.625
+    assert ci == pytest.approx(1.96 * math.sqrt(0.625 * 0.375 / 4))
+    with pytest.raises(ValueError):
+        evaluation.win_rate([], [])
+
+
+def test_distinct_n_by_hand():
+    texts = ["the cafe was great", "The cafe was bad"]
+    # unigrams: the, cafe, was, great, the, cafe, was, bad -> 5 distinct of 8
+    assert evaluation.distinct_n(texts, 1) == 5 / 8
+    # bigrams: (the cafe) (cafe was) (was great) (the cafe) (cafe was) (was bad) -> 4 of 6
+    assert evaluation.distinct_n(texts, 2) == 4 / 6
+    assert evaluation.distinct_n(["hi"], 2) == 0.0
+
+
+def metrics(gold_wr=0.7, rm_wr=0.9, champion_gold_wr=None):
+    m = {"eval/gold_win_rate": gold_wr, "eval/gold_win_rate_ci95": 0.05, "eval/rm_win_rate": rm_wr,
+         "eval/rm_win_rate_ci95": 0.04, "eval/n": 256.0, "eval/kl": 2.5}
+    if champion_gold_wr is not None:
+        m |= {"eval/champion_gold_win_rate": champion_gold_wr, "eval/champion_gold_win_rate_ci95": 0.06}
+    return m
+
+
+def test_promotion_needs_the_margin_against_the_reference():
+    ok = evaluation.promotion_decision(metrics(gold_wr=0.56), margin=0.05, gold=True)
+    assert ok.promote and ok.judge == "gold"
+    assert "vs reference 0.560 ± 0.050 > 0.550" in ok.reason and "promote to champion" in ok.reason
+    no = evaluation.promotion_decision(metrics(gold_wr=0.55), margin=0.05, gold=True)
+    assert not no.promote and "<= 0.550" in no.reason and "stays candidate" in no.reason
+
+
+def test_promotion_needs_the_margin_against_the_champion_too():
+    d = evaluation.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.52), margin=0.05, gold=True,
+                                      champion="v3")
+    assert not d.promote
+    assert "vs reference 0.800" in d.reason and "vs champion v3 0.520 ± 0.060 <= 0.550" in d.reason
+    d = evaluation.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.6), margin=0.05, gold=True,
+                                      champion="v3")
+    assert d.promote
+
+
+def test_without_a_gold_judge_the_reward_model_decides():
+    d = evaluation.promotion_decision(metrics(gold_wr=0.0, rm_wr=0.9), margin=0.05, gold=False)
+    assert d.promote and d.judge == "rm" and d.reason.startswith("rm win rate")
+
+
+def test_reward_model_gate_raises_with_what_to_try():
+    evaluation.check_reward_model({"eval_accuracy": 0.6}, 0.6, n_pairs=40)  # passes at the threshold
+    with pytest.raises(evaluation.GateError) as err:
+        evaluation.check_reward_model({"eval_accuracy": 0.52}, 0.6, n_pairs=40)
+    message = str(err.value)
+    assert "0.520 < reward_model.min_eval_accuracy 0.600" in message and "40 pairs" in message
+    for hint in ("n_preference_prompts", "reward_model.epochs", "annotator_beta", "reward_model.backbone"):
+        assert hint in message
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory) -> str:
+    model, tok = load_reward_backbone("tiny:bert")
+    out = tmp_path_factory.mktemp("rm") / "model"
+    RewardScorer(model, tok, max_length=64, mean=0.0, std=1.0).save(out)
+    return str(out)
+
+
+def rows(tok) -> list[dict]:
+    return [{"prompt": p, "prompt_chat": chat_prompt(tok, p)} for p in PROMPTS]
+
+
+def tiny_cfg(**evaluation_cfg):
+    return from_dict({"policy": {"model": "tiny:llama"},
+                      "evaluation": {"max_new_tokens": 6, "samples_per_prompt": 2, "batch_size": 4, **evaluation_cfg}})
+
+
+def test_evaluate_against_reference_and_champion(tiny_policy, reward_model_dir):
+    """The adapter as its own champion: same weights, same seeds -> identical texts, every comparison
+    a tie (win rate exactly 0.5), so it is not promoted over itself. Against the reference (adapter
+    off) the randomised adapter samples different text."""
+    _, adapter_dir, _ = tiny_policy
+    cfg = tiny_cfg(promotion_margin=0.0)
+    result = evaluation.evaluate(cfg, rows(load_tokenizer("tiny:llama")), adapter_dir, reward_model_dir,
+                                 champion=(adapter_dir, "v1"))
+    m = result.metrics
+    assert m["eval/n"] == 6
+    assert m["eval/champion_gold_win_rate"] == 0.5 and m["eval/champion_rm_win_rate"] == 0.5
+    assert m["eval/champion_gold_score"] == m["eval/gold_score"]
+    # k1 estimate on 6 samples: unbiased but noisy (it can be negative); per token = per sequence / length
+    assert m["eval/kl"] != 0 and m["eval/kl_per_token"] == pytest.approx(m["eval/kl"] / m["eval/response_length"])
+    for key in ("gold_win_rate", "rm_win_rate", "gold_score", "ref_gold_score", "rm_score", "ref_rm_score",
+                "response_length", "eos_rate", "distinct_1", "distinct_2", "ref_distinct_2"):
+        assert f"eval/{key}" in m, key
+    assert not result.promote and "vs champion v1 0.500" in result.reason
+    assert [s["policy"] == s["champion"] for s in result.samples] == [True] * 6
+    assert any(s["policy"] != s["reference"] for s in result.samples)
+
+
+def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_dir):
+    from rlhf_lightning.models.ppo import train_ppo
+
+    cfg = from_dict({
+        "policy": {"model": "tiny:llama"},
+        "ppo": {"iterations": 3, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
+                "learning_rate": 1e-2},
+        "evaluation": {"max_new_tokens": 6, "every_n_iterations": 2, "monitor_prompts": 2},
+        "trainer": {"accelerator": "cpu"},
+    })
+    tok = load_tokenizer("tiny:llama")
+    monitor = evaluation.HeldoutMonitor(rows(tok), cfg.evaluation, gold=True)
+    history = train_ppo(cfg, rows(tok), reward_model_dir, str(tmp_path), gold_judge=True, callbacks=[monitor]).history
+    # every 2nd iteration and after the last: iterations 1 and 2 (0-based)
+    assert ["heldout/kl" in h for h in history] == [False, True, True]
+    assert history[2]["heldout/n"] == 2 and "heldout/gold_win_rate" in history[2]
+    fig = evaluation.overoptimisation_figure(history)
+    assert len(fig.axes) == 3  # scores + KL twin axis, win rates
+    fig.savefig(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
