@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_lightning import pipeline
     from rlhf_lightning.data.formats import DataError
+    from rlhf_lightning.evaluation import GateError
     from rlhf_lightning.data.validate import DataValidationError
 
     try:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-reward-model":
             bundle = pipeline.train_reward_model(cfg, parent, data, os.path.join(args.out, "reward_model"))
             print({k: round(v, 4) for k, v in bundle.metrics.items()})
-    except (DataError, DataValidationError, ConfigError) as exc:
+    except (DataError, DataValidationError, ConfigError, GateError) as exc:
         pipeline.tracking.end_parent_run(parent, status="FAILED")
         print(f"error: {exc}", file=sys.stderr)
         return 1

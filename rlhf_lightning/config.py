@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -450,8 +451,17 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config: {path}: expected a list, got {type(value).__name__}")
         return [str(v) for v in value]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if origin in (Union, types.UnionType) and type(None) in get_args(hint):
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return _coerce(inner, value, path)
+    if hint is float and not isinstance(value, bool):
+        # YAML 1.1 reads `5e-4` (no dot) as a string: accept any text that is a number.
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config: {path}: expected a number, got {value!r}") from None
     if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config: {path}: expected {hint.__name__}, got {value!r}")
     return value

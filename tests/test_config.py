@@ -30,12 +30,20 @@ def test_partial_dict_keeps_defaults_and_coerces():
         ({"policy": {"quantization": "8bit"}}, "policy.quantization: got '8bit'"),
         ({"trainer": {"strategy": "ddp"}}, "use ddp_spawn"),
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction"),
+        ({"ppo": {"learning_rate": "fast"}}, "ppo.learning_rate: expected a number, got 'fast'"),
     ],
 )
 def test_bad_values_name_the_field(tree, message):
     with pytest.raises(ConfigError) as err:
         from_dict(tree)
     assert message in str(err.value)
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-4 as the string "5e-4"; it must still reach torch as a float.
+    path = tmp_path / "c.yaml"
+    path.write_text("ppo:\n  learning_rate: 5e-4\n")
+    assert load_config(path).ppo.learning_rate == 5e-4
 
 
 def test_missing_file(tmp_path):
