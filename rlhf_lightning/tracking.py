@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -100,7 +99,3 @@ def write_json(data: Any, path: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
     return str(path)
-
-
-def scratch_dir(prefix: str) -> str:
-    return tempfile.mkdtemp(prefix=f"rlhf-{prefix}-")

@@ -69,3 +69,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory) -> str:
+    """An untrained tiny BERT scorer saved as `train_reward_model` saves one: PPO's and evaluation's
+    mechanics do not need a meaningful reward."""
+    from rlhf_lightning.models.loading import load_reward_backbone
+    from rlhf_lightning.models.reward_model import RewardScorer
+
+    model, tok = load_reward_backbone("tiny:bert")
+    out = tmp_path_factory.mktemp("rm") / "model"
+    RewardScorer(model, tok, max_length=64, mean=0.0, std=1.0).save(out)
+    return str(out)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import re
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from datafiles import write_records
 from rlhf_lightning.config import ConfigError, FieldMapping, from_dict
 from rlhf_lightning.data import formats
 from rlhf_lightning.data.formats import DataError, Issue, read_preferences, read_prompts
@@ -45,16 +44,6 @@ EXPECTED = [
 ]
 
 
-def write_records(path: Path, records: list[dict]) -> Path:
-    name = path.name.removesuffix(".gz")
-    if name.endswith(".parquet"):
-        pq.write_table(pa.Table.from_pylist(records), path)
-    elif name.endswith(".csv"):
-        pd.DataFrame(records).to_csv(path, index=False, compression="infer")
-    else:
-        text = json.dumps(records) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in records)
-        path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
-    return path
 
 
 def tiny_cfg(**data) -> object:

@@ -3,16 +3,13 @@ with its location and never loses the valid rows; the real HH harmless-base file
 
 from __future__ import annotations
 
-import gzip
 import json
 import socket
 from pathlib import Path
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from datafiles import write_records
 from rlhf_lightning.config import FieldMapping, from_dict
 from rlhf_lightning.data import formats
 from rlhf_lightning.data.formats import read_preferences, read_prompts, split_hh
@@ -59,19 +56,6 @@ MAPPING = FieldMapping(prompt_key="question", chosen_key="good", rejected_key="b
 RECORDS = {"vertex": vertex_records, "trl": trl_records, "hh": hh_records, "mapping": mapping_records}
 
 
-def write(path: Path, records: list[dict]) -> Path:
-    name = path.name.removesuffix(".gz")
-    if name.endswith(".parquet"):
-        keys = list(dict.fromkeys(k for r in records for k in r))  # from_pylist takes the first row's keys
-        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), path)
-    elif name.endswith(".csv"):
-        pd.DataFrame(records).to_csv(path, index=False, compression="infer")
-    else:
-        text = json.dumps(records) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in records)
-        path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
-    return path
-
-
 def canon(rows: list[dict]) -> list[dict]:
     return [{k: r[k] for k in ("prompt", "chosen", "rejected", "messages")} for r in rows]
 
@@ -87,7 +71,7 @@ def test_every_format_from_every_file_kind_reaches_the_same_rows(tmp_path, fmt, 
         keys = list(records[0])[:3]
         records[0] = {keys[0]: [{"role": "user", "content": records[0][keys[0]]}],
                       **{k: [{"role": "assistant", "content": records[0][k]}] for k in keys[1:]}}
-    path = write(tmp_path / f"p.{kind}", records)
+    path = write_records(tmp_path / f"p.{kind}", records)
     for setting in (["auto", fmt] if fmt != "mapping" else ["mapping"]):
         result = read_preferences([str(path)], fmt=setting, mapping=MAPPING)
         assert result.problems == []
@@ -99,9 +83,9 @@ def test_every_format_from_every_file_kind_reaches_the_same_rows(tmp_path, fmt, 
 
 
 def test_prompt_only_formats_and_vertex_context(tmp_path):
-    path = write(tmp_path / "p.jsonl", [{"prompt": "Hi."}, {"prompt": "Hello."}])
+    path = write_records(tmp_path / "p.jsonl", [{"prompt": "Hi."}, {"prompt": "Hello."}])
     assert [r["prompt"] for r in read_prompts([str(path)]).rows] == ["Hi.", "Hello."]
-    path = write(tmp_path / "v.jsonl", [{"input_text": "Hi.", "context": "Be brief."},
+    path = write_records(tmp_path / "v.jsonl", [{"input_text": "Hi.", "context": "Be brief."},
                                          {"messages": [{"author": "user", "content": "Hey."}]}])
     rows = read_prompts([str(path)]).rows
     assert rows[0]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}]
@@ -146,7 +130,7 @@ def test_bad_records_of_every_class_are_located_and_valid_rows_kept(tmp_path):
     assert [r["source"] for r in result.rows] == [f"{path}:1", f"{path}:11"]
     assert result.formats == {str(path): {"vertex": 8, "trl": 1, "none": 1}}
 
-    trl = write(tmp_path / "t.jsonl", [
+    trl = write_records(tmp_path / "t.jsonl", [
         {"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"},
         {"prompt": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}], "chosen": "a",
          "rejected": "b"},
@@ -172,11 +156,11 @@ def test_bom_one_megabyte_lines_and_explicit_format(tmp_path):
     assert "of a 1050012-character line" in problem.message
     for kind in ("csv", "json"):
         bom = tmp_path / f"bom.{kind}"
-        write(bom, trl_records()[:1])
+        write_records(bom, trl_records()[:1])
         bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
         assert canon(read_preferences([str(bom)]).rows) == CANON[:1]
     # An explicit format reads every record as that format: no guessing, precise missing fields.
-    vertex = write(tmp_path / "v.jsonl", vertex_records()[:1])
+    vertex = write_records(tmp_path / "v.jsonl", vertex_records()[:1])
     assert locs(read_preferences([str(vertex)], fmt="trl")) == [("1", "prompt", "missing_field"),
                                                                  ("1", "chosen", "missing_field"),
                                                                  ("1", "rejected", "missing_field")]
@@ -274,7 +258,7 @@ def test_s3_objects_read_like_local_files(s3_endpoint, tmp_path):
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="prefs")
     for name, fmt in (("a.jsonl.gz", "hh"), ("b.parquet", "vertex")):
-        s3.upload_file(str(write(tmp_path / name, RECORDS[fmt]())), "prefs", f"data/{name}")
+        s3.upload_file(str(write_records(tmp_path / name, RECORDS[fmt]())), "prefs", f"data/{name}")
     result = read_preferences(["s3://prefs/data/*", "s3://prefs/data/missing.jsonl", "s3://nobucket/x.jsonl"])
     assert canon(result.rows) == CANON + CANON
     assert result.files == ["s3://prefs/data/a.jsonl.gz", "s3://prefs/data/b.parquet"]

@@ -11,8 +11,7 @@ import torch
 from rlhf_lightning import evaluation
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models.generation import chat_prompt
-from rlhf_lightning.models.loading import load_reward_backbone, load_tokenizer
-from rlhf_lightning.models.reward_model import RewardScorer
+from rlhf_lightning.models.loading import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = ["Write a one-sentence review of a small cafe.", "Describe a museum to a friend in one sentence.",
@@ -76,14 +75,6 @@ def test_reward_model_gate_raises_with_what_to_try():
     assert "0.520 < reward_model.min_eval_accuracy 0.600" in message and "40 pairs" in message
     for hint in ("n_preference_prompts", "reward_model.epochs", "annotator_beta", "reward_model.backbone"):
         assert hint in message
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory) -> str:
-    model, tok = load_reward_backbone("tiny:bert")
-    out = tmp_path_factory.mktemp("rm") / "model"
-    RewardScorer(model, tok, max_length=64, mean=0.0, std=1.0).save(out)
-    return str(out)
 
 
 def rows(tok) -> list[dict]:

@@ -15,10 +15,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models.generation import chat_prompt, response_mask_from_ids
-from rlhf_lightning.models.loading import load_reward_backbone, load_tokenizer
+from rlhf_lightning.models.loading import load_tokenizer
 from rlhf_lightning.models.losses import masked_mean
 from rlhf_lightning.models.ppo import VALUE_HEAD_FILE, PPOModule, prompt_loader, train_ppo
-from rlhf_lightning.models.reward_model import RewardScorer
 
 USER_PROMPTS = [
     "Write a one-sentence review of a small cafe.",
@@ -26,15 +25,6 @@ USER_PROMPTS = [
     "Describe a museum to a friend in one sentence.",
     "What did you think of a rooftop bar in Osaka? Answer in one sentence.",
 ]
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory) -> str:
-    """An untrained tiny BERT scorer: PPO's mechanics do not need a meaningful reward."""
-    model, tok = load_reward_backbone("tiny:bert")
-    out = tmp_path_factory.mktemp("rm") / "model"
-    RewardScorer(model, tok, max_length=64, mean=0.0, std=1.0).save(out)
-    return str(out)
 
 
 def tiny_cfg(**overrides):
