@@ -28,9 +28,10 @@ class RLHFFlow(FlowSpec):
      6. join
      7. reinforce          PPO on the LoRA policy against the reward model
      8. evaluate           policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
-     9. register           MLflow pyfunc model -> Model Registry, alias `candidate` (+ `champion` if it wins)
-    10. deploy             `mlflow models serve` of the registered version on a free local port
-    11. inference          verify the served version and weights, send the inference template, stop the server
+     9. register           MLflow pyfunc model -> Model Registry with its lineage tags, alias `candidate`
+    10. deploy             `mlflow models serve` of the new candidate on a free local port
+    11. inference          verify the served version and weights, send the inference template; only then
+                           move `champion` to it, if the evaluation gate promoted it; stop the server
     12. end
 
     Run:  python flows/rlhf.py run                                  (configs/default.yaml: SmolLM2 + MiniLM)
@@ -138,18 +139,19 @@ class RLHFFlow(FlowSpec):
 
     @step
     def register(self):
-        """Log the pyfunc model and register it (candidate, champion if promoted)."""
+        """Log the pyfunc model and register it with its lineage, as `candidate`."""
         from rlhf_lightning import pipeline
 
-        self.model_version = pipeline.register(
-            self._config(), self.parent_run_id, self.policy, self.evaluation, self._workdir("register"),
-            lineage={"metaflow.flow_name": current.flow_name, "metaflow.run_id": str(current.run_id)},
-        )
+        lineage = pipeline.lineage_tags(self.parent_run_id, self.data, self.reward_model, self.policy,
+                                        self.evaluation, metaflow={"flow_name": current.flow_name,
+                                                                   "run_id": str(current.run_id)})
+        self.model_version = pipeline.register(self._config(), self.parent_run_id, self.policy,
+                                               self._workdir("register"), lineage)
         self.next(self.deploy)
 
     @step
     def deploy(self):
-        """Start `mlflow models serve` of the registered version."""
+        """Start `mlflow models serve` of the new candidate."""
         from rlhf_lightning import pipeline
 
         self.endpoint = pipeline.deploy(self._config(), self.parent_run_id, self.model_version,
@@ -159,11 +161,12 @@ class RLHFFlow(FlowSpec):
     @card(type="blank")
     @step
     def inference(self):
-        """Verify the served version and weights, send the inference template, stop the server."""
+        """Verify the served version and weights, send the inference template; then move `champion` if the
+        gate promoted this version; stop the server."""
         from rlhf_lightning import pipeline
 
-        self.inference_report = pipeline.inference(self._config(), self.parent_run_id, self.model_version,
-                                                   self.endpoint, card=current.card)
+        self.inference_report, self.model_version = pipeline.inference(
+            self._config(), self.parent_run_id, self.model_version, self.endpoint, self.evaluation, card=current.card)
         self.next(self.end)
 
     @step

@@ -4,6 +4,7 @@
   python -m rlhf_lightning data --config configs/default.yaml
   python -m rlhf_lightning train-reward-model --config configs/default.yaml
   python -m rlhf_lightning serve --model-uri models:/rlhf-policy@champion --port 5001
+  python -m rlhf_lightning rollback [--model-name rlhf-policy] [--to VERSION]
 
 Exit codes: 0 success, 1 the data or a check failed (the message says what and where), 2 usage error.
 """
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
         s.add_argument("--out", default="outputs/cli", help="output directory (default: %(default)s)")
+    text = ("move the `champion` alias back to the version the current champion replaced (or to --to); "
+            "a server started from models:/NAME@champion picks the change up when restarted")
+    s = sub.add_parser("rollback", help=text, description=text)
+    s.add_argument("--model-name", default="rlhf-policy", help="registered model (default: %(default)s)")
+    s.add_argument("--to", default=None, metavar="VERSION", help="version to make champion (default: the previous champion)")
     s = sub.add_parser("serve", help="serve a registered model version with `mlflow models serve`")
     s.add_argument("--model-uri", default="models:/rlhf-policy@champion", help="default: %(default)s")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
@@ -87,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         return validate_command(args)
     from rlhf_lightning.config import ConfigError, load_config
 
+    if args.command == "rollback":
+        from rlhf_lightning.registry import RegistryError, rollback
+
+        try:
+            before, after = rollback(args.model_name, args.to)
+        except RegistryError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.model_name}@champion: version {before} -> {after}")
+        return 0
     if args.command == "serve":
         from rlhf_lightning.serving import ModelServer
 

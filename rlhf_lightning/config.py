@@ -294,6 +294,9 @@ class EvaluationConfig:
     and the one KL(policy || reference) is measured on."""
     samples_per_prompt: int = 4
     """Responses per held-out prompt and model: more comparisons, tighter win-rate intervals."""
+    max_prompts: int = 0
+    """Evaluate on the first this-many held-out prompts (the split is seeded, so always the same ones);
+    0 = all. Large user sets (20% of a few thousand transcripts) otherwise cost more than the RL."""
     batch_size: int = 16
     """Prompts per `generate` call."""
     promotion_margin: float = 0.05
@@ -318,6 +321,7 @@ class EvaluationConfig:
         _check(self.temperature > 0, "evaluation.temperature", "must be > 0 (KL is measured on samples)")
         _check(self.every_n_iterations >= 0, "evaluation.every_n_iterations", "must be >= 0 (0 = off)")
         _check(self.monitor_prompts > 0, "evaluation.monitor_prompts", "must be a positive integer")
+        _check(self.max_prompts >= 0, "evaluation.max_prompts", "must be >= 0 (0 = every held-out prompt)")
 
 
 @dataclass

@@ -237,7 +237,8 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
         policy.load_adapter(champion[0], adapter_name=CHAMPION_ADAPTER)
     scorer = RewardScorer.load(reward_model_dir)
     gold = has_gold_judge(cfg)
-    rows = [r for r in eval_prompts for _ in range(ev.samples_per_prompt)]
+    prompts = eval_prompts[: ev.max_prompts] if ev.max_prompts else eval_prompts
+    rows = [r for r in prompts for _ in range(ev.samples_per_prompt)]
     metrics, samples = compare(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
                                temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed, gold=gold,
                                champion=champion is not None)

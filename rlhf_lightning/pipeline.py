@@ -231,7 +231,7 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: M
 
     rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
     adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
-    with tracking.stage_run(parent_run_id, "evaluate"):
+    with tracking.stage_run(parent_run_id, "evaluate") as run:
         champion, champion_note = (_current_champion(cfg, workdir) if cfg.evaluation.compare_champion
                                    else (None, "champion comparison off (evaluation.compare_champion)"))
         result = evaluation.evaluate(cfg, prompts["eval"], adapter_dir, rm_dir, champion=champion)
@@ -246,37 +246,57 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: M
         _card_markdown(card, f"# Evaluation\n\n{_metrics_table(metrics)}\n\n**Gate:** {result.reason}\n\n"
                              f"Champion: {champion_note}")
     print(f"evaluation: {result.reason} ({champion_note})")
-    return {"metrics": metrics, "promote": result.promote, "reason": result.reason, "champion": champion_note}
+    return {"metrics": metrics, "promote": result.promote, "reason": result.reason, "champion": champion_note,
+            "mlflow_run_id": run.info.run_id}
 
 
-def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, evaluation: dict, workdir: str,
-             lineage: dict[str, str]):
+def lineage_tags(parent_run_id: str, data, reward_model: ModelBundle, policy: ModelBundle, evaluation: dict,
+                 metaflow: dict[str, str] | None = None) -> dict[str, str]:
+    """What a registered version came from, as Model Registry tags: the Metaflow run, the MLflow runs of
+    the stages that made it, the data (sha256 of each canonical split + the input files), the evaluation
+    figures and the gate decision."""
+    import json
+
+    tags = {
+        "lineage.mlflow_parent_run_id": parent_run_id,
+        "lineage.reward_model_run_id": reward_model.mlflow_run_id,
+        "lineage.ppo_run_id": policy.mlflow_run_id,
+        "lineage.evaluate_run_id": evaluation.get("mlflow_run_id", ""),
+        **{f"lineage.data.{k}_sha256": v for k, v in data.digests().items()},
+        # The built-in task has no input files: its generated files are the sources then.
+        "lineage.data.sources": json.dumps(data.sources)[:4900],  # tag values are capped at 5000 chars
+        "gate.promote": str(evaluation["promote"]),
+        "gate.reason": evaluation["reason"],
+        "gate.champion": evaluation["champion"],
+        **{f"eval.{k.split('/', 1)[-1] if k.startswith('eval/') else k}": f"{v:.4f}"
+           for k, v in evaluation["metrics"].items()},
+    }
+    for key, value in (metaflow or {}).items():
+        tags[f"lineage.metaflow.{key}"] = value
+    return tags
+
+
+def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, workdir: str, lineage: dict[str, str]):
+    """Log and register the policy with its `lineage` tags; alias `candidate` only (see `inference`)."""
     from rlhf_lightning import registry
     from rlhf_lightning.models.loading import base_model_dir
 
     adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
     with tracking.stage_run(parent_run_id, "register") as run:
-        tags = {
-            **lineage,
-            "mlflow.parent_run_id": parent_run_id,
-            "ppo_run_id": policy.mlflow_run_id,
-            "base_model": cfg.policy.model,
-            "gate.promote": str(evaluation["promote"]),
-            "gate.reason": evaluation["reason"],
-            "gate.champion": evaluation["champion"],
-            **{k: f"{v:.4f}" for k, v in evaluation["metrics"].items()},
-        }
         info = registry.log_and_register(cfg, adapter_dir, base_model_dir(cfg.policy.model, workdir),
-                                         run.info.run_id, promote=evaluation["promote"], tags=tags)
+                                         run.info.run_id, tags=lineage)
+        import mlflow
+
+        mlflow.set_tags({"model.name": info.name, "model.version": info.version})
     print(f"registered {info.name} version {info.version} aliases {info.aliases}")
     return info
 
 
 def deploy(cfg: RLHFConfig, parent_run_id: str, model_version, workdir: str) -> dict[str, Any]:
-    """Load-check the version, then start `mlflow models serve` in the background for the inference step."""
-    from rlhf_lightning import serving
+    """Start `mlflow models serve` of the new `candidate` in the background for the inference step."""
+    from rlhf_lightning import registry, serving
 
-    alias = "champion" if "champion" in model_version.aliases else "candidate"
+    alias = registry.CANDIDATE_ALIAS
     uri = f"models:/{model_version.name}@{alias}"
     with tracking.stage_run(parent_run_id, "deploy"):
         server = serving.ModelServer(uri, host=cfg.serving.host, port=cfg.serving.port,
@@ -292,14 +312,21 @@ def deploy(cfg: RLHFConfig, parent_run_id: str, model_version, workdir: str) -> 
     return endpoint
 
 
-def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict, card=None) -> dict[str, Any]:
-    """Check the endpoint serves the registered version and weights, send the template, stop the server."""
+def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict, evaluation: dict,
+              card=None) -> tuple[dict[str, Any], Any]:
+    """Check the endpoint serves the registered version and weights and answers the inference template;
+    only then, if the evaluation gate said so, move `champion` to this version. Stops the server unless
+    `serving.keep_running`. Returns (the report, the version's info with its aliases now)."""
+    import dataclasses
+
+    from mlflow import MlflowClient
+
     from rlhf_lightning import inference as inf
-    from rlhf_lightning import serving
+    from rlhf_lightning import registry, serving
 
     try:
         with tracking.stage_run(parent_run_id, "inference"):
-            from mlflow import MlflowClient
+            import mlflow
 
             report = inf.run_inference_template(endpoint["url"], cfg.serving.requests, model_version.weights_sha256)
             # The checkpoint check: the alias still names the version deploy started, and the served
@@ -314,13 +341,25 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
             _card_markdown(card, "# Inference template\n\n| prompt | response |\n|---|---|\n" + "\n".join(lines))
             if not report.ok:
                 failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
-                raise RuntimeError(f"inference checks failed: {failed}; server log: {endpoint['log']}")
+                mlflow.set_tag("champion.decision", "not promoted: the served candidate failed its checks")
+                raise RuntimeError(f"inference checks failed, champion not moved: {failed}; "
+                                   f"server log: {endpoint['log']}")
+            if evaluation["promote"]:
+                previous = registry.promote(model_version.name, model_version.version, evaluation["reason"])
+                decision = (f"promoted v{model_version.version} to champion"
+                            + (f" (replacing v{previous})" if previous else ""))
+            else:
+                decision = f"champion not moved: {evaluation['reason']}"
+            mlflow.set_tag("champion.decision", decision)
+            _card_markdown(card, f"**Champion:** {decision}")
+            print(decision)
     finally:
         if not cfg.serving.keep_running:
             serving.stop_pid(endpoint["pid"])
     if cfg.serving.keep_running:
         print(f"endpoint left running at {endpoint['url']} (pid {endpoint['pid']})")
-    return data
+    aliases = sorted(MlflowClient().get_model_version(model_version.name, model_version.version).aliases)
+    return data, dataclasses.replace(model_version, aliases=aliases)
 
 
 def end(parent_run_id: str, model_version, evaluation: dict) -> None:

@@ -22,7 +22,9 @@ being served.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +34,48 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 """The peft adapter weights file whose sha256 identifies the served policy."""
 
-# Limits the model declares; requests outside them are rejected with HTTP 400.
-MAX_NEW_TOKENS_RANGE = (1, 256)
-TEMPERATURE_RANGE = (0.0, 2.0)
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0}
+LIMITS: dict[str, Any] = {
+    "max_new_tokens": [1, 256],
+    "temperature": [0.0, 2.0],     # 0 = greedy
+    "top_p": [0.0, 1.0],           # nucleus sampling mass, 0 excluded
+    "seed": [0, 2**31 - 1],
+    "max_rows": 64,                # rows per request: a bigger batch holds the generation lock too long
+    "max_prompt_chars": 32768,     # per row, all messages together: checked before tokenizing
+    "roles": ["system", "user", "assistant"],
+}
+"""What the model accepts; a request outside these limits gets HTTP 400 saying which limit. Recorded in
+the MLmodel metadata (`limits`) so clients can read them without calling the model."""
+DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": None}
 # Prompts per `generate` call: on CPU, batches of 8-16 give most of the throughput (STACK_NOTES).
 GENERATE_BATCH_SIZE = 8
+OUTPUT_COLUMNS = ["response", "prompt_tokens", "completion_tokens", "finish_reason", "weights_sha256"]
 
+# One request holds either plain prompts or chat conversations: MLflow's schema check rejects a batch
+# that mixes them (a missing `messages` cell is not a list).
+MESSAGES_TYPE = Array(Object([Property("role", "string"), Property("content", "string")]))
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt")]),
+    inputs=Schema([
+        ColSpec("string", "prompt", required=False),
+        ColSpec(MESSAGES_TYPE, "messages", required=False),
+    ]),
     outputs=Schema([
         ColSpec("string", "response"),
         ColSpec("long", "prompt_tokens"),
         ColSpec("long", "completion_tokens"),
+        ColSpec("string", "finish_reason"),
         ColSpec("string", "weights_sha256"),
     ]),
     # `mlflow models serve` passes request "params" to predict only when the signature declares them.
     params=ParamSchema([
         ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
         ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
+        ParamSpec("top_p", "double", DEFAULT_PARAMS["top_p"]),
+        ParamSpec("seed", "long", DEFAULT_PARAMS["seed"]),
     ]),
 )
 
@@ -74,28 +94,134 @@ def _invalid(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def validate_params(params: dict[str, Any] | None) -> tuple[int, float]:
-    """(max_new_tokens, temperature) from request params, defaults filled in, limits enforced."""
-    merged = {**DEFAULT_PARAMS, **(params or {})}
-    max_new_tokens, temperature = merged["max_new_tokens"], merged["temperature"]
-    lo, hi = MAX_NEW_TOKENS_RANGE
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not lo <= max_new_tokens <= hi:
-        raise _invalid(f"params.max_new_tokens must be an integer in [{lo}, {hi}], got {max_new_tokens!r}")
-    lo_t, hi_t = TEMPERATURE_RANGE
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not lo_t <= temperature <= hi_t:
-        raise _invalid(
-            f"params.temperature must be a number in [{lo_t}, {hi_t}] (0 = greedy), got {temperature!r}"
-        )
-    return max_new_tokens, float(temperature)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+def validate_params(params: dict[str, Any] | None) -> GenerationParams:
+    """Request params with defaults filled in and `LIMITS` enforced (HTTP 400 naming the limit)."""
+    unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
+    if unknown:
+        raise _invalid(f"unknown params {unknown}; this model takes {sorted(DEFAULT_PARAMS)}")
+    merged = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
+    n, t, p, seed = merged["max_new_tokens"], merged["temperature"], merged["top_p"], merged["seed"]
+    lo, hi = LIMITS["max_new_tokens"]
+    if not _is_int(n) or not lo <= n <= hi:
+        raise _invalid(f"params.max_new_tokens must be an integer in [{lo}, {hi}], got {n!r}")
+    lo, hi = LIMITS["temperature"]
+    if not _is_number(t) or not lo <= t <= hi:
+        raise _invalid(f"params.temperature must be a number in [{lo}, {hi}] (0 = greedy), got {t!r}")
+    lo, hi = LIMITS["top_p"]
+    if not _is_number(p) or not lo < p <= hi:
+        raise _invalid(f"params.top_p must be a number in ({lo}, {hi}] (1 = no nucleus cut), got {p!r}")
+    lo, hi = LIMITS["seed"]
+    if seed is not None and (not _is_int(seed) or not lo <= seed <= hi):
+        raise _invalid(f"params.seed must be an integer in [{lo}, {hi}], got {seed!r}")
+    return GenerationParams(n, float(t), float(p), seed)
+
+
+def _is_missing(value: Any) -> bool:
+    # A column absent from a row arrives as NaN/None in the DataFrame.
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def conversations(model_input: pd.DataFrame) -> list[list[dict[str, str]]]:
+    """One chat (list of {role, content}) per input row, from its `prompt` (a single user turn) or its
+    `messages`; raises HTTP-400 errors that name the row and the field."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame([model_input])
+    elif isinstance(model_input, list):
+        model_input = pd.DataFrame(model_input)
+    model_input = _columns_to_rows(model_input)
+    columns = [c for c in ("prompt", "messages") if c in model_input.columns]
+    if not columns:
+        raise _invalid(f"input needs a 'prompt' (string) or 'messages' (list of {{role, content}}) column, "
+                       f"got columns {list(model_input.columns)}")
+    if len(model_input) > LIMITS["max_rows"]:
+        raise _invalid(f"{len(model_input)} rows in one request; send at most {LIMITS['max_rows']} per request")
+    chats = []
+    for i, row in enumerate(model_input[columns].to_dict("records")):
+        prompt, messages = row.get("prompt"), row.get("messages")
+        has_prompt, has_messages = not _is_missing(prompt), not _is_missing(messages)
+        if has_prompt == has_messages:
+            raise _invalid(f"input row {i}: give exactly one of 'prompt' and 'messages'"
+                           + (", not both" if has_prompt else ""))
+        if has_prompt:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise _invalid(f"input row {i}: prompt must be a non-empty string, got {prompt!r}")
+            chat = [{"role": "user", "content": prompt}]
+        else:
+            chat = _check_messages(i, messages)
+        chars = sum(len(m["content"]) for m in chat)
+        if chars > LIMITS["max_prompt_chars"]:
+            raise _invalid(f"input row {i}: the prompt is {chars} characters; this model accepts at most "
+                           f"{LIMITS['max_prompt_chars']}; shorten it")
+        chats.append(chat)
+    return chats
+
+
+def _columns_to_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The `instances` and `inputs` request forms reach the model as one row whose cells hold whole
+    columns (MLflow builds `DataFrame([{column: array}])` because the signature has an array column):
+    `prompt` = several strings, `messages` = several chats. Unfold them into one row per request."""
+    if len(frame) != 1:
+        return frame
+    cells = {c: frame.iloc[0][c] for c in ("prompt", "messages") if c in frame.columns}
+    prompt, messages = cells.get("prompt"), cells.get("messages")
+    if hasattr(prompt, "tolist") and not isinstance(prompt, str):
+        prompt = prompt.tolist()
+    if hasattr(messages, "tolist"):
+        messages = messages.tolist()
+    if isinstance(prompt, list) and "messages" not in cells:
+        return pd.DataFrame({"prompt": prompt})
+    if isinstance(messages, list) and messages and isinstance(messages[0], (list, tuple)) and "prompt" not in cells:
+        return pd.DataFrame({"messages": [list(chat) for chat in messages]})
+    return frame
+
+
+def _check_messages(i: int, messages: Any) -> list[dict[str, str]]:
+    if hasattr(messages, "tolist"):  # numpy arrays after schema enforcement
+        messages = messages.tolist()
+    if not isinstance(messages, list) or not messages:
+        raise _invalid(f"input row {i}: messages must be a non-empty list of {{role, content}}, got {messages!r:.80}")
+    chat = []
+    for j, m in enumerate(messages):
+        where = f"input row {i}: messages[{j}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _invalid(f"{where} must be {{\"role\": str, \"content\": str}}, got {m!r:.80}")
+        if m["role"] not in LIMITS["roles"]:
+            raise _invalid(f"{where}.role must be one of {LIMITS['roles']}, got {m['role']!r}")
+        if not m["content"].strip():
+            raise _invalid(f"{where}.content is empty")
+        chat.append({"role": m["role"], "content": m["content"]})
+    if chat[-1]["role"] != "user":
+        raise _invalid(f"input row {i}: the last message must be from 'user' (the model answers it), "
+                       f"got {chat[-1]['role']!r}")
+    return chat
 
 
 class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
     """Chat generation with a LoRA-tuned causal LM.
 
-    Input: a DataFrame with a string column ``prompt`` (the user message; the chat template is applied
-    here with the model's own tokenizer). Params: ``max_new_tokens``, ``temperature`` (0 = greedy).
-    Output: one row per prompt with ``response``, ``prompt_tokens``, ``completion_tokens`` (generated
-    tokens up to and including the end token) and ``weights_sha256``.
+    Input: a DataFrame, one request per row, with either ``prompt`` (a string: one user turn) or
+    ``messages`` (a list of ``{role, content}``, roles system/user/assistant, ending with a user turn);
+    one request holds one kind. The chat template is applied here, with the model's own tokenizer.
+    Params: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed`` (same seed and batch →
+    same answers), within ``LIMITS``. Output: one row per input row with ``response``, ``prompt_tokens``,
+    ``completion_tokens`` (generated tokens up to and including the end token), ``finish_reason``
+    (``stop``: the model ended its answer; ``length``: cut at max_new_tokens) and ``weights_sha256``.
 
     ``model_config``: ``weights_sha256`` (optional), the hash recorded at registration; loading fails
     when the adapter artifact does not match it.
@@ -135,44 +261,36 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         self._lock = threading.Lock()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        max_new_tokens, temperature = validate_params(params)
-        if "prompt" not in model_input.columns:
-            raise _invalid(f"input needs a 'prompt' column, got columns {list(model_input.columns)}")
-        prompts = model_input["prompt"].tolist()
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise _invalid(f"input row {i}: prompt must be a non-empty string, got {prompt!r}")
-
+        gen = validate_params(params)
+        chats = conversations(model_input)
         rows: list[dict[str, Any]] = []
         with self._lock:
-            for start in range(0, len(prompts), GENERATE_BATCH_SIZE):
-                batch = prompts[start : start + GENERATE_BATCH_SIZE]
-                rows.extend(self._generate(batch, start, max_new_tokens, temperature))
-        return pd.DataFrame(rows, columns=["response", "prompt_tokens", "completion_tokens", "weights_sha256"])
+            if gen.seed is not None:
+                # Seeds the whole request: the same request with the same seed gives the same answers.
+                torch.manual_seed(gen.seed)
+            for start in range(0, len(chats), GENERATE_BATCH_SIZE):
+                rows.extend(self._generate(chats[start : start + GENERATE_BATCH_SIZE], start, gen))
+        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
     @torch.no_grad()
-    def _generate(self, prompts: list[str], first_row: int, max_new_tokens: int,
-                  temperature: float) -> list[dict[str, Any]]:
+    def _generate(self, chats: list[list[dict[str, str]]], first_row: int, gen: GenerationParams) -> list[dict[str, Any]]:
         tok = self.tokenizer
-        chats = [
-            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
+        texts = [tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
         # The template already contains the special tokens; adding them again would double BOS.
-        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         prompt_tokens = enc["attention_mask"].sum(dim=1)  # (B,)
         for i, n in enumerate(prompt_tokens.tolist()):
-            if n + max_new_tokens > self.max_positions:
+            if n + gen.max_new_tokens > self.max_positions:
                 raise _invalid(
-                    f"input row {first_row + i}: prompt is {n} tokens; with max_new_tokens={max_new_tokens} "
+                    f"input row {first_row + i}: prompt is {n} tokens; with max_new_tokens={gen.max_new_tokens} "
                     f"it exceeds the model's {self.max_positions} positions; shorten the prompt"
                 )
         sampling = (
-            dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-            if temperature > 0 else dict(do_sample=False)
+            dict(do_sample=True, temperature=gen.temperature, top_k=0, top_p=gen.top_p)
+            if gen.temperature > 0 else dict(do_sample=False)
         )
         out = self.model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            **enc, max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             **sampling,
         )
         response = out[:, enc["input_ids"].shape[1]:]  # (B, R)
@@ -180,13 +298,15 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         # comparing with the pad id would hide real end tokens (STACK_NOTES).
         is_eos = (response == tok.eos_token_id).long()  # (B, R)
         keep = (torch.cumsum(is_eos, dim=1) - is_eos) == 0  # (B, R) True up to the first EOS
+        ended = is_eos.any(dim=1)  # (B,)
         rows = []
-        for i in range(len(prompts)):
+        for i in range(len(chats)):
             ids = response[i][keep[i]]
             rows.append({
                 "response": tok.decode(ids, skip_special_tokens=True).strip(),
                 "prompt_tokens": int(prompt_tokens[i]),
                 "completion_tokens": int(ids.numel()),
+                "finish_reason": "stop" if bool(ended[i]) else "length",
                 "weights_sha256": self.weights_sha256,
             })
         return rows

@@ -26,7 +26,8 @@ from rlhf_lightning.config import RLHFConfig
 CANDIDATE_ALIAS = "candidate"
 """Set on every registered version: the newest policy, not yet trusted."""
 CHAMPION_ALIAS = "champion"
-"""Set only when the evaluation gates pass: the policy to serve."""
+"""The policy to serve: set only when the evaluation gates passed and the served version passed the
+inference checks (:func:`promote`); :func:`rollback` moves it back."""
 
 # Files peft needs to load an adapter; everything else in the training output dir (value head,
 # optimizer state) is private training state and stays out of the served model.
@@ -102,16 +103,27 @@ def _in_run(run_id: str):
             yield run
 
 
-def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run_id: str, promote: bool,
+def _description(cfg: RLHFConfig, sha: str, run_id: str, tags: dict[str, str]) -> str:
+    """The version's description: what it is and where it came from, readable in the MLflow UI."""
+    lines = [f"PPO-tuned LoRA policy on `{cfg.policy.model}`, logged by run `{run_id}`.",
+             f"Adapter weights sha256 `{sha}`; every served answer reports it in `weights_sha256`.", "",
+             "| lineage | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(tags.items()) if not k.startswith("eval.")]
+    evals = {k: v for k, v in tags.items() if k.startswith("eval.")}
+    if evals:
+        lines += ["", "| evaluation | value |", "|---|---|"] + [f"| {k[5:]} | {v} |" for k, v in sorted(evals.items())]
+    return "\n".join(lines)
+
+
+def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run_id: str,
                      tags: dict[str, str]) -> ModelVersionInfo:
     """Log base + adapter as a pyfunc model in run `run_id`, register it as `cfg.registry.model_name`,
-    tag the version (`tags` + weights_sha256 + base_model), alias it `candidate`, and `champion`
-    when `promote`."""
+    tag the version (`tags`, the lineage, + weights_sha256, base_model, quantization), describe it, and
+    alias it `candidate`. `champion` is set by :func:`promote`, once the served version passed its checks."""
     sha = weights_sha256(adapter_dir)
     _check_base_dir(base_model_dir)
     name = cfg.registry.model_name
     template = [dataclasses.asdict(r) for r in cfg.serving.requests]
-    example = template[0]
 
     with tempfile.TemporaryDirectory(prefix="rlhf-register-") as tmp:
         # MLflow names an artifact directory after its source directory: stage it as `adapter`.
@@ -129,13 +141,25 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                 artifacts={"base": base_model_dir, "adapter": str(staged)},
                 model_config={"weights_sha256": sha},  # load fails if the adapter artifact differs
                 signature=pyfunc_model.SIGNATURE,
-                # MLflow also runs this example through the model once as a serving check.
+                # The chat form with every param: the example shows all the model takes. MLflow also
+                # runs it through the model once as a serving check.
                 input_example=(
-                    pd.DataFrame({"prompt": [example["prompt"]]}),
-                    {"max_new_tokens": min(example["max_new_tokens"], 8), "temperature": 0.0},
+                    pd.DataFrame({"messages": [[
+                        {"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": template[0]["prompt"]},
+                    ]]}),
+                    {"max_new_tokens": min(template[0]["max_new_tokens"], 8), "temperature": 0.7,
+                     "top_p": 0.9, "seed": 0},
                 ),
                 pip_requirements=pip_requirements(),
-                metadata={"weights_sha256": sha, "base_model": cfg.policy.model, "inference_template": template},
+                metadata={"weights_sha256": sha, "base_model": cfg.policy.model, "inference_template": template,
+                          "limits": pyfunc_model.LIMITS,
+                          "request_examples": [
+                              {"dataframe_records": [{"prompt": template[0]["prompt"]}],
+                               "params": {"max_new_tokens": 32, "temperature": 0.0}},
+                              {"dataframe_records": [{"messages": [{"role": "user", "content": template[0]["prompt"]}]}],
+                               "params": {"max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 1}},
+                          ]},
                 registered_model_name=name,
             )
     version = info.registered_model_version
@@ -148,16 +172,66 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                     "quantization": cfg.policy.quantization}
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-    client.update_model_version(
-        name, version,
-        description=(
-            f"PPO-tuned LoRA policy on {cfg.policy.model} (run {run_id}). Adapter weights sha256 {sha}; "
-            f"every served answer reports it in `weights_sha256`."
-        ),
-    )
+    client.update_model_version(name, version, description=_description(cfg, sha, run_id, version_tags))
     client.set_registered_model_alias(name, CANDIDATE_ALIAS, version)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     aliases = sorted(client.get_model_version(name, version).aliases)
     return ModelVersionInfo(name=name, version=version, aliases=aliases, weights_sha256=sha,
                             model_uri=f"models:/{name}/{version}")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (the message says why and what to do)."""
+
+
+def current_champion(name: str, client: MlflowClient | None = None) -> str | None:
+    """The version `name@champion` points at, or None."""
+    client = client or MlflowClient()
+    models = client.search_registered_models(filter_string=f"name = '{name}'")
+    version = models[0].aliases.get(CHAMPION_ALIAS) if models else None
+    return None if version is None else str(version)
+
+
+def promote(name: str, version: str, reason: str) -> str | None:
+    """Point `champion` at `version`; record on it the version it replaced (`champion.previous`, what
+    :func:`rollback` returns to), when and why. Returns the previous champion's version (or None)."""
+    client = MlflowClient()
+    previous = current_champion(name, client)
+    if previous is not None and str(previous) == str(version):
+        return previous
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    client.set_model_version_tag(name, version, "champion.previous", str(previous or ""))
+    client.set_model_version_tag(name, version, "champion.promoted_at", _now())
+    client.set_model_version_tag(name, version, "champion.reason", reason)
+    return previous
+
+
+def rollback(name: str, to_version: str | None = None) -> tuple[str, str]:
+    """Move `champion` back: to `to_version`, or to the version the current champion replaced. The
+    rolled-back version keeps its other aliases and gets `champion.rolled_back_at`. Returns (from, to)."""
+    client = MlflowClient()
+    current = current_champion(name, client)
+    if current is None:
+        raise RegistryError(f"{name} has no 'champion' alias (or no such registered model): nothing to roll back")
+    if to_version is None:
+        to_version = client.get_model_version(name, current).tags.get("champion.previous") or None
+        if to_version is None:
+            raise RegistryError(
+                f"{name}@champion (v{current}) did not replace an earlier champion; name the version to go "
+                f"back to with --to VERSION"
+            )
+    try:
+        client.get_model_version(name, str(to_version))
+    except mlflow.exceptions.MlflowException as exc:
+        raise RegistryError(f"{name} version {to_version} not found: {exc.message}") from None
+    if str(to_version) == str(current):
+        raise RegistryError(f"{name}@champion already is version {current}")
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(to_version))
+    client.set_model_version_tag(name, current, "champion.rolled_back_at", _now())
+    client.set_model_version_tag(name, str(to_version), "champion.restored_at", _now())
+    return str(current), str(to_version)
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

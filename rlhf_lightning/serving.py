@@ -202,9 +202,11 @@ class InvocationResult:
         return str(self.body)
 
 
-def invoke(url: str, payload: dict, timeout: float = 300.0) -> InvocationResult:
-    """POST `payload` as JSON to `<url>/invocations`; HTTP errors are returned, not raised."""
-    req = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+def invoke(url: str, payload: dict | bytes, timeout: float = 300.0) -> InvocationResult:
+    """POST `payload` as JSON (bytes: sent as they are) to `<url>/invocations`; HTTP errors are
+    returned, not raised."""
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(f"{url}/invocations", data=data,
                                  headers={"Content-Type": "application/json"}, method="POST")
     start = time.perf_counter()
     try:
@@ -221,11 +223,13 @@ def invoke(url: str, payload: dict, timeout: float = 300.0) -> InvocationResult:
     return InvocationResult(status=status, body=body, latency_s=latency)
 
 
-def predict(url: str, prompts: list[str], params: dict[str, Any] | None = None,
+def predict(url: str, prompts: list[str] | list[list[dict]], params: dict[str, Any] | None = None,
             timeout: float = 300.0) -> list[dict]:
     """Answers of the served policy, one dict per prompt (`response`, `prompt_tokens`,
-    `completion_tokens`, `weights_sha256`). Raises ServingError with the server's message on failure."""
-    payload: dict[str, Any] = {"dataframe_records": [{"prompt": p} for p in prompts]}
+    `completion_tokens`, `finish_reason`, `weights_sha256`). `prompts`: plain strings, or chats (lists
+    of {role, content}) — one kind per call. Raises ServingError with the server's message on failure."""
+    payload: dict[str, Any] = {"dataframe_records": [{"prompt": p} if isinstance(p, str) else {"messages": p}
+                                                     for p in prompts]}
     if params:
         payload["params"] = params
     result = invoke(url, payload, timeout=timeout)

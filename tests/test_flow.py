@@ -65,7 +65,7 @@ def test_flow_succeeds_and_stores_artifacts(flow_run):
         assert name in ev["metrics"]
     report = run["inference"].task.data.inference_report
     assert report["ok"]
-    assert any(c["name"] == "alias.champion" or c["name"] == "alias.candidate" for c in report["checks"])
+    assert report["checks"][0]["name"] == "alias.candidate" and report["checks"][0]["ok"]
     assert all(a["response"].strip() for a in report["answers"])
 
 
@@ -96,16 +96,50 @@ def test_mlflow_records(flow_run):
     assert "validation/validation_report.json" in files
 
 
-def test_registered_version_aliases_follow_the_gate(flow_run):
+def test_registered_version_aliases_follow_the_gate_and_the_checks(flow_run):
+    """Registered as `candidate` only; `champion` moved by the inference step after the served candidate
+    passed its checks, and only if the evaluation gate promoted it."""
     run, _, _ = flow_run
     client = MlflowClient()
     info = run["register"].task.data.model_version
+    assert info.aliases == ["candidate"]
     mv = client.get_model_version("rlhf-policy", info.version)
     assert "candidate" in mv.aliases
     promoted = run["evaluate"].task.data.evaluation["promote"]
     assert ("champion" in mv.aliases) == promoted
-    assert mv.tags["metaflow.run_id"] == str(run.id)
-    assert mv.tags["weights_sha256"] == info.weights_sha256
+    assert ("champion" in run["end"].task.data.model_version.aliases) == promoted
+    assert ("champion.promoted_at" in mv.tags) == promoted
+    inference_run = _stage_runs(client, run)["inference"]
+    assert inference_run.data.tags["champion.decision"].startswith("promoted" if promoted else "champion not moved")
+
+
+def test_registered_version_carries_its_lineage(flow_run):
+    run, _, _ = flow_run
+    client = MlflowClient()
+    info = run["register"].task.data.model_version
+    tags = client.get_model_version("rlhf-policy", info.version).tags
+    stages = _stage_runs(client, run)
+    assert tags["lineage.metaflow.flow_name"] == "RLHFFlow" and tags["lineage.metaflow.run_id"] == str(run.id)
+    assert tags["lineage.mlflow_parent_run_id"] == stages["register"].data.tags["mlflow.parentRunId"]
+    assert tags["lineage.reward_model_run_id"] == stages["train_reward_model"].info.run_id
+    assert tags["lineage.ppo_run_id"] == stages["reinforce"].info.run_id
+    assert tags["lineage.evaluate_run_id"] == stages["evaluate"].info.run_id
+    digests = run["preprocess"].task.data.data.digests()
+    for split, digest in digests.items():
+        assert tags[f"lineage.data.{split}_sha256"] == digest
+    assert tags["base_model"] == "tiny:llama" and tags["weights_sha256"] == info.weights_sha256
+    ev = run["evaluate"].task.data.evaluation
+    assert tags["gate.promote"] == str(ev["promote"]) and tags["gate.reason"] == ev["reason"]
+    assert float(tags["eval.gold_win_rate"]) == pytest.approx(ev["metrics"]["eval/gold_win_rate"], abs=1e-4)
+    description = client.get_model_version("rlhf-policy", info.version).description
+    assert f"| lineage.metaflow.run_id | {run.id} |" in description
+
+
+def _stage_runs(client, run) -> dict:
+    exp = client.get_experiment_by_name("rlhf-lightning")
+    parent = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{run.id}'")[0]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {c.data.tags["stage"]: c for c in children}
 
 
 def test_served_model_answers(flow_run):

@@ -6,13 +6,13 @@ current champion is not promoted either. Decisions and numbers land in MLflow.""
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
 
-from rlhf_lightning import evaluation, pipeline
+from rlhf_lightning import evaluation, pipeline, registry
 from rlhf_lightning.config import from_dict
+from rlhf_lightning.data.preprocess import PreparedData
 from rlhf_lightning.models.generation import chat_prompt
 from rlhf_lightning.models.loading import load_tokenizer
 from test_reward_model import preference_rows  # noqa: E402 (tests dir is on sys.path)
@@ -44,7 +44,8 @@ def cfg(min_eval_accuracy: float, **evaluation_cfg):
 
 @pytest.fixture(scope="module")
 def data():
-    return SimpleNamespace(pref_train=random_label_rows(96, 0), pref_eval=random_label_rows(64, 1))
+    return PreparedData(pref_train=random_label_rows(96, 0), pref_eval=random_label_rows(64, 1), rl_prompts=[],
+                        eval_prompts=[], counts={}, files={}, sources={"preferences": ["synthetic"]})
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +95,20 @@ def test_broken_reward_model_policy_is_not_promoted(mlflow_tracking, data, promp
     artifacts = [f.path for f in MlflowClient().list_artifacts(stage_runs(parent)["reinforce"].info.run_id, "ppo")]
     assert "ppo/overoptimisation.png" in artifacts
 
-    info = pipeline.register(c, parent, policy, ev, str(tmp_path / "register"), lineage={})
+    lineage = pipeline.lineage_tags(parent, data, rm, policy, ev, metaflow={"run_id": "2"})
+    info = pipeline.register(c, parent, policy, str(tmp_path / "register"), lineage)
     assert info.aliases == ["candidate"]
     tags = MlflowClient().get_model_version(info.name, info.version).tags
     assert tags["gate.promote"] == "False" and tags["gate.reason"] == ev["reason"]
+    # Lineage: the stage runs that made it, the data it was trained on, the figures it was judged by.
+    runs = stage_runs(parent)
+    assert tags["lineage.reward_model_run_id"] == runs["train_reward_model"].info.run_id
+    assert tags["lineage.ppo_run_id"] == runs["reinforce"].info.run_id
+    assert tags["lineage.evaluate_run_id"] == runs["evaluate"].info.run_id
+    assert tags["lineage.mlflow_parent_run_id"] == parent and tags["lineage.metaflow.run_id"] == "2"
+    assert tags["lineage.data.pref_train_sha256"] == data.digests()["pref_train"] != tags["lineage.data.pref_eval_sha256"]
+    assert float(tags["eval.gold_win_rate"]) == pytest.approx(ev["metrics"]["eval/gold_win_rate"], abs=1e-4)
+    assert tags["lineage.data.sources"] == '{"preferences": ["synthetic"]}'
 
 
 def test_policy_must_beat_the_current_champion(mlflow_tracking, data, prompts, tmp_path):
@@ -108,9 +119,8 @@ def test_policy_must_beat_the_current_champion(mlflow_tracking, data, prompts, t
     rm = pipeline.train_reward_model(c, parent, data, str(tmp_path / "rm"))
     policy = pipeline.reinforce(c, parent, prompts, rm, str(tmp_path / "ppo"))
     # Make this very policy the champion, as an earlier promoted run would have.
-    champion = pipeline.register(c, parent, policy, {"metrics": {}, "promote": True, "reason": "test",
-                                                     "champion": "none"}, str(tmp_path / "r0"), lineage={})
-    assert "champion" in champion.aliases
+    champion = pipeline.register(c, parent, policy, str(tmp_path / "r0"), lineage={})
+    registry.promote(champion.name, champion.version, "an earlier run")
     ev = pipeline.evaluate(c, parent, prompts, rm, policy, str(tmp_path / "eval"))
     assert ev["champion"] == f"compared with rlhf-policy@champion (v{champion.version})"
     assert ev["metrics"]["eval/champion_gold_win_rate"] == 0.5

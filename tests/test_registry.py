@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -23,17 +27,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def registered(mlflow_tracking, tiny_policy):
-    """Version 1 (candidate only, logged into the active run), then version 2 (promoted, logged by
-    resuming a finished run) — the two ways the flow calls it."""
+    """Version 1 (logged into the active run, promoted), then version 2 (logged by resuming a finished
+    run, promoted over v1) — the two ways the flow calls it."""
     _, adapter_dir, base_dir = tiny_policy
     cfg = from_dict({"policy": {"model": "tiny:llama"}})
     with mlflow.start_run() as run:
-        v1 = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, promote=False,
-                                       tags={"metaflow_run": "RlhfFlow/1", "gold_win_rate": "0.4"})
+        v1 = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id,
+                                       tags={"lineage.metaflow.run_id": "1", "eval.gold_win_rate": "0.4"})
+    assert registry.promote(MODEL_NAME, v1.version, "first") is None
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-    v2 = registry.log_and_register(cfg, adapter_dir, base_dir, run_id, promote=True,
-                                   tags={"metaflow_run": "RlhfFlow/2"})
+    v2 = registry.log_and_register(cfg, adapter_dir, base_dir, run_id, tags={"lineage.metaflow.run_id": "2"})
+    assert registry.promote(MODEL_NAME, v2.version, "beat v1") == "1"
     return v1, v2, run_id
 
 
@@ -54,9 +59,8 @@ def test_weights_sha256_is_the_adapter_file_hash(tiny_policy, tmp_path):
 def test_versions_have_aliases_tags_and_lineage(registered):
     v1, v2, run_id = registered
     assert (v1.name, v1.version, v2.version) == (MODEL_NAME, "1", "2")
-    assert v1.aliases == ["candidate"]
-    assert v2.aliases == ["candidate", "champion"]
-    assert v2.model_uri == f"models:/{MODEL_NAME}/2"
+    # Registration alone sets only `candidate`; `champion` is `promote`'s.
+    assert v1.aliases == ["candidate"] and v2.aliases == ["candidate"]
     assert v1.weights_sha256 == v2.weights_sha256
 
     client = MlflowClient()
@@ -66,10 +70,16 @@ def test_versions_have_aliases_tags_and_lineage(registered):
     assert client.get_model_version(MODEL_NAME, "1").aliases == []
     mv = client.get_model_version(MODEL_NAME, "2")
     assert mv.run_id == run_id
-    assert mv.tags == {"metaflow_run": "RlhfFlow/2", "weights_sha256": v2.weights_sha256,
-                       "base_model": "tiny:llama", "quantization": "none"}
-    assert v2.weights_sha256 in mv.description
-    assert client.get_model_version(MODEL_NAME, "1").tags["gold_win_rate"] == "0.4"
+    champion_tags = {k: v for k, v in mv.tags.items() if k.startswith("champion.")}
+    assert champion_tags.pop("champion.promoted_at")
+    assert champion_tags == {"champion.previous": "1", "champion.reason": "beat v1"}
+    assert {k: v for k, v in mv.tags.items() if not k.startswith("champion.")} == {
+        "lineage.metaflow.run_id": "2", "weights_sha256": v2.weights_sha256, "base_model": "tiny:llama",
+        "quantization": "none"}
+    assert v2.weights_sha256 in mv.description and "| lineage.metaflow.run_id | 2 |" in mv.description
+    v1_mv = client.get_model_version(MODEL_NAME, "1")
+    assert v1_mv.tags["eval.gold_win_rate"] == "0.4" and v1_mv.tags["champion.previous"] == ""
+    assert "| gold_win_rate | 0.4 |" in v1_mv.description
 
 
 def test_logged_model_is_self_contained(registered):
@@ -81,7 +91,18 @@ def test_logged_model_is_self_contained(registered):
     assert sorted(p.name for p in (local / "artifacts" / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
     assert info.metadata["weights_sha256"] == v2.weights_sha256
-    assert [p.name for p in info.signature.params.params] == ["max_new_tokens", "temperature"]
+    # The signature and the example describe both input forms and every param; the limits are declared.
+    assert [p.name for p in info.signature.params.params] == ["max_new_tokens", "temperature", "top_p", "seed"]
+    assert info.signature.inputs.input_names() == ["prompt", "messages"]
+    assert not any(c.required for c in info.signature.inputs.inputs)
+    assert info.signature.outputs.input_names() == ["response", "prompt_tokens", "completion_tokens",
+                                                    "finish_reason", "weights_sha256"]
+    assert info.metadata["limits"]["max_new_tokens"] == [1, 256] and info.metadata["limits"]["max_rows"] == 64
+    example = json.loads((local / "serving_input_example.json").read_text())  # a ready request body
+    assert example["dataframe_split"]["columns"] == ["messages"]
+    assert example["dataframe_split"]["data"][0][0][-1]["role"] == "user"
+    assert set(example["params"]) == {"max_new_tokens", "temperature", "top_p", "seed"}
+    assert [set(e["dataframe_records"][0]) for e in info.metadata["request_examples"]] == [{"prompt"}, {"messages"}]
     reqs = (local / "requirements.txt").read_text().split()
     for pkg in ("torch", "transformers", "peft", "mlflow"):
         assert any(r.startswith(f"{pkg}==") for r in reqs), reqs
@@ -104,7 +125,7 @@ def test_registered_model_reproduces_the_trained_policy(registered, tiny_policy,
 
     out = candidate.predict(pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 12})
 
-    assert list(out.columns) == ["response", "prompt_tokens", "completion_tokens", "weights_sha256"]
+    assert list(out.columns) == ["response", "prompt_tokens", "completion_tokens", "finish_reason", "weights_sha256"]
     assert out["response"].tolist() == expected.texts
     assert out["response"].tolist() != base_texts
     assert out["completion_tokens"].tolist() == expected.response_mask.sum(dim=1).tolist()
@@ -112,23 +133,105 @@ def test_registered_model_reproduces_the_trained_policy(registered, tiny_policy,
     assert set(out["weights_sha256"]) == {v2.weights_sha256}
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"max_new_tokens": 257}, "max_new_tokens"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"temperature": 2.5}, "temperature"),
+def test_chat_messages_get_the_chat_template_server_side(candidate, tiny_policy):
+    """A `messages` row is rendered with the tokenizer's chat template over every turn: the answer and
+    its token counts equal the in-memory policy's on the same rendered conversation. A one-turn chat is
+    the same request as a plain prompt."""
+    model, _, _ = tiny_policy
+    tok = loading.load_tokenizer("tiny:llama")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Describe a rainy day."}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    expected = generation.sample(model, tok, [rendered], max_new_tokens=10, temperature=0.0)
+    out = candidate.predict(pd.DataFrame({"messages": [chat]}), params={"max_new_tokens": 10})
+    assert out["response"].tolist() == expected.texts
+    assert out["prompt_tokens"].tolist() == expected.prompt_mask.sum(dim=1).tolist()
+    one_turn = candidate.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Hi"}]]}))
+    plain = candidate.predict(pd.DataFrame({"prompt": ["Hi"]}))
+    assert one_turn.drop(columns="weights_sha256").equals(plain.drop(columns="weights_sha256"))
+
+
+def test_seed_top_p_and_finish_reason(candidate):
+    rows = pd.DataFrame({"prompt": ["Hi", "Describe a rainy day.", "Tell me about cafes."]})
+    params = {"max_new_tokens": 12, "temperature": 1.5, "top_p": 0.95, "seed": 7}
+    first, again = candidate.predict(rows, params=params), candidate.predict(rows, params=params)
+    assert first.equals(again)  # same seed, same request: same answers
+    others = [candidate.predict(rows, params={**params, "seed": s})["response"].tolist() for s in (8, 9)]
+    assert first["response"].tolist() not in others or others[0] != others[1]
+    # finish_reason: "length" exactly when the answer used the whole budget without an end token.
+    cut = candidate.predict(rows, params={"max_new_tokens": 2, "temperature": 0.0})
+    assert cut["finish_reason"].tolist() == ["length" if n == 2 else "stop" for n in cut["completion_tokens"]]
+    assert set(first["finish_reason"]) <= {"stop", "length"}
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"max_new_tokens": 0}, "params.max_new_tokens must be an integer in [1, 256], got 0"),
+    ({"max_new_tokens": 257}, "params.max_new_tokens must be"),
+    ({"temperature": -0.1}, "params.temperature must be a number in [0.0, 2.0]"),
+    ({"temperature": 2.5}, "params.temperature must be"),
+    ({"top_p": 0.0}, "params.top_p must be a number in (0.0, 1.0]"),
+    ({"top_p": 1.5}, "params.top_p must be"),
+    ({"seed": -1}, "params.seed must be an integer in [0, 2147483647]"),
 ])
-def test_out_of_range_params_are_rejected(candidate, params, field):
-    with pytest.raises(MlflowException, match=f"params.{field} must be") as exc:
+def test_out_of_range_params_are_rejected(candidate, params, message):
+    with pytest.raises(MlflowException) as exc:
         candidate.predict(pd.DataFrame({"prompt": ["Hi"]}), params=params)
+    assert message in exc.value.message
     assert exc.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
 
 
-def test_empty_prompt_is_rejected(candidate):
-    with pytest.raises(MlflowException, match="row 1: prompt must be a non-empty string"):
-        candidate.predict(pd.DataFrame({"prompt": ["Hi", "  "]}))
+def test_unknown_params_are_named(candidate):
+    """MLflow's pyfunc wrapper drops params the signature does not declare (with a warning) before the
+    model sees them; called directly, the model names them."""
+    with pytest.raises(MlflowException, match=r"unknown params \['beam_width'\]; this model takes"):
+        candidate.unwrap_python_model().predict(None, pd.DataFrame({"prompt": ["Hi"]}), {"beam_width": 4})
+
+
+@pytest.mark.parametrize("frame, message", [
+    (pd.DataFrame({"prompt": ["Hi", "  "]}), "input row 1: prompt must be a non-empty string"),
+    (pd.DataFrame({"text": ["Hi"]}), "input needs a 'prompt' (string) or 'messages'"),
+    (pd.DataFrame({"prompt": ["Hi"] * 65}), "65 rows in one request; send at most 64"),
+    (pd.DataFrame({"prompt": ["x" * 40000]}), "input row 0: the prompt is 40000 characters; this model accepts at most 32768"),
+    (pd.DataFrame({"messages": [[]]}), "input row 0: messages must be a non-empty list"),
+    (pd.DataFrame({"messages": [[{"role": "robot", "content": "Hi"}]]}),
+     "input row 0: messages[0].role must be one of ['system', 'user', 'assistant'], got 'robot'"),
+    (pd.DataFrame({"messages": [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]}),
+     "input row 0: the last message must be from 'user'"),
+    (pd.DataFrame({"messages": [[{"role": "user", "content": " "}]]}), "input row 0: messages[0].content is empty"),
+    (pd.DataFrame({"messages": [[{"role": "user"}]]}), "input row 0: messages[0] must be"),
+    (pd.DataFrame({"prompt": ["Hi"], "messages": [[{"role": "user", "content": "Hi"}]]}),
+     "input row 0: give exactly one of 'prompt' and 'messages', not both"),
+])
+def test_bad_rows_are_rejected_with_their_row_and_field(candidate, frame, message):
+    """Checked by the model itself (the pyfunc wrapper enforces the signature first: unknown columns,
+    wrong types). Each is an HTTP 400 when served."""
+    with pytest.raises(MlflowException) as exc:
+        candidate.unwrap_python_model().predict(None, frame)
+    assert message in exc.value.message
+    assert exc.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
 
 
 def test_load_fails_when_adapter_does_not_match_registered_hash(registered):
     with pytest.raises(MlflowException, match="differs from the registered"):
         mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@candidate", model_config={"weights_sha256": "0" * 64})
+
+
+def test_rollback_moves_champion_back_and_the_cli_reports_it(registered, mlflow_tracking):
+    """`promote` recorded what each champion replaced; rollback walks back along it. Restores v2 after."""
+    client = MlflowClient()
+    champion = lambda: str(client.get_model_version_by_alias(MODEL_NAME, "champion").version)  # noqa: E731
+    assert registry.rollback(MODEL_NAME) == ("2", "1")
+    assert champion() == "1" and "champion.rolled_back_at" in client.get_model_version(MODEL_NAME, "2").tags
+    with pytest.raises(registry.RegistryError, match="did not replace an earlier champion; name the version"):
+        registry.rollback(MODEL_NAME)  # v1 replaced nothing
+    with pytest.raises(registry.RegistryError, match="version 9 not found"):
+        registry.rollback(MODEL_NAME, "9")
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    cli = [sys.executable, "-m", "rlhf_lightning", "rollback", "--model-name", MODEL_NAME]
+    done = subprocess.run(cli + ["--to", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "rlhf-policy@champion: version 1 -> 2" in done.stdout and champion() == "2"
+    failed = subprocess.run(cli + ["--to", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert failed.returncode == 1 and "already is version 2" in failed.stderr
+    assert "Traceback" not in failed.stderr

@@ -32,7 +32,9 @@ def registered(mlflow_tracking, tiny_policy):
     _, adapter_dir, base_dir = tiny_policy
     cfg = from_dict({"policy": {"model": "tiny:llama"}})
     with mlflow.start_run() as run:
-        return registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, promote=True, tags={})
+        info = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+    registry.promote(info.name, info.version, "test")
+    return info
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def test_invocations_answer_like_the_trained_policy(server, registered, tiny_pol
 
 def test_sampling_honours_params(server):
     answers = serving.predict(server.url, ["Hi", "Describe a cafe."], {"max_new_tokens": 3, "temperature": 1.5})
-    assert [sorted(a) for a in answers] == [["completion_tokens", "prompt_tokens", "response", "weights_sha256"]] * 2
+    assert [sorted(a) for a in answers] == [
+        ["completion_tokens", "finish_reason", "prompt_tokens", "response", "weights_sha256"]] * 2
     assert all(a["completion_tokens"] <= 3 for a in answers)
 
 
@@ -87,6 +90,50 @@ def test_out_of_range_params_are_a_client_error_and_the_server_keeps_serving(ser
     with pytest.raises(serving.ServingError, match="HTTP 400"):
         serving.predict(server.url, ["Hi"], params)
     assert len(serving.predict(server.url, ["Hi"], {"max_new_tokens": 2})) == 1
+
+
+def test_chat_messages_and_seeded_sampling_over_http(server):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe a cafe."}]
+    params = {"max_new_tokens": 6, "temperature": 1.2, "top_p": 0.9, "seed": 3}
+    first = serving.predict(server.url, [chat, [{"role": "user", "content": "Hi"}]], params)
+    assert first == serving.predict(server.url, [chat, [{"role": "user", "content": "Hi"}]], params)
+    assert all(a["finish_reason"] in ("stop", "length") and a["prompt_tokens"] > 0 for a in first)
+
+
+def test_every_mlflow_request_form_is_accepted(server):
+    """dataframe_records, dataframe_split, instances and inputs all reach the same model with prompts.
+    (Chats go as dataframe_records/dataframe_split: MLflow's schema check rejects `instances` of
+    nested lists of objects before the model sees them.)"""
+    expected = serving.predict(server.url, ["Hi", "Describe a cafe."], {"max_new_tokens": 3})
+    for body in ({"dataframe_split": {"columns": ["prompt"], "data": [["Hi"], ["Describe a cafe."]]}},
+                 {"instances": [{"prompt": "Hi"}, {"prompt": "Describe a cafe."}]},
+                 {"inputs": {"prompt": ["Hi", "Describe a cafe."]}}):
+        result = serving.invoke(server.url, {**body, "params": {"max_new_tokens": 3}})
+        assert result.status == 200, result.body
+        assert result.body["predictions"] == expected, body
+
+
+def _post(server, body: bytes | dict) -> serving.InvocationResult:
+    return serving.invoke(server.url, body, timeout=60)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"dataframe_records": [{"prompt": "Hi"}', "Invalid input"),                    # malformed JSON
+    (b"not json at all", "Invalid input"),
+    ({"dataframe_records": [{"text": "Hi"}]}, "'prompt' (string) or 'messages'"),     # missing field
+    ({"instances": [{"text": "Hi"}]}, "'prompt' (string) or 'messages'"),               # other request form
+    ({"dataframe_records": [{"prompt": 42}]}, "prompt"),                               # wrong type
+    ({"dataframe_records": [{"messages": "Hi"}]}, "messages"),                          # wrong type
+    ({"dataframe_records": [{"messages": [{"role": "robot", "content": "Hi"}]}]}, "role must be one of"),
+    ({"dataframe_records": [{"prompt": "x" * (1 << 20)}]}, "1048576 characters; this model accepts at most 32768"),
+    ({"dataframe_records": [{"prompt": "Hi"}], "params": {"top_p": 0}}, "params.top_p must be"),
+    ({"dataframe_records": [{"prompt": "Hi"}], "params": {"seed": "x"}}, "seed"),
+])
+def test_bad_requests_get_a_4xx_that_says_what_is_wrong(server, body, message):
+    result = _post(server, body)
+    assert 400 <= result.status < 500, (result.status, result.body)
+    assert message in result.error_message, result.error_message
+    assert len(serving.predict(server.url, ["Hi"], {"max_new_tokens": 2})) == 1  # still serving
 
 
 def test_inference_template_passes_with_the_registered_weights(server, registered):
@@ -158,3 +205,34 @@ def test_stop_pid_refuses_a_process_it_did_not_start():
     finally:
         other.kill()
         other.wait()
+
+
+def test_champion_moves_only_after_the_served_candidate_passes(server, registered, tiny_policy):
+    """The inference stage with the gate's promote=True: when the endpoint does not serve the weights the
+    version was registered with, the checks fail and `champion` stays where it was; when they pass,
+    champion moves to the candidate and records the version it replaced."""
+    import dataclasses
+
+    from rlhf_lightning import pipeline, tracking
+
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "serving": {"keep_running": True}})
+    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, requests=TEMPLATE))
+    # v2: a new candidate (same weights) on top of the served champion v1.
+    with mlflow.start_run() as run:
+        v2 = registry.log_and_register(cfg, tiny_policy[1], tiny_policy[2], run.info.run_id, tags={})
+    parent = tracking.start_parent_run(cfg, flow_name="ServeTest", run_id="1")
+    endpoint = {"url": server.url, "pid": server.pid, "alias": "candidate", "version": v2.version, "log": "-"}
+    evaluation = {"promote": True, "reason": "test gate passed"}
+    client = MlflowClient()
+    champion = lambda: str(client.get_model_version_by_alias(MODEL_NAME, "champion").version)  # noqa: E731
+
+    wrong = dataclasses.replace(v2, weights_sha256="0" * 64)
+    with pytest.raises(RuntimeError, match="inference checks failed, champion not moved: .*weights_sha256_matches"):
+        pipeline.inference(cfg, parent, wrong, endpoint, evaluation)
+    assert champion() == registered.version
+
+    report, info = pipeline.inference(cfg, parent, v2, endpoint, evaluation)
+    assert report["ok"] and "champion" in info.aliases and champion() == v2.version
+    assert client.get_model_version(MODEL_NAME, v2.version).tags["champion.previous"] == registered.version
+    assert server.pid and serving.predict(server.url, ["Hi"], {"max_new_tokens": 2})  # keep_running: still up
+

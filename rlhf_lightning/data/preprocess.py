@@ -25,6 +25,8 @@ Ties and empty texts present in the input are kept: validation reports them as e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 import unicodedata
@@ -88,6 +90,20 @@ class PreparedData:
     token_lengths: dict[str, list[int]] = field(default_factory=dict)
     """Policy-token lengths before truncation, per `<role>.<field>` (prompts counted with the chat
     template): for length statistics and histograms."""
+
+    SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of each canonical split (its rows as sorted-key JSON lines): the data identity recorded
+        in the lineage of every model trained on it. Same rows, same order → same digest."""
+        out = {}
+        for name in self.SPLITS:
+            digest = hashlib.sha256()
+            for row in getattr(self, name):
+                digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+                digest.update(b"\n")
+            out[name] = digest.hexdigest()
+        return out
 
 
 def clean_text(text: str) -> tuple[str, list[str]]:
