@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 import urllib.request
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -236,3 +238,30 @@ def test_champion_moves_only_after_the_served_candidate_passes(server, registere
     assert client.get_model_version(MODEL_NAME, v2.version).tags["champion.previous"] == registered.version
     assert server.pid and serving.predict(server.url, ["Hi"], {"max_new_tokens": 2})  # keep_running: still up
 
+
+
+def test_generate_dockerfile_builds_a_context_for_the_same_model(registered, tmp_path):
+    """No Docker engine here: check what `mlflow models generate-dockerfile` writes for the registered
+    version. The build context holds the same model (same adapter weights), and the image installs its
+    pinned requirements and serves it on port 8080."""
+    out = tmp_path / "docker"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run([sys.executable, "-m", "mlflow", "models", "generate-dockerfile", "-m",
+                           registered.model_uri, "-d", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dockerfile = (out / "Dockerfile").read_text()
+    assert "FROM python:3.11" in dockerfile
+    assert f"pip install mlflow=={mlflow.__version__}" in dockerfile
+    assert "COPY model_dir /opt/ml/model" in dockerfile and "_install_pyfunc_deps('/opt/ml/model'" in dockerfile
+    assert dockerfile.rstrip().endswith("""ENTRYPOINT ["python", "-c", "from mlflow.models import container as C; C._serve('local')"]""")
+    model_dir = out / "model_dir"
+    reqs = (model_dir / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in reqs} >= {"mlflow", "torch", "transformers", "peft"}
+    # The same weights, and the context loads and answers as the image would.
+    adapter = model_dir / "artifacts" / "adapter" / "adapter_model.safetensors"
+    assert hashlib.sha256(adapter.read_bytes()).hexdigest() == registered.weights_sha256
+    answer = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame({"prompt": ["Hi"]}),
+                                                              params={"max_new_tokens": 3})
+    assert answer["weights_sha256"].tolist() == [registered.weights_sha256]
