@@ -84,13 +84,20 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.rename(path)
 
 
+def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
+    """What the files depend on: the task settings and the policy that wrote the responses — not where
+    they are stored (`output_dir`), so a relative and an absolute path share one cache."""
+    settings = {k: v for k, v in asdict(task).items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps([settings, policy.model, 1], sort_keys=True).encode()).hexdigest()[:12]
+
+
 def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str]:
     """Write the task's files (or reuse them when generated with the same settings) and return their
     paths: {"preferences", "prompts", "eval_prompts", "stats"}."""
     from rlhf_lightning.models.generation import chat_prompt, sample_texts
     from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer
 
-    key = hashlib.sha256(json.dumps([asdict(task), policy.model, 1], sort_keys=True).encode()).hexdigest()[:12]
+    key = cache_key(task, policy)
     out = Path(task.output_dir) / f"builtin-{key}"
     paths = {name: str(out / f"{name}.jsonl") for name in ("preferences", "prompts", "eval_prompts")}
     paths["stats"] = str(out / "stats.json")
