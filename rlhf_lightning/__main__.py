@@ -4,6 +4,7 @@
   python -m rlhf_lightning data --config configs/default.yaml
   python -m rlhf_lightning train-reward-model --config configs/default.yaml
   python -m rlhf_lightning serve --model-uri models:/rlhf-policy@champion --port 5001
+  python -m rlhf_lightning infer --model models:/rlhf-policy@champion --input prompts.jsonl --output out.jsonl
   python -m rlhf_lightning rollback [--model-name rlhf-policy] [--to VERSION]
 
 Exit codes: 0 success, 1 the data or a check failed (the message says what and where), 2 usage error.
@@ -52,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-uri", default="models:/rlhf-policy@champion", help="default: %(default)s")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     s.add_argument("--port", type=int, default=5001, help="port, 0 = a free one (default: %(default)s)")
+    text = ("answer every row of a JSONL file ({\"prompt\"} or {\"messages\"}, optional \"id\") with a model or a "
+            "served endpoint; one output row per input line, in order; resumes an interrupted run; exit 0 if "
+            "every row got an answer, 1 if some rows are errors")
+    s = sub.add_parser("infer", help=text, description=text)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="pyfunc model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., a dir")
+    src.add_argument("--endpoint", help="URL of a model server (`serve`), e.g. http://127.0.0.1:5001")
+    s.add_argument("--input", required=True, help="JSONL input")
+    s.add_argument("--output", required=True, help="JSONL output; if it exists, the run resumes after its rows")
+    s.add_argument("--batch-size", type=int, default=8, help="input lines per request (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's")
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    s.add_argument("--top-p", type=float, default=None, help="default: the model's")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (default: none)")
     return p
 
 
@@ -91,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
         return validate_command(args)
+    if args.command == "infer":
+        from rlhf_lightning import batch_inference
+
+        return batch_inference.main(args.model, args.endpoint, args.input, args.output, args.batch_size,
+                                    {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                     "top_p": args.top_p, "seed": args.seed})
     from rlhf_lightning.config import ConfigError, load_config
 
     if args.command == "rollback":

@@ -112,9 +112,7 @@ class GenerationParams:
 
 def validate_params(params: dict[str, Any] | None) -> GenerationParams:
     """Request params with defaults filled in and `LIMITS` enforced (HTTP 400 naming the limit)."""
-    unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise _invalid(f"unknown params {unknown}; this model takes {sorted(DEFAULT_PARAMS)}")
+    # Params the signature does not declare never get here: MLflow drops them (with a warning) first.
     merged = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
     n, t, p, seed = merged["max_new_tokens"], merged["temperature"], merged["top_p"], merged["seed"]
     lo, hi = LIMITS["max_new_tokens"]
@@ -147,8 +145,8 @@ def conversations(model_input: pd.DataFrame) -> list[list[dict[str, str]]]:
     model_input = _columns_to_rows(model_input)
     columns = [c for c in ("prompt", "messages") if c in model_input.columns]
     if not columns:
-        raise _invalid(f"input needs a 'prompt' (string) or 'messages' (list of {{role, content}}) column, "
-                       f"got columns {list(model_input.columns)}")
+        raise _invalid("input needs a 'prompt' (string) or 'messages' (list of {role, content}) column; none was "
+                       "given (columns the signature does not declare are dropped before the model sees them)")
     if len(model_input) > LIMITS["max_rows"]:
         raise _invalid(f"{len(model_input)} rows in one request; send at most {LIMITS['max_rows']} per request")
     chats = []

@@ -180,13 +180,6 @@ def test_out_of_range_params_are_rejected(candidate, params, message):
     assert exc.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
 
 
-def test_unknown_params_are_named(candidate):
-    """MLflow's pyfunc wrapper drops params the signature does not declare (with a warning) before the
-    model sees them; called directly, the model names them."""
-    with pytest.raises(MlflowException, match=r"unknown params \['beam_width'\]; this model takes"):
-        candidate.unwrap_python_model().predict(None, pd.DataFrame({"prompt": ["Hi"]}), {"beam_width": 4})
-
-
 @pytest.mark.parametrize("frame, message", [
     (pd.DataFrame({"prompt": ["Hi", "  "]}), "input row 1: prompt must be a non-empty string"),
     (pd.DataFrame({"text": ["Hi"]}), "input needs a 'prompt' (string) or 'messages'"),
