@@ -49,14 +49,31 @@ def has_gold_judge(cfg: RLHFConfig) -> bool:
     return not cfg.data.preferences
 
 
-def win_rate(a: list[float], b: list[float]) -> tuple[float, float]:
+def win_rate(a: list[float], b: list[float], groups: list | None = None) -> tuple[float, float]:
     """Share of pairs where a beats b (ties count half) and its 95% normal-approximation half-width.
-    With several samples per prompt the pairs are not independent: the interval is a little optimistic."""
+
+    `groups` (e.g. the prompt of each pair): pairs of one group are not independent — several samples
+    of one prompt win or lose together — so the interval comes from the spread of the per-group win
+    rates (a cluster-robust standard error) instead of treating every pair as independent."""
     if len(a) != len(b) or not a:
         raise ValueError(f"win rate needs two equally long, non-empty score lists, got {len(a)} and {len(b)}")
     wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
     p = sum(wins) / len(wins)
-    return p, 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / len(wins))
+    if groups is None:
+        return p, 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / len(wins))
+    if len(groups) != len(wins):
+        raise ValueError(f"win rate needs one group per pair, got {len(groups)} groups for {len(wins)} pairs")
+    per_group: dict = {}
+    for g, w in zip(groups, wins):
+        per_group.setdefault(g, []).append(w)
+    # Cluster totals around the overall rate (Liang-Zeger with a small-sample G/(G-1) factor): right
+    # also when groups have different sizes.
+    totals = [sum(ws) - p * len(ws) for ws in per_group.values()]
+    k = len(totals)
+    if k < 2:
+        return p, float("nan")  # one cluster: no estimate of the spread between clusters
+    var = k / (k - 1) * sum(t * t for t in totals) / len(wins) ** 2
+    return p, 1.96 * math.sqrt(var)
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -158,7 +175,7 @@ def compare(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int,
             continue
         judges = [("rm", rm)] + ([("gold", golds)] if gold else [])
         for judge_name, scores in judges:
-            wr, ci = win_rate(scores["policy"], scores[other])
+            wr, ci = win_rate(scores["policy"], scores[other], groups=prompts)
             m[f"{p}{judge_name}_win_rate"], m[f"{p}{judge_name}_win_rate_ci95"] = wr, ci
 
     samples = []

@@ -27,6 +27,21 @@ def test_win_rate_counts_ties_half():
         evaluation.win_rate([], [])
 
 
+def test_win_rate_interval_accounts_for_samples_of_one_prompt():
+    """Pairs grouped by prompt: wins 1,1 | 0,0 | 1,0 -> p 0.5; cluster totals (2-1, 0-1, 1-1) = (1, -1, 0);
+    variance 3/2 * (1 + 1 + 0) / 6^2 = 1/12; half-width 1.96 * sqrt(1/12) = 0.5658, wider than the
+    0.4001 of six independent pairs, because two prompts won or lost both their samples."""
+    a, b = [1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 0, 1]
+    p, ci = evaluation.win_rate(a, b, groups=["x", "x", "y", "y", "z", "z"])
+    assert p == 0.5 and ci == pytest.approx(1.96 * math.sqrt(1 / 12))
+    assert evaluation.win_rate(a, b)[1] == pytest.approx(1.96 * math.sqrt(0.25 / 6))
+    # One sample per prompt: the cluster formula is the independent one with a k/(k-1) factor.
+    _, ci1 = evaluation.win_rate(a, b, groups=list(range(6)))
+    assert ci1 == pytest.approx(1.96 * math.sqrt(6 / 5 * 0.25 / 6))
+    with pytest.raises(ValueError, match="one group per pair"):
+        evaluation.win_rate(a, b, groups=["x"])
+
+
 def test_distinct_n_by_hand():
     texts = ["the cafe was great", "The cafe was bad"]
     # unigrams: the, cafe, was, great, the, cafe, was, bad -> 5 distinct of 8
