@@ -280,7 +280,10 @@ class HeldoutMonitor(Callback):
                              max_new_tokens=self.ev.max_new_tokens, temperature=self.ev.temperature,
                              batch_size=self.ev.batch_size, seed=self.ev.seed, gold=self.gold, prefix="heldout/")
         pl_module.history[-1].update(metrics)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(self.rows))
+        # Straight to the loggers, at the iteration: `log_dict` from a callback keeps the values in
+        # Lightning's step results, which then re-logs them, stale, at every later iteration.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=batch_idx)
 
 
 def overoptimisation_figure(history: list[dict]):

@@ -3,9 +3,12 @@ its reference and with a champion on the same seeds; the held-out monitor and th
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import CSVLogger
 import torch
 
 from rlhf_lightning import evaluation
@@ -128,17 +131,23 @@ def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_
 
     cfg = from_dict({
         "policy": {"model": "tiny:llama"},
-        "ppo": {"iterations": 3, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
+        "ppo": {"iterations": 4, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
                 "learning_rate": 1e-2},
         "evaluation": {"max_new_tokens": 6, "every_n_iterations": 2, "monitor_prompts": 2},
         "trainer": {"accelerator": "cpu"},
     })
     tok = load_tokenizer("tiny:llama")
     monitor = evaluation.HeldoutMonitor(rows(tok), cfg.evaluation, gold=True)
-    history = train_ppo(cfg, rows(tok), reward_model_dir, str(tmp_path), gold_judge=True, callbacks=[monitor]).history
-    # every 2nd iteration and after the last: iterations 1 and 2 (0-based)
-    assert ["heldout/kl" in h for h in history] == [False, True, True]
-    assert history[2]["heldout/n"] == 2 and "heldout/gold_win_rate" in history[2]
+    logger = CSVLogger(str(tmp_path), name="log")
+    history = train_ppo(cfg, rows(tok), reward_model_dir, str(tmp_path), logger=logger, gold_judge=True,
+                        callbacks=[monitor]).history
+    # every 2nd iteration and the last: iterations 1 and 3 (0-based)
+    assert ["heldout/kl" in h for h in history] == [False, True, False, True]
+    assert history[3]["heldout/n"] == 2 and "heldout/gold_win_rate" in history[3]
+    # Logged at those iterations only (not repeated, stale, at the iterations between).
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        logged = [r for r in csv.DictReader(fh) if r.get("heldout/kl")]
+    assert sorted(int(r["step"]) for r in logged) == [1, 3]
     fig = evaluation.overoptimisation_figure(history)
     assert len(fig.axes) == 3  # scores + KL twin axis, win rates
     fig.savefig(tmp_path / "plot.png")
