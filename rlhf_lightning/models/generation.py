@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+
+from rlhf_lightning.models.progress import progress
 
 
 def chat_prompt(tokenizer, user_text: str) -> str:
@@ -63,7 +64,7 @@ def sample_texts(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: i
     """Responses for many prompts, in batches, with a progress bar; seeded per batch so that two
     models given the same seed see the same random stream."""
     out: list[str] = []
-    for i in tqdm(range(0, len(chat_prompts), batch_size), desc=desc, unit="batch"):
+    for i in progress(range(0, len(chat_prompts), batch_size), desc=desc, unit="batch"):
         batch = chat_prompts[i : i + batch_size]
         out.extend(sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
                           seed=seed + i).texts)

@@ -336,7 +336,7 @@ def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir:
     # global_step counts optimiser steps (STACK_NOTES), which the approximate-KL early stop makes
     # irregular; checking after every step still saves once per iteration (at its end), keeping the latest.
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=1)
-    trainer = build_trainer(cfg.trainer, max_epochs=1, logger=logger if logger is not None else False,
+    trainer = build_trainer(cfg.trainer, "ppo", max_epochs=1, logger=logger if logger is not None else False,
                             log_every_n_steps=1, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=out)
     with warnings.catch_warnings():
         # Lightning warns that manual-optimisation checkpoints hold the post-update weights: we want those.

@@ -30,6 +30,7 @@ from rlhf_lightning.config import LoraConfig, RLHFConfig, TrainerConfig
 from rlhf_lightning.evaluation import has_gold_judge
 from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
 from rlhf_lightning.models.losses import bradley_terry_loss
+from rlhf_lightning.models.progress import LineProgress, interactive
 
 STATS_FILE = "reward_stats.json"
 
@@ -220,12 +221,16 @@ class RewardModelResult:
     """Their standard deviation."""
 
 
-def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
-    """A Lightning Trainer with the configured hardware settings (shared by reward model and PPO)."""
+def build_trainer(cfg: TrainerConfig, name: str, callbacks: list | None = None, **kwargs) -> L.Trainer:
+    """A Lightning Trainer with the configured hardware settings (shared by reward model and PPO). Away
+    from a terminal the progress bar becomes a line every 30 s, prefixed with `name`."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    callbacks = list(callbacks or [])
+    if not interactive():
+        callbacks.append(LineProgress(name))
     return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                     precision=cfg.precision, enable_progress_bar=True, **kwargs)
+                     precision=cfg.precision, enable_progress_bar=interactive(), callbacks=callbacks, **kwargs)
 
 
 def resolve_backbone(cfg: RLHFConfig) -> str:
@@ -248,7 +253,7 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     train_loader = DataLoader(train_rows, batch_size=rm.batch_size, shuffle=True, collate_fn=collate)
     eval_loader = DataLoader(eval_rows, batch_size=rm.batch_size, collate_fn=collate)
     trainer = build_trainer(
-        cfg.trainer, max_epochs=rm.epochs, logger=logger if logger is not None else False,
+        cfg.trainer, "reward model", max_epochs=rm.epochs, logger=logger if logger is not None else False,
         # The latest epoch, i.e. the same weights as the exported model.
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints")],
         log_every_n_steps=min(50, len(train_loader)), default_root_dir=out,
