@@ -261,7 +261,7 @@ def lineage_tags(parent_run_id: str, data, reward_model: ModelBundle, policy: Mo
         "lineage.mlflow_parent_run_id": parent_run_id,
         "lineage.reward_model_run_id": reward_model.mlflow_run_id,
         "lineage.ppo_run_id": policy.mlflow_run_id,
-        "lineage.evaluate_run_id": evaluation.get("mlflow_run_id", ""),
+        "lineage.evaluate_run_id": evaluation["mlflow_run_id"],
         **{f"lineage.data.{k}_sha256": v for k, v in data.digests().items()},
         # The built-in task has no input files: its generated files are the sources then.
         "lineage.data.sources": json.dumps(data.sources)[:4900],  # tag values are capped at 5000 chars

@@ -196,7 +196,7 @@ def promote(name: str, version: str, reason: str) -> str | None:
     :func:`rollback` returns to), when and why. Returns the previous champion's version (or None)."""
     client = MlflowClient()
     previous = current_champion(name, client)
-    if previous is not None and str(previous) == str(version):
+    if previous == str(version):
         return previous
     client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     client.set_model_version_tag(name, version, "champion.previous", str(previous or ""))

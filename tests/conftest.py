@@ -60,6 +60,20 @@ def tiny_policy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def registered_policy(mlflow_tracking, tiny_policy):
+    """`tiny_policy` logged and registered as `rlhf-policy` (alias `candidate`) in the module's MLflow DB."""
+    import mlflow
+
+    from rlhf_lightning import registry
+    from rlhf_lightning.config import from_dict
+
+    _, adapter_dir, base_dir = tiny_policy
+    cfg = from_dict({"policy": {"model": "tiny:llama"}})
+    with mlflow.start_run() as run:
+        return registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: on 2 shared cores, torch's spinning intra-op threads make each generate step ~100x
     slower when other processes compete for the cores; one thread is fastest."""

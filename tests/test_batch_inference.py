@@ -11,12 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from rlhf_lightning import batch_inference as bi
-from rlhf_lightning import registry, serving
-from rlhf_lightning.config import from_dict
+from rlhf_lightning import serving
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PARAMS = {"max_new_tokens": 4}  # the model's default temperature: greedy, so answers are comparable
@@ -63,11 +61,8 @@ class Recording:
 
 
 @pytest.fixture(scope="module")
-def registered(mlflow_tracking, tiny_policy):
-    _, adapter_dir, base_dir = tiny_policy
-    cfg = from_dict({"policy": {"model": "tiny:llama"}})
-    with mlflow.start_run() as run:
-        return registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+def registered(registered_policy):
+    return registered_policy
 
 
 @pytest.fixture(scope="module")

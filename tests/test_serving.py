@@ -30,13 +30,10 @@ TEMPLATE = [
 
 
 @pytest.fixture(scope="module")
-def registered(mlflow_tracking, tiny_policy):
-    _, adapter_dir, base_dir = tiny_policy
-    cfg = from_dict({"policy": {"model": "tiny:llama"}})
-    with mlflow.start_run() as run:
-        info = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
-    registry.promote(info.name, info.version, "test")
-    return info
+def registered(registered_policy):
+    """The registered tiny policy, promoted to champion (the alias the server below serves)."""
+    registry.promote(registered_policy.name, registered_policy.version, "test")
+    return registered_policy
 
 
 @pytest.fixture(scope="module")

@@ -226,11 +226,10 @@ def build_trainer(cfg: TrainerConfig, name: str, callbacks: list | None = None, 
     from a terminal the progress bar becomes a line every 30 s, prefixed with `name`."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    callbacks = list(callbacks or [])
-    if not interactive():
-        callbacks.append(LineProgress(name))
+    tty = interactive()
+    callbacks = list(callbacks or []) + ([] if tty else [LineProgress(name)])
     return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                     precision=cfg.precision, enable_progress_bar=interactive(), callbacks=callbacks, **kwargs)
+                     precision=cfg.precision, enable_progress_bar=tty, callbacks=callbacks, **kwargs)
 
 
 def resolve_backbone(cfg: RLHFConfig) -> str:
