@@ -31,7 +31,11 @@ class BuiltinTaskConfig:
     policy, labelled by a simulated annotator (gold judge + Bradley-Terry noise)."""
 
     n_preference_prompts: int = 384
-    """Prompts for which two completions are sampled and labelled (one preference pair each)."""
+    """Prompts for which completions are sampled and labelled."""
+    responses_per_prompt: int = 2
+    """Completions sampled per preference prompt. The annotator ranks them (Plackett-Luce over
+    beta * gold, which is Bradley-Terry for 2) and each pair of the ranking is a preference row:
+    K(K-1)/2 rows per prompt, as InstructGPT's labellers ranked 4-9 answers at once."""
     n_rl_prompts: int = 256
     """Prompts for PPO rollouts (disjoint from the preference and evaluation prompts)."""
     n_eval_prompts: int = 64
@@ -53,6 +57,8 @@ class BuiltinTaskConfig:
     def __post_init__(self) -> None:
         for name in ("n_preference_prompts", "n_rl_prompts", "n_eval_prompts", "max_new_tokens", "batch_size"):
             _check(getattr(self, name) > 0, f"data.builtin.{name}", "must be a positive integer")
+        _check(self.responses_per_prompt >= 2, "data.builtin.responses_per_prompt",
+               "must be at least 2 (a preference compares two responses)")
         _check(self.temperature > 0, "data.builtin.temperature", "must be > 0")
         _check(self.annotator_beta > 0, "data.builtin.annotator_beta", "must be > 0 (use a large value for noise-free labels)")
 
@@ -185,7 +191,8 @@ class RewardModelConfig:
     learning_rate: float = 5e-5
     """AdamW learning rate."""
     batch_size: int = 16
-    """Preference pairs per optimisation step."""
+    """Preference pairs per optimisation step, about: batches hold whole prompts (every pair of one
+    prompt together), so with K-way rankings it is batch_size / (pairs per prompt) prompts."""
     epochs: int = 3
     """Passes over the training pairs."""
     seed: int = 0

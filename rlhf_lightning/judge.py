@@ -58,3 +58,35 @@ def preference_probability(gold_a: float, gold_b: float, beta: float) -> float:
 def annotate(gold_a: float, gold_b: float, beta: float, rng: random.Random) -> int:
     """Draw a noisy label as AlpacaFarm's simulated annotators do: 0 if `a` is preferred, else 1."""
     return 0 if rng.random() < preference_probability(gold_a, gold_b, beta) else 1
+
+
+def rank(golds: list[float], beta: float, rng: random.Random) -> list[int]:
+    """Draw a noisy ranking of several responses, best first, as an annotator who orders K answers at once
+    (InstructGPT's labellers ranked 4-9): Plackett-Luce with weights exp(beta * gold), picked one place at a
+    time with one uniform draw per place. For two responses it is `annotate`, draw for draw."""
+    left = list(range(len(golds)))
+    order = []
+    while len(left) > 1:
+        if len(left) == 2:  # the Bradley-Terry case, computed exactly as `annotate` does
+            a, b = left
+            first = a if rng.random() < preference_probability(golds[a], golds[b], beta) else b
+        else:
+            top = max(beta * golds[i] for i in left)
+            weights = [math.exp(beta * golds[i] - top) for i in left]  # shifted: no overflow
+            u, acc = rng.random() * sum(weights), 0.0
+            first = left[-1]
+            for i, w in zip(left, weights):
+                acc += w
+                if u < acc:
+                    first = i
+                    break
+        order.append(first)
+        left.remove(first)
+    return order + left
+
+
+def ranking_pairs(order: list[int]) -> list[tuple[int, int, int]]:
+    """Every pair of a ranking as (i, j, choice) with i < j in sample order and choice 0 if i ranks above j:
+    the K(K-1)/2 preference rows one ranking of K responses gives."""
+    place = {idx: pos for pos, idx in enumerate(order)}
+    return [(i, j, 0 if place[i] < place[j] else 1) for i in range(len(order)) for j in range(i + 1, len(order))]

@@ -310,3 +310,25 @@ def test_builtin_task_end_to_end(tmp_path):
     fig.savefig(tmp_path / "lengths.png")
     assert (tmp_path / "lengths.png").stat().st_size > 0
     assert report.markdown().startswith("### Data validation")
+
+
+def test_builtin_task_ranks_several_responses_per_prompt(tmp_path):
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "data": {"builtin": {
+        "n_preference_prompts": 12, "responses_per_prompt": 3, "n_rl_prompts": 4, "n_eval_prompts": 4,
+        "max_new_tokens": 8, "output_dir": str(tmp_path / "builtin")}}})
+    data = preprocess(cfg, str(tmp_path / "out"))
+    assert data.counts["preferences.read"] == 12 * 3  # K(K-1)/2 = 3 pairs per prompt
+    rows = [json.loads(line) for line in Path(data.sources["preferences"][0]).read_text().splitlines()]
+    by_prompt = Counter(r["input_text"] for r in rows)
+    assert len(by_prompt) == 12 and set(by_prompt.values()) == {3}
+    # The three pairs of a prompt are the pairs of one ranking: consistent, never a cycle.
+    for prompt in by_prompt:
+        wins = Counter()
+        for r in (r for r in rows if r["input_text"] == prompt):
+            wins[r["candidate_0"] if r["choice"] == 0 else r["candidate_1"]] += 1
+        assert sorted(wins.values()) == [1, 2]
+    # A prompt's pairs stay on one side of the train/held-out split.
+    train = {r["prompt"] for r in data.pref_train}
+    assert train and not train & {r["prompt"] for r in data.pref_eval}
+    stats = json.loads(Path(data.sources["preferences"][0]).with_name("stats.json").read_text())
+    assert (stats["pairs"], stats["prompts"]) == (36, 12)

@@ -2,10 +2,11 @@
 
 1. Prompts are generated from templates and subjects (seeded), split into three disjoint sets: preference
    prompts, RL prompts and held-out evaluation prompts.
-2. For every preference prompt the base policy samples two completions.
-3. A simulated annotator labels each pair: the gold judge (`rlhf_lightning.judge`) scores both and the
-   label is drawn from a Bradley-Terry model with rationality `annotator_beta`, as AlpacaFarm simulates
-   annotators — so labels are noisy like human ones.
+2. For every preference prompt the base policy samples `responses_per_prompt` (K) completions.
+3. A simulated annotator labels them: the gold judge (`rlhf_lightning.judge`) scores each and the annotator
+   draws a ranking from a Plackett-Luce model with rationality `annotator_beta` (for K = 2 the
+   Bradley-Terry label AlpacaFarm's simulated annotators give) — so labels are noisy like human ones. Each
+   of the ranking's K(K-1)/2 pairs is one preference row.
 4. Everything is written in Vertex RLHF formats (preferences `{input_text, candidate_0, candidate_1,
    choice}`, prompts `{input_text}`) and read back by the pipeline like any user's files.
 """
@@ -88,6 +89,8 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
     """What the files depend on: the task settings and the policy that wrote the responses — not where
     they are stored (`output_dir`), so a relative and an absolute path share one cache."""
     settings = {k: v for k, v in asdict(task).items() if k != "output_dir"}
+    if settings["responses_per_prompt"] == 2:  # files written before the option existed are the same: keep their key
+        del settings["responses_per_prompt"]
     return hashlib.sha256(json.dumps([settings, policy.model, 1], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -110,25 +113,27 @@ def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict
     model = load_base_causal_lm(PolicyConfig(model=policy.model))  # sample from the unquantised base
     model.eval()
     chats = [chat_prompt(tok, p) for p in pref_prompts]
-    # Two independent samples per prompt: the pair the annotator compares.
+    # K independent samples per prompt, the ones the annotator ranks (one seed per sample index, so the
+    # first K samples of a larger K are the same texts).
     cand = [
         sample_texts(model, tok, chats, max_new_tokens=task.max_new_tokens, temperature=task.temperature,
                      batch_size=task.batch_size, seed=task.seed * 1000 + k, desc=f"builtin candidates {k}")
-        for k in (0, 1)
+        for k in range(task.responses_per_prompt)
     ]
     rng = random.Random(task.seed)
     rows, golds, agree = [], [], 0
-    for prompt, c0, c1 in zip(pref_prompts, cand[0], cand[1]):
-        g0, g1 = judge.gold_score(c0), judge.gold_score(c1)
-        choice = judge.annotate(g0, g1, task.annotator_beta, rng)
-        agree += int((choice == 0) == (g0 >= g1))
-        golds += [g0, g1]
-        rows.append({"input_text": prompt, "candidate_0": c0, "candidate_1": c1, "choice": choice})
+    for prompt, texts in zip(pref_prompts, zip(*cand)):
+        g = [judge.gold_score(t) for t in texts]
+        golds += g
+        for i, j, choice in judge.ranking_pairs(judge.rank(g, task.annotator_beta, rng)):
+            agree += int((choice == 0) == (g[i] >= g[j]))
+            rows.append({"input_text": prompt, "candidate_0": texts[i], "candidate_1": texts[j], "choice": choice})
     _write_jsonl(Path(paths["preferences"]), rows)
     _write_jsonl(Path(paths["prompts"]), [{"input_text": p} for p in rl_prompts])
     _write_jsonl(Path(paths["eval_prompts"]), [{"input_text": p} for p in eval_prompts])
     stats = {
         "pairs": len(rows),
+        "prompts": len(pref_prompts),
         "label_agreement_with_gold": agree / max(len(rows), 1),
         "mean_gold_score": sum(golds) / max(len(golds), 1),
         "config": asdict(task),
