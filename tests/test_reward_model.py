@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from rlhf_lightning.config import from_dict
+from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.loading import load_reward_backbone
-from rlhf_lightning.models.reward_model import PairEncoder, RewardModel, RewardScorer, train_reward_model
+from rlhf_lightning.models.reward_model import (PairEncoder, RewardModel, RewardScorer, collate_preferences,
+                                                group_loader, train_reward_model)
 
 GOOD = ["great", "friendly", "clean", "lovely", "wonderful", "warm", "happily"]
 BAD = ["rude", "cold", "dirty", "terrible", "expensive", "long wait", "not recommend"]
@@ -94,8 +96,9 @@ def test_full_finetune_learns_and_every_parameter_moves(tmp_path, weights):
     assert result.metrics["eval_gold_accuracy"] > 0.8
     assert weights["trainable"] == set(weights["after"])  # full fine-tuning trains everything
     unchanged = [n for n in weights["trainable"] if torch.equal(weights["before"][n], weights["after"][n])]
-    # Bradley-Terry sees only r_chosen - r_rejected, so the head's bias has zero gradient, always.
-    assert unchanged == ["classifier.bias"], f"parameters that did not train: {unchanged}"
+    # Bradley-Terry sees only r_chosen - r_rejected, so the head's bias gets zero gradient up to rounding
+    # (test_bias_gets_no_gradient), which Adam may or may not turn into steps: it alone may stand still.
+    assert set(unchanged) <= {"classifier.bias"}, f"parameters that did not train: {unchanged}"
 
     stats = json.loads((tmp_path / "model" / "reward_stats.json").read_text())
     assert stats["mean"] == pytest.approx(result.reward_mean) and stats["std"] == pytest.approx(result.reward_std)
@@ -125,8 +128,9 @@ def test_lora_trains_adapter_and_head_only(tmp_path, weights):
     assert all("lora_" in n or "modules_to_save" in n for n in trainable)
     for name in weights["before"]:
         moved = not torch.equal(weights["before"][name], weights["after"][name])
-        learns = name in trainable and not ("classifier" in name and name.endswith(".bias"))  # see above
-        assert moved == learns, f"{name}: trainable={name in trainable} but moved={moved}"
+        if "classifier" in name and name.endswith(".bias"):  # zero gradient up to rounding: see above
+            continue
+        assert moved == (name in trainable), f"{name}: trainable={name in trainable} but moved={moved}"
     # The export is a plain merged HF model.
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
@@ -138,3 +142,48 @@ def test_decoder_backbone_policy(tmp_path):
     result = train_reward_model(cfg, preference_rows(16, 0), preference_rows(8, 1), str(tmp_path))
     scores = RewardScorer.load(result.model_dir).score(["Say hi.", "Say hello to me."], ["Hi!", "Hello there."])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def ranked_rows() -> list[dict]:
+    """Two prompts: the 3 pairs of a ranking of 3 responses, and one plain pair."""
+    a, b = "Review a small cafe.", "Review a quiet park."
+    return [
+        {"prompt": a, "chosen": "It was great.", "rejected": "It was fine."},
+        {"prompt": a, "chosen": "It was great.", "rejected": "It was rude."},
+        {"prompt": a, "chosen": "It was fine.", "rejected": "It was rude."},
+        {"prompt": b, "chosen": "Lovely and green.", "rejected": "Dirty paths."},
+    ]
+
+
+def test_collate_scores_each_response_once_and_pairs_match_scoring_each_side():
+    module = RewardModel("tiny:bert", max_length=32)
+    rows = ranked_rows()
+    batch = collate_preferences(rows, module.encoder)
+    assert batch["input_ids"].shape[0] == 5  # 3 + 2 distinct (prompt, response) sequences for 8 row sides
+    assert batch["chosen_index"].tolist() == [0, 0, 1, 3] and batch["rejected_index"].tolist() == [1, 2, 2, 4]
+    module.eval()
+    with torch.no_grad():
+        r_chosen, r_rejected = module._pair_rewards(batch)
+        scorer = RewardScorer(module.model, module.tokenizer, 32)
+        expect_chosen, expect_rejected = scorer.score_pairs(rows)
+    torch.testing.assert_close(r_chosen, expect_chosen)
+    torch.testing.assert_close(r_rejected, expect_rejected)
+
+
+def test_bias_gets_no_gradient():
+    module = RewardModel("tiny:bert", max_length=32)
+    r_chosen, r_rejected = module._pair_rewards(collate_preferences(ranked_rows(), module.encoder))
+    bradley_terry_loss(r_chosen, r_rejected).backward()
+    assert module.model.classifier.weight.grad.abs().sum() > 0
+    assert module.model.classifier.bias.grad.abs().item() < 1e-6
+
+
+def test_batches_hold_whole_prompts():
+    module = RewardModel("tiny:bert", max_length=32)
+    rows = ranked_rows()  # 4 rows, 2 prompts: 2 rows per prompt on average
+    loader = group_loader(rows, batch_size=2, shuffle=True, encoder=module.encoder)
+    batches = list(loader)
+    assert len(batches) == 2  # one prompt per batch: batch_size 2 rows / 2 rows per prompt
+    assert sorted(len(b["chosen_index"]) for b in batches) == [1, 3]
+    plain = [dict(r, prompt=f"prompt {i}") for i, r in enumerate(rows)]  # one row per prompt: ordinary batches
+    assert [len(b["chosen_index"]) for b in group_loader(plain, 2, False, module.encoder)] == [2, 2]

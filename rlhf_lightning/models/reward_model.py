@@ -76,9 +76,40 @@ class PairEncoder:
 
 
 def collate_preferences(rows: list[dict], encoder: PairEncoder) -> dict[str, torch.Tensor]:
-    """Preference rows -> one batch of 2B sequences: the B chosen first, then the B rejected."""
-    prompts = [row["prompt"] for row in rows]
-    return encoder(prompts + prompts, [row["chosen"] for row in rows] + [row["rejected"] for row in rows])
+    """Preference rows -> the distinct (prompt, response) sequences of the batch, each encoded once, plus
+    `chosen_index` / `rejected_index` (B,) into them. A ranking of K responses gives K(K-1)/2 rows but only
+    K sequences to score: K-1 times fewer forward passes than one sequence per row side."""
+    index: dict[tuple[str, str], int] = {}
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            index.setdefault((row["prompt"], row[side]), len(index))
+    batch = encoder([p for p, _ in index], [r for _, r in index])  # (U, T), U distinct sequences
+    batch["chosen_index"] = torch.tensor([index[(row["prompt"], row["chosen"])] for row in rows])  # (B,)
+    batch["rejected_index"] = torch.tensor([index[(row["prompt"], row["rejected"])] for row in rows])  # (B,)
+    return batch
+
+
+def prompt_groups(rows: list[dict]) -> list[list[dict]]:
+    """Rows grouped by prompt, in first-seen order: the pairs of one ranking stay together."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["prompt"], []).append(row)
+    return list(groups.values())
+
+
+def collate_groups(groups: list[list[dict]], encoder: PairEncoder) -> dict[str, torch.Tensor]:
+    return collate_preferences([row for group in groups for row in group], encoder)
+
+
+def group_loader(rows: list[dict], batch_size: int, shuffle: bool, encoder: PairEncoder) -> DataLoader:
+    """Batches of whole prompts, as InstructGPT trains its K(K-1)/2 comparisons per prompt: each response
+    is scored once per epoch instead of K-1 times in different batches (which overfit there within an
+    epoch). The dataset's items are prompts, so shuffling and distributed samplers work unchanged;
+    `batch_size` rows become `batch_size / (rows per prompt)` prompts per batch. With one row per prompt
+    this is ordinary batching."""
+    groups = prompt_groups(rows)
+    per_batch = max(1, round(batch_size * len(groups) / len(rows)))
+    return DataLoader(groups, batch_size=per_batch, shuffle=shuffle, collate_fn=partial(collate_groups, encoder=encoder))
 
 
 def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
@@ -112,11 +143,12 @@ class RewardModel(L.LightningModule):
         self.encoder = PairEncoder(self.tokenizer, max_length)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**batch).logits.squeeze(-1).float()  # (2B,)
+        inputs = {k: v for k, v in batch.items() if not k.endswith("_index")}
+        return self.model(**inputs).logits.squeeze(-1).float()  # (U,)
 
     def _pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = self(batch)  # (2B,): chosen first, then rejected (collate_preferences)
-        return rewards.chunk(2)  # (B,), (B,)
+        rewards = self(batch)  # (U,): one per distinct sequence (collate_preferences)
+        return rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]  # (B,), (B,)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r_chosen, r_rejected = self._pair_rewards(batch)
@@ -248,9 +280,8 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     module = RewardModel(backbone=resolve_backbone(cfg), finetune=rm.finetune,
                          lora=rm.lora if rm.finetune == "lora" else None,
                          learning_rate=rm.learning_rate, max_length=rm.max_length)
-    collate = partial(collate_preferences, encoder=module.encoder)
-    train_loader = DataLoader(train_rows, batch_size=rm.batch_size, shuffle=True, collate_fn=collate)
-    eval_loader = DataLoader(eval_rows, batch_size=rm.batch_size, collate_fn=collate)
+    train_loader = group_loader(train_rows, rm.batch_size, True, module.encoder)
+    eval_loader = group_loader(eval_rows, rm.batch_size, False, module.encoder)
     trainer = build_trainer(
         cfg.trainer, "reward model", max_epochs=rm.epochs, logger=logger if logger is not None else False,
         # The latest epoch, i.e. the same weights as the exported model.
