@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -88,9 +87,8 @@ def main() -> int:
         result = rm.train_reward_model(cfg, rows, held_out, os.path.join(work, variant))
         m = result.metrics
         results["variants"][variant] = m | {"train_labels_flipped": flipped, "seconds": time.perf_counter() - start}
-        se = math.sqrt(m["eval_accuracy"] * (1 - m["eval_accuracy"]) / n)
         print(f"[{variant}] {flipped} training labels flipped; held-out accuracy vs labels "
-              f"{m['eval_accuracy']:.3f} ± {1.96 * se:.3f}, vs gold {m['eval_gold_accuracy']:.3f}; "
+              f"{m['eval_accuracy']:.3f} ± {m['eval_accuracy_ci95']:.3f} (95%, clustered by prompt), vs gold {m['eval_gold_accuracy']:.3f}; "
               f"train accuracy {m['train_accuracy']:.3f}; {time.perf_counter() - start:.0f} s", flush=True)
     print("\nvariant  acc-vs-labels  acc-vs-gold  (label ceiling %.3f)" % ceiling["expected"])
     for name, m in results["variants"].items():

@@ -198,9 +198,10 @@ def check_reward_model(metrics: dict[str, float], min_accuracy: float, n_pairs: 
     accuracy = metrics["eval_accuracy"]
     if accuracy >= min_accuracy:
         return
+    ci = metrics.get("eval_accuracy_ci95")
     raise GateError(
-        f"reward model gate failed: held-out accuracy {accuracy:.3f} < reward_model.min_eval_accuracy "
-        f"{min_accuracy:.3f} (on {n_pairs} pairs). PPO against this reward model would optimise noise, so the "
+        f"reward model gate failed: held-out accuracy {accuracy:.3f}{f' ± {ci:.3f}' if ci is not None else ''} "
+        f"< reward_model.min_eval_accuracy {min_accuracy:.3f} (on {n_pairs} pairs). PPO against this reward model would optimise noise, so the "
         "run stops before RL. Try: more preference pairs (data.builtin.n_preference_prompts or more files); "
         "more epochs or another learning rate (reward_model.epochs, reward_model.learning_rate); less label "
         "noise (data.builtin.annotator_beta, or check your labels: random or flipped `choice` values give "

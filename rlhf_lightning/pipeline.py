@@ -129,13 +129,15 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, 
         mlflow.set_tags({"gate.reward_model": "passed" if passed else "failed",
                          "gate.reward_model.min_eval_accuracy": str(threshold)})
         _card_markdown(card, f"**Gate:** held-out accuracy {result.metrics['eval_accuracy']:.3f} "
+                             f"± {result.metrics['eval_accuracy_ci95']:.3f} (95%, clustered by prompt) "
                              f"{'>=' if passed else '<'} reward_model.min_eval_accuracy {threshold:.3f}")
         try:
             evaluation.check_reward_model(result.metrics, threshold, len(data.pref_eval))
         except evaluation.GateError:
             tracking.end_parent_run(parent_run_id, status="FAILED")  # the run ends here
             raise
-    print(f"reward model: held-out accuracy {result.metrics['eval_accuracy']:.3f}")
+    print(f"reward model: held-out accuracy {result.metrics['eval_accuracy']:.3f} ± {result.metrics['eval_accuracy_ci95']:.3f} "
+          f"on {len(data.pref_eval)} pairs")
     return ModelBundle.pack(result.model_dir, metrics=metrics, mlflow_run_id=run.info.run_id,
                             extras={"reward_mean": result.reward_mean, "reward_std": result.reward_std})
 

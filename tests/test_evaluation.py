@@ -93,6 +93,8 @@ def test_reward_model_gate_raises_with_what_to_try():
     assert "0.520 < reward_model.min_eval_accuracy 0.600" in message and "40 pairs" in message
     for hint in ("n_preference_prompts", "reward_model.epochs", "annotator_beta", "reward_model.backbone"):
         assert hint in message
+    with pytest.raises(evaluation.GateError, match=r"accuracy 0\.520 ± 0\.041 < "):
+        evaluation.check_reward_model({"eval_accuracy": 0.52, "eval_accuracy_ci95": 0.041}, 0.6, n_pairs=40)
 
 
 def rows(tok) -> list[dict]:

@@ -23,7 +23,9 @@ def test_training_reports_batches_epochs_metrics_and_time_left(capsys, monkeypat
     from rlhf_lightning.models.reward_model import train_reward_model
 
     monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
-    train_reward_model(tiny_cfg(), preference_rows(32, 0), preference_rows(8, 1), str(tmp_path))
+    # One prompt per row, so batches are plain slices of batch_size rows (no grouping by prompt).
+    rows = [dict(row, prompt=f"{row['prompt']} #{i}") for i, row in enumerate(preference_rows(32, 0))]
+    train_reward_model(tiny_cfg(), rows, preference_rows(8, 1), str(tmp_path))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reward model: ")]
     epochs = tiny_cfg().reward_model.epochs
     batches = -(-32 // tiny_cfg().reward_model.batch_size)

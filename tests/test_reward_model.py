@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_lightning.config import from_dict
+from rlhf_lightning.evaluation import win_rate
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.loading import load_reward_backbone
 from rlhf_lightning.models.reward_model import (PairEncoder, RewardModel, RewardScorer, collate_preferences,
@@ -100,6 +101,12 @@ def test_full_finetune_learns_and_every_parameter_moves(tmp_path, weights):
     # (test_bias_gets_no_gradient), which Adam may or may not turn into steps: it alone may stand still.
     assert set(unchanged) <= {"classifier.bias"}, f"parameters that did not train: {unchanged}"
 
+    # The interval is clustered by prompt (5 prompts here), from the exported model's scores.
+    held_out = preference_rows(32, 1)
+    chosen, rejected = RewardScorer.load(result.model_dir).score_pairs(held_out)
+    expected = win_rate(chosen.tolist(), rejected.tolist(), groups=[r["prompt"] for r in held_out])[1]
+    assert result.metrics["eval_accuracy_ci95"] == pytest.approx(expected, abs=1e-6)
+
     stats = json.loads((tmp_path / "model" / "reward_stats.json").read_text())
     assert stats["mean"] == pytest.approx(result.reward_mean) and stats["std"] == pytest.approx(result.reward_std)
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
@@ -187,3 +194,6 @@ def test_batches_hold_whole_prompts():
     assert sorted(len(b["chosen_index"]) for b in batches) == [1, 3]
     plain = [dict(r, prompt=f"prompt {i}") for i, r in enumerate(rows)]  # one row per prompt: ordinary batches
     assert [len(b["chosen_index"]) for b in group_loader(plain, 2, False, module.encoder)] == [2, 2]
+    # A prompt with more rows than a batch holds is cut: 7 rows of one prompt, batch_size 3 -> 3 + 3 + 1
+    same = [dict(ranked_rows()[0], chosen=f"It was great {i}.") for i in range(7)]
+    assert [len(b["chosen_index"]) for b in group_loader(same, 3, False, module.encoder)] == [3, 3, 1]

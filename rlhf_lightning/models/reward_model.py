@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from rlhf_lightning import judge
 from rlhf_lightning.config import LoraConfig, RLHFConfig, TrainerConfig
-from rlhf_lightning.evaluation import has_gold_judge
+from rlhf_lightning.evaluation import has_gold_judge, win_rate
 from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.progress import LineProgress, interactive
@@ -89,12 +89,14 @@ def collate_preferences(rows: list[dict], encoder: PairEncoder) -> dict[str, tor
     return batch
 
 
-def prompt_groups(rows: list[dict]) -> list[list[dict]]:
-    """Rows grouped by prompt, in first-seen order: the pairs of one ranking stay together."""
+def prompt_groups(rows: list[dict], max_rows: int) -> list[list[dict]]:
+    """Rows grouped by prompt, in first-seen order: the pairs of one ranking stay together. A prompt with
+    more than `max_rows` rows (data whose prompt field is a fixed instruction, say) is cut into groups of
+    `max_rows`, so no batch outgrows the configured size by much."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["prompt"], []).append(row)
-    return list(groups.values())
+    return [g[i : i + max_rows] for g in groups.values() for i in range(0, len(g), max_rows)]
 
 
 def collate_groups(groups: list[list[dict]], encoder: PairEncoder) -> dict[str, torch.Tensor]:
@@ -107,7 +109,7 @@ def group_loader(rows: list[dict], batch_size: int, shuffle: bool, encoder: Pair
     epoch). The dataset's items are prompts, so shuffling and distributed samplers work unchanged;
     `batch_size` rows become `batch_size / (rows per prompt)` prompts per batch. With one row per prompt
     this is ordinary batching."""
-    groups = prompt_groups(rows)
+    groups = prompt_groups(rows, batch_size)
     per_batch = max(1, round(batch_size * len(groups) / len(rows)))
     return DataLoader(groups, batch_size=per_batch, shuffle=shuffle, collate_fn=partial(collate_groups, encoder=encoder))
 
@@ -297,6 +299,9 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     scorer.mean, scorer.std = all_train.mean().item(), all_train.std().clamp(min=1e-6).item()
     eval_chosen, eval_rejected = scorer.score_pairs(eval_rows)
     metrics = {f"eval_{k}": v for k, v in preference_metrics(eval_chosen, eval_rejected).items()}
+    # 95% half-width, clustered by prompt: the pairs of one ranking are right or wrong together.
+    metrics["eval_accuracy_ci95"] = win_rate(eval_chosen.tolist(), eval_rejected.tolist(),
+                                             groups=[row["prompt"] for row in eval_rows])[1]
     metrics |= {f"train_{k}": v for k, v in preference_metrics(train_chosen, train_rejected).items()}
     if has_gold_judge(cfg):
         metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
