@@ -67,9 +67,9 @@ def rank(golds: list[float], beta: float, rng: random.Random) -> list[int]:
     left = list(range(len(golds)))
     order = []
     while len(left) > 1:
-        if len(left) == 2:  # the Bradley-Terry case, computed exactly as `annotate` does
+        if len(left) == 2:  # the Bradley-Terry case: the pairwise annotator's own draw
             a, b = left
-            first = a if rng.random() < preference_probability(golds[a], golds[b], beta) else b
+            first = a if annotate(golds[a], golds[b], beta, rng) == 0 else b
         else:
             top = max(beta * golds[i] for i in left)
             weights = [math.exp(beta * golds[i] - top) for i in left]  # shifted: no overflow

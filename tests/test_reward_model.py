@@ -166,13 +166,16 @@ def test_collate_scores_each_response_once_and_pairs_match_scoring_each_side():
     module = RewardModel("tiny:bert", max_length=32)
     rows = ranked_rows()
     batch = collate_preferences(rows, module.encoder)
-    assert batch["input_ids"].shape[0] == 5  # 3 + 2 distinct (prompt, response) sequences for 8 row sides
+    assert batch["inputs"]["input_ids"].shape[0] == 5  # 3 + 2 distinct (prompt, response) sequences for 8 row sides
     assert batch["chosen_index"].tolist() == [0, 0, 1, 3] and batch["rejected_index"].tolist() == [1, 2, 2, 4]
     module.eval()
     with torch.no_grad():
         r_chosen, r_rejected = module._pair_rewards(batch)
         scorer = RewardScorer(module.model, module.tokenizer, 32)
-        expect_chosen, expect_rejected = scorer.score_pairs(rows)
+        prompts = [r["prompt"] for r in rows]
+        expect_chosen = scorer.score(prompts, [r["chosen"] for r in rows])
+        expect_rejected = scorer.score(prompts, [r["rejected"] for r in rows])
+        torch.testing.assert_close(scorer.score_pairs(rows), (expect_chosen, expect_rejected))
     torch.testing.assert_close(r_chosen, expect_chosen)
     torch.testing.assert_close(r_rejected, expect_rejected)
 

@@ -75,18 +75,25 @@ class PairEncoder:
         return batch
 
 
-def collate_preferences(rows: list[dict], encoder: PairEncoder) -> dict[str, torch.Tensor]:
-    """Preference rows -> the distinct (prompt, response) sequences of the batch, each encoded once, plus
-    `chosen_index` / `rejected_index` (B,) into them. A ranking of K responses gives K(K-1)/2 rows but only
-    K sequences to score: K-1 times fewer forward passes than one sequence per row side."""
+def distinct_sequences(rows: list[dict]) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
+    """The distinct (prompt, response) sequences of preference rows, plus `chosen_index` / `rejected_index`
+    (B,) into them. A ranking of K responses gives K(K-1)/2 rows but only K sequences to score: K-1 times
+    fewer forward passes than one sequence per row side."""
     index: dict[tuple[str, str], int] = {}
     for row in rows:
         for side in ("chosen", "rejected"):
             index.setdefault((row["prompt"], row[side]), len(index))
-    batch = encoder([p for p, _ in index], [r for _, r in index])  # (U, T), U distinct sequences
-    batch["chosen_index"] = torch.tensor([index[(row["prompt"], row["chosen"])] for row in rows])  # (B,)
-    batch["rejected_index"] = torch.tensor([index[(row["prompt"], row["rejected"])] for row in rows])  # (B,)
-    return batch
+    chosen = torch.tensor([index[(row["prompt"], row["chosen"])] for row in rows])  # (B,)
+    rejected = torch.tensor([index[(row["prompt"], row["rejected"])] for row in rows])  # (B,)
+    return list(index), chosen, rejected
+
+
+def collate_preferences(rows: list[dict], encoder: PairEncoder) -> dict:
+    """Preference rows -> `inputs` (U, T): the batch's distinct sequences, each encoded once, and
+    `chosen_index` / `rejected_index` (B,) into them."""
+    sequences, chosen, rejected = distinct_sequences(rows)
+    return {"inputs": encoder([p for p, _ in sequences], [r for _, r in sequences]),
+            "chosen_index": chosen, "rejected_index": rejected}
 
 
 def prompt_groups(rows: list[dict], max_rows: int) -> list[list[dict]]:
@@ -144,11 +151,10 @@ class RewardModel(L.LightningModule):
         self.model = model
         self.encoder = PairEncoder(self.tokenizer, max_length)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if not k.endswith("_index")}
-        return self.model(**inputs).logits.squeeze(-1).float()  # (U,)
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(**batch["inputs"]).logits.squeeze(-1).float()  # (U,)
 
-    def _pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = self(batch)  # (U,): one per distinct sequence (collate_preferences)
         return rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]  # (B,), (B,)
 
@@ -222,11 +228,10 @@ class RewardScorer:
         return (scores - self.mean) / self.std
 
     def score_pairs(self, rows: list[dict], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_chosen, r_rejected) of preference rows."""
-        prompts = [row["prompt"] for row in rows]
-        r_chosen = self.score(prompts, [row["chosen"] for row in rows], batch_size)  # (B,)
-        r_rejected = self.score(prompts, [row["rejected"] for row in rows], batch_size)  # (B,)
-        return r_chosen, r_rejected
+        """(r_chosen, r_rejected) of preference rows, scoring each distinct response once."""
+        sequences, chosen, rejected = distinct_sequences(rows)
+        scores = self.score([p for p, _ in sequences], [r for _, r in sequences], batch_size)  # (U,)
+        return scores[chosen], scores[rejected]  # (B,), (B,)
 
 
 def gold_agreement(rows: list[dict], r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
