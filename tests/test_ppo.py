@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from rlhf_lightning.config import from_dict
@@ -251,3 +252,55 @@ def test_ended_with_eos_and_the_missing_eos_penalty(reward_model_dir):
     scored = module.score_and_kl([r["prompt"] for r in rows], sampled)
     expected = module.scorer.normalise(scored.raw_scores) - 2.0 * (~scored.ended).float()
     torch.testing.assert_close(scored.score, expected)
+
+
+def test_ddp_spawn_on_two_cpu_processes_brings_weights_and_history_back(tmp_path, reward_model_dir):
+    """`trainer.strategy: ddp_spawn, devices: 2` (what a multi-GPU Batch job runs, here on CPU with gloo):
+    both processes train, the trained weights land in the parent's module and on disk, and the history
+    has every iteration, averaged over the processes' rollouts."""
+    from safetensors.torch import load_file
+
+    from rlhf_lightning.models.ppo import fit_ppo
+
+    cfg = from_dict({"policy": {"model": "tiny:llama"},
+                     "ppo": {"iterations": 2, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1,
+                             "max_new_tokens": 6, "learning_rate": 1e-2},
+                     "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+
+    result = fit_ppo(module, cfg, prompt_rows(module.tokenizer), str(tmp_path), callbacks=[_RankFiles(tmp_path)])
+
+    # Two worker processes ran, each on its own share of the prompts.
+    seen = {int(p.stem.removeprefix("rank")): p.read_text().split("\n") for p in tmp_path.glob("rank*")}
+    assert sorted(seen) == [0, 1] and all(lines[0] == "2" for lines in seen.values())
+    assert seen[0][1:] != seen[1][1:]
+    assert [h["iteration"] for h in result.history] == [0, 1]
+    assert result.history[0]["ppo/kl"] < 1e-4 and result.history[1]["ppo/kl"] > 0
+    now = dict(module.named_parameters())
+    for name, before in trainable.items():  # trained in the workers, moved back into the parent
+        assert not torch.equal(before, now[name]), name
+    for name, before in frozen.items():
+        assert torch.equal(before, now[name]), name
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora = {n: p for n, p in module.policy.named_parameters() if "lora_" in n}
+    assert len(saved) == len(lora) > 0
+    for name, tensor in saved.items():  # peft drops the adapter name from the saved keys
+        (match,) = [p for n, p in lora.items() if n.replace(".default", "") == name]
+        torch.testing.assert_close(tensor, match.detach())
+
+
+class _RankFiles(Callback):
+    """Each training process writes rank<N>: its world size, then the prompts it rolled out."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.prompts: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prompts += batch["prompt"]
+
+    def on_train_end(self, trainer, pl_module):
+        lines = [str(trainer.world_size), *self.prompts]
+        (self.directory / f"rank{trainer.global_rank}").write_text("\n".join(lines))

@@ -22,6 +22,7 @@ SmolLM2) is most of the cost of a forward pass on these small models.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -30,9 +31,11 @@ from statistics import fmean
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from peft import PeftModel
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from rlhf_lightning import judge
 from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
@@ -56,6 +59,7 @@ from rlhf_lightning.models.losses import (
 from rlhf_lightning.models.reward_model import RewardScorer, build_trainer
 
 VALUE_HEAD_FILE = "value_head.pt"
+HISTORY_FILE = "ppo_history.json"
 
 
 @dataclass
@@ -100,12 +104,18 @@ def response_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     # is invariant to the shift only up to rounding.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P+R)
     R = response_ids.shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=R + 1, output_hidden_states=True)
-    # The state at position t predicts token t+1: the last R+1 positions minus the final one score
-    # the R response tokens. Dividing by the temperature matches the sampling distribution.
-    logits = out.logits[:, :-1].float() / temperature  # (B, R, V)
-    hidden = out.hidden_states[-1][:, -R - 1 : -1]  # (B, R, H) final-norm states before each token
+    # The decoder stack and the LM head called apart: the head runs on R positions only, and the last
+    # hidden state (the value head's input) comes without keeping every layer's states, as
+    # `output_hidden_states` would (which also came back None in ddp_spawn workers). The LoRA layers
+    # live inside the decoder, so `disable_adapter()` still gives the reference. Models whose
+    # causal-LM wrapper rescales logits (softcapping, logit_scale) would need that applied here.
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids).last_hidden_state  # (B, P+R, H) after the final norm
+    # The state at position t predicts token t+1: positions P-1 .. P+R-2 score the R response tokens.
+    hidden = hidden[:, -R - 1 : -1]  # (B, R, H)
+    # Dividing by the temperature matches the sampling distribution.
+    logits = base.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
     return logits, hidden
 
 
@@ -233,7 +243,9 @@ class PPOModule(L.LightningModule):
                     logp, mb.logp, mb.advantages, mb.response_mask, self.cfg.clip_range)
                 # Measured before this minibatch's step: past the bound, the ratio clip no longer keeps the
                 # policy near the one that sampled the rollout, so the remaining updates are skipped.
-                if approx_kl.item() > self.cfg.max_approx_kl:
+                # Under DDP every process decides on the largest value, so all stop together (a process
+                # that went on alone would wait forever in the gradient all-reduce).
+                if _max_over_processes(approx_kl) > self.cfg.max_approx_kl:
                     stopped = True
                     break
                 loss = pg_loss
@@ -286,6 +298,9 @@ class PPOModule(L.LightningModule):
         }
         if self.gold_judge:  # monitoring only: the over-optimisation curve's ground truth
             stats["gold_score"] = fmean(judge.gold_scores(sampled.texts))
+        if self.trainer.world_size > 1:  # each process rolled out its own prompts: report them all
+            gathered = self.all_gather(torch.tensor(list(stats.values()), device=self.device))  # (world, K)
+            stats = dict(zip(stats, gathered.float().mean(0).tolist()))
         stats = {f"ppo/{k}": v for k, v in stats.items()}
         self.history.append({"iteration": batch_idx, **stats})
         on_bar = {"ppo/reward", "ppo/kl"}
@@ -304,16 +319,45 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.value = checkpoint.get("kl_coef", self.kl_ctl.value)
 
 
+def _max_over_processes(value: torch.Tensor) -> float:
+    value = value.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
 def collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
     """`prompt_chat` (template applied) goes to the policy, the raw `prompt` to the reward model."""
     return {"prompt": [row["prompt"] for row in rows], "prompt_chat": [row["prompt_chat"] for row in rows]}
 
 
+class PromptOrder(Sampler[int]):
+    """The prompts of `iterations` rollouts of `batch_size`, in a seeded order: fresh permutations chained
+    (each prompt once per pass before any repeats; one process draws exactly what
+    `RandomSampler(num_samples=...)` with the same seed draws). Under DDP the order is drawn for all
+    processes and each takes every world-th index, so processes roll out different prompts.
+
+    Only integers are stored: the generator is made when iterating, because a `torch.Generator` does
+    not pickle into ddp_spawn workers."""
+
+    def __init__(self, n_rows: int, iterations: int, batch_size: int, seed: int):
+        self.n_rows, self.per_process, self.seed = n_rows, iterations * batch_size, seed
+
+    def __len__(self) -> int:
+        return self.per_process
+
+    def __iter__(self):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        generator = torch.Generator().manual_seed(self.seed)
+        order: list[int] = []
+        while len(order) < self.per_process * world:
+            order += torch.randperm(self.n_rows, generator=generator).tolist()
+        return iter(order[rank :: world][: self.per_process])
+
+
 def prompt_loader(rows: list[dict], ppo: PPOConfig) -> DataLoader:
-    """Exactly `iterations` batches of `rollout_batch_size` prompts. Without replacement the sampler
-    chains fresh permutations, so with few prompts each is used once per pass before any repeats."""
-    sampler = RandomSampler(rows, num_samples=ppo.iterations * ppo.rollout_batch_size,
-                            generator=torch.Generator().manual_seed(ppo.seed))
+    """Exactly `iterations` batches of `rollout_batch_size` prompts per process."""
+    sampler = PromptOrder(len(rows), ppo.iterations, ppo.rollout_batch_size, ppo.seed)
     return DataLoader(rows, batch_size=ppo.rollout_batch_size, sampler=sampler, collate_fn=collate_prompts)
 
 
@@ -336,19 +380,39 @@ def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir:
     # global_step counts optimiser steps (STACK_NOTES), which the approximate-KL early stop makes
     # irregular; checking after every step still saves once per iteration (at its end), keeping the latest.
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=1)
+    history_file = out / HISTORY_FILE
+    history_file.unlink(missing_ok=True)
+    # PromptOrder shards the prompts itself: Lightning's DistributedSampler would drop `iterations`.
     trainer = build_trainer(cfg.trainer, "ppo", max_epochs=1, logger=logger if logger is not None else False,
-                            log_every_n_steps=1, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=out)
+                            log_every_n_steps=1, callbacks=[checkpoint, *(callbacks or []), _SaveHistory(history_file)],
+                            default_root_dir=out, use_distributed_sampler=False)
     with warnings.catch_warnings():
         # Lightning warns that manual-optimisation checkpoints hold the post-update weights: we want those.
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         trainer.fit(module, prompt_loader(rl_prompts, cfg.ppo))
 
+    # Under ddp_spawn training ran in worker processes: Lightning moves the weights back into `module`,
+    # not what the module collected, so the history comes back through rank 0's file.
+    history = json.loads(history_file.read_text())
     adapter_dir = out / "adapter"
     if trainer.is_global_zero:
         module.policy.save_pretrained(adapter_dir)
         if module.value_head is not None:
             torch.save(module.value_head.state_dict(), adapter_dir / VALUE_HEAD_FILE)
-    return PPOResult(str(adapter_dir), dict(module.history[-1]), list(module.history))
+    return PPOResult(str(adapter_dir), dict(history[-1]), history)
+
+
+class _SaveHistory(Callback):
+    """Rank 0 writes the module's per-iteration history to `path` when training ends (in every process
+    layout: one process, ddp_spawn workers)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: PPOModule) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(pl_module.history))
 
 
 def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,
