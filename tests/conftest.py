@@ -96,3 +96,25 @@ def reward_model_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("rm") / "model"
     RewardScorer(model, tok, max_length=64, mean=0.0, std=1.0).save(out)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real moto S3 server on a free local port; AWS_ENDPOINT_URL points boto3 at it. Yields its URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.setenv(name, "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.delenv("AWS_PROFILE", raising=False)
+        yield f"http://127.0.0.1:{port}"
+    server.stop()

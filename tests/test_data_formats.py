@@ -4,7 +4,6 @@ with its location and never loses the valid rows; the real HH harmless-base file
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -228,31 +227,7 @@ def test_real_hh_harmless_base_file_is_reported_as_it_really_is(tmp_path):
 # -------------------------------------------------------------------------------------------------- S3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real moto S3 server on a free local port; AWS_ENDPOINT_URL points boto3 at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            mp.setenv(name, "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.delenv("AWS_PROFILE", raising=False)
-        yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def test_s3_objects_read_like_local_files(s3_endpoint, tmp_path):
+def test_s3_objects_read_like_local_files(s3_server, tmp_path):
     import boto3
 
     s3 = boto3.client("s3")

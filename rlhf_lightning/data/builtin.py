@@ -19,7 +19,7 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from rlhf_lightning import judge
+from rlhf_lightning import cache, judge
 from rlhf_lightning.config import BuiltinTaskConfig, PolicyConfig
 
 TEMPLATES = [
@@ -106,6 +106,9 @@ def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict
     paths["stats"] = str(out / "stats.json")
     if Path(paths["stats"]).exists():
         return paths
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cache.fetch(f"builtin/{out.name}", out):  # sampled by another container or run
+        return paths
     out.mkdir(parents=True, exist_ok=True)
 
     pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
@@ -139,5 +142,6 @@ def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict
         "config": asdict(task),
         "policy": policy.model,
     }
-    Path(paths["stats"]).write_text(json.dumps(stats, indent=2))
+    Path(paths["stats"]).write_text(json.dumps(stats, indent=2))  # last: its presence marks the files complete
+    cache.publish(f"builtin/{out.name}", out)
     return paths

@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rlhf_lightning import cache
 from rlhf_lightning.config import LoraConfig, PolicyConfig
 
 # ChatML, the format SmolLM2 uses, so tiny models exercise the same template path.
@@ -67,6 +68,9 @@ def _convert_gguf(path: Path) -> Path:
     out = cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
     if (out / "config.json").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cache.fetch(f"gguf/{out.name}", out):  # converted by another container or run
+        return out
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     # The dequantised model still says it is quantised; saving would fail (STACK_NOTES).
@@ -76,6 +80,7 @@ def _convert_gguf(path: Path) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)  # atomic: parallel steps never see a half-written copy
+    cache.publish(f"gguf/{out.name}", out)
     return out
 
 

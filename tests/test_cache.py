@@ -1,0 +1,74 @@
+"""Shared caches in S3 (a moto server): what one container builds, the next fetches instead of rebuilding;
+an upload without its manifest is never used."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+
+from rlhf_lightning import cache
+from rlhf_lightning.config import BuiltinTaskConfig, PolicyConfig
+from rlhf_lightning.data import builtin
+
+
+@pytest.fixture
+def shared(s3_server, monkeypatch):
+    s3 = boto3.client("s3")
+    bucket = f"cache-{id(monkeypatch)}"
+    s3.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("RLHF_LIGHTNING_SHARED_CACHE", f"s3://{bucket}/metaflow/rlhf_lightning_cache")
+    return s3, bucket
+
+
+def test_publish_then_fetch_round_trips_a_directory(shared, tmp_path):
+    s3, bucket = shared
+    src = tmp_path / "built"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.bin").write_bytes(b"\0\1\2")
+    cache.publish("gguf/model-1", src)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="metaflow/rlhf_lightning_cache/gguf/model-1/MANIFEST.json")["Body"].read())
+    assert manifest == {"files": ["a.txt", "sub/b.bin"], "bytes": 8}
+
+    dest = tmp_path / "fresh-container" / "model-1"
+    dest.parent.mkdir()
+    assert cache.fetch("gguf/model-1", dest)
+    assert (dest / "a.txt").read_text() == "alpha" and (dest / "sub" / "b.bin").read_bytes() == b"\0\1\2"
+    assert not cache.fetch("gguf/other", tmp_path / "other")
+    assert not cache.fetch("gguf/model-1", dest)  # already there: the caller keeps its own copy
+
+
+def test_an_upload_without_its_manifest_is_not_used(shared, tmp_path):
+    s3, bucket = shared
+    s3.put_object(Bucket=bucket, Key="metaflow/rlhf_lightning_cache/builtin/x/preferences.jsonl", Body=b"{}")
+    assert not cache.fetch("builtin/x", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_shared_cache_means_local_only(monkeypatch, tmp_path):
+    monkeypatch.delenv("RLHF_LIGHTNING_SHARED_CACHE", raising=False)
+    assert cache.shared_root() is None and not cache.fetch("k", tmp_path / "k")
+    cache.publish("k", tmp_path)  # nothing to do, nothing raised
+    monkeypatch.setenv("RLHF_LIGHTNING_SHARED_CACHE", "/some/dir")
+    with pytest.raises(ValueError, match="give an s3://bucket/prefix"):
+        cache.shared_root()
+
+
+def test_builtin_task_sampled_once_then_fetched_by_a_fresh_container(shared, tmp_path, monkeypatch, one_torch_thread):
+    task = BuiltinTaskConfig(n_preference_prompts=4, n_rl_prompts=2, n_eval_prompts=2, max_new_tokens=4,
+                             output_dir=str(tmp_path / "first" / ".rlhf_cache"))
+    policy = PolicyConfig(model="tiny:llama")
+    first = builtin.generate_builtin_task(task, policy)
+    written = {k: open(v).read() for k, v in first.items()}
+
+    # A fresh container: empty working directory, and sampling would fail if it were attempted.
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again instead of fetching the shared copy")
+
+    monkeypatch.setattr("rlhf_lightning.models.loading.load_base_causal_lm", no_sampling)
+    task.output_dir = str(tmp_path / "second" / ".rlhf_cache")
+    second = builtin.generate_builtin_task(task, policy)
+    assert {k: open(v).read() for k, v in second.items()} == written
+    assert second["stats"].startswith(str(tmp_path / "second"))
