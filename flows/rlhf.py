@@ -29,14 +29,18 @@ class RLHFFlow(FlowSpec):
      7. reinforce          PPO on the LoRA policy against the reward model
      8. evaluate           policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
      9. register           MLflow pyfunc model -> Model Registry with its lineage tags, alias `candidate`
-    10. deploy             `mlflow models serve` of the new candidate on a free local port
-    11. inference          verify the served version and weights, send the inference template; only then
-                           move `champion` to it, if the evaluation gate promoted it; stop the server
+    10. deploy             the new candidate to an MLflow deployments target (serving.target; default
+                           rlhf-local: recorded in the registry, load-checked with `mlflow models serve`)
+    11. inference          through the same deployments client: verify the deployed version and weights,
+                           send the inference template; only then move `champion` to it, if the
+                           evaluation gate promoted it
     12. end
 
     Run:  python flows/rlhf.py run                                  (configs/default.yaml: SmolLM2 + MiniLM)
           python flows/rlhf.py --config cfg configs/tiny.yaml run   (tiny models, ~3 minutes)
-    AWS:  python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it)
+    AWS:  MLFLOW_TRACKING_URI=http://<tracking server> \
+          python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it;
+          every step runs in a fresh container: README, "Scaling out")
     """
 
     cfg = Config("cfg", default=DEFAULT_CONFIG, parser=parse_yaml_config,
@@ -151,18 +155,17 @@ class RLHFFlow(FlowSpec):
 
     @step
     def deploy(self):
-        """Start `mlflow models serve` of the new candidate."""
+        """Deploy the new candidate through MLflow's deployments API (serving.target)."""
         from rlhf_lightning import pipeline
 
-        self.endpoint = pipeline.deploy(self._config(), self.parent_run_id, self.model_version,
-                                        self._workdir("deploy"))
+        self.endpoint = pipeline.deploy(self._config(), self.parent_run_id, self.model_version)
         self.next(self.inference)
 
     @card(type="blank")
     @step
     def inference(self):
-        """Verify the served version and weights, send the inference template; then move `champion` if the
-        gate promoted this version; stop the server."""
+        """Verify the deployed version and weights, send the inference template through the same
+        deployments client; then move `champion` if the gate promoted this version."""
         from rlhf_lightning import pipeline
 
         self.inference_report, self.model_version = pipeline.inference(

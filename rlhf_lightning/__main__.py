@@ -129,11 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with ModelServer(args.model_uri, host=args.host, port=args.port) as server:
             print(f"serving {args.model_uri} at {server.url} — Ctrl-C to stop", flush=True)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                return 0
+            server.serve_forever()
+            return 0
 
     from rlhf_lightning import pipeline
     from rlhf_lightning.data.formats import DataError

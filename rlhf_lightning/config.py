@@ -361,16 +361,28 @@ class RegistryConfig:
 
 @dataclass
 class ServingConfig:
-    """`mlflow models serve` of the registered policy."""
+    """Deployment of the registered candidate through MLflow's deployments API, and its checks."""
 
+    target: str = "rlhf-local"
+    """MLflow deployments target (`mlflow.deployments.get_deploy_client`). `rlhf-local`, this project's
+    target: a deployment recorded in the Model Registry and served by `mlflow models serve` on the
+    machine that uses it (host, port, startup_timeout below). `sagemaker:/REGION[/ROLE_ARN]` or any
+    installed plugin's target deploy there instead (`target_config` holds their settings)."""
+    deployment_name: str = ""
+    """Deployment the candidate goes to (created, or updated to the new version); empty =
+    `<registry.model_name>-candidate`, so a candidate never replaces what serves the champion."""
+    target_config: dict[str, Any] = field(default_factory=dict)
+    """Target-specific deployment config, e.g. SageMaker `{instance_type: ml.g5.xlarge, region_name:
+    us-east-1, execution_role_arn: ...}` (`mlflow deployments help -t sagemaker` lists them)."""
     host: str = "127.0.0.1"
-    """Bind address (loopback unless you mean to expose it)."""
+    """rlhf-local: bind address (loopback unless you mean to expose it)."""
     port: int = 0
-    """Port; 0 picks a free one."""
+    """rlhf-local: port; 0 picks a free one."""
     startup_timeout: float = 240.0
-    """Seconds to wait for /ping."""
+    """rlhf-local: seconds to wait for /ping."""
     keep_running: bool = False
-    """Leave the server up after the inference step (prints its URL and PID)."""
+    """rlhf-local: leave the server the inference step started up after the run (prints its URL and
+    PID). It runs where that step ran: on this machine for a local run."""
     requests: list[InferenceRequest] = field(default_factory=lambda: [
         InferenceRequest(),
         InferenceRequest(prompt="Describe a rainy Sunday afternoon in one sentence.", temperature=0.7),
@@ -378,6 +390,7 @@ class ServingConfig:
     """The inference template: requests sent to the endpoint after deployment."""
 
     def __post_init__(self) -> None:
+        _check(bool(self.target.strip()), "serving.target", "name an MLflow deployments target, e.g. rlhf-local")
         _check(0 <= self.port < 65536, "serving.port", "must be 0 (free port) or a port number")
         _check(bool(self.requests), "serving.requests", "list at least one inference request")
 
@@ -456,6 +469,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if value not in get_args(hint):
             raise ConfigError(f"config: {path}: got {value!r}; use one of {list(get_args(hint))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {path}: expected a mapping (key: value), got {type(value).__name__}")
+        return {str(k): v for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):
             value = [value]

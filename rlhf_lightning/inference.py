@@ -1,8 +1,11 @@
 """Post-deployment checks: the served model is the registered one, and it answers the inference template.
 
-Two kinds of evidence that the endpoint serves the checkpoint we registered:
-- the registry: the alias the deploy step served points at the version it registered
+Everything goes through the MLflow deployments client of the target the version was deployed to
+(`mlflow.deployments.get_deploy_client`), so the same checks run against the project's local target, SageMaker
+or any other. Three kinds of evidence that the deployment serves the checkpoint we registered:
+- the registry: the alias the deploy step deployed points at the version it registered
   (:func:`check_registered_version`);
+- the target: the deployment exists and, where the target says, serves that version (:func:`check_deployment`);
 - the endpoint itself: every answer carries the sha256 of the adapter weights the server loaded, which
   must equal the hash computed from the trained adapter at registration (:func:`run_inference_template`).
 """
@@ -10,14 +13,17 @@ Two kinds of evidence that the endpoint serves the checkpoint we registered:
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.deployments import BaseDeploymentClient
 from mlflow.exceptions import MlflowException
 
 from rlhf_lightning.config import InferenceRequest
-from rlhf_lightning.serving import invoke
+from rlhf_lightning.serving import ServingError
 
 
 @dataclass
@@ -34,7 +40,6 @@ class Answer:
     """The endpoint's answer to one inference-template request."""
 
     request: dict[str, Any]
-    status: int
     latency_s: float
     response: str | None = None
     prompt_tokens: int | None = None
@@ -47,7 +52,7 @@ class Answer:
 class InferenceReport:
     """Answers to the inference template and the checks run on them."""
 
-    url: str
+    deployment: str
     expected_sha256: str
     answers: list[Answer] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
@@ -66,9 +71,9 @@ class InferenceReport:
 
 def _check_answer(i: int, req: InferenceRequest, answer: Answer, expected_sha256: str) -> list[Check]:
     where = f"request[{i}]"
-    checks = [Check(f"{where}.http_200", answer.status == 200,
-                    f"HTTP {answer.status}" + (f": {answer.error}" if answer.error else ""))]
-    if answer.status != 200:
+    checks = [Check(f"{where}.answered", answer.error is None,
+                    "answered" if answer.error is None else answer.error)]
+    if answer.error is not None:
         return checks  # no body to check
     checks += [
         Check(f"{where}.response_non_empty", bool(answer.response and answer.response.strip()),
@@ -82,28 +87,44 @@ def _check_answer(i: int, req: InferenceRequest, answer: Answer, expected_sha256
     return checks
 
 
-def run_inference_template(url: str, requests: list[InferenceRequest], expected_sha256: str,
-                           timeout: float = 300.0) -> InferenceReport:
-    """Send each request as `{"dataframe_records": [{"prompt"}], "params": {max_new_tokens, temperature}}`
-    to `<url>/invocations` and check every answer: HTTP 200, a non-empty response, at most
-    max_new_tokens generated, and the served weights' sha256 equal to `expected_sha256`."""
-    report = InferenceReport(url=url, expected_sha256=expected_sha256)
+def run_inference_template(client: BaseDeploymentClient, deployment: str, requests: list[InferenceRequest],
+                           expected_sha256: str) -> InferenceReport:
+    """Send each request to `deployment` through its MLflow deployments client (`client.predict` with
+    one row `{"prompt"}` and params `{max_new_tokens, temperature}`) and check every answer: answered,
+    a non-empty response, at most max_new_tokens generated, and the served weights' sha256 equal to
+    `expected_sha256`. The same code checks a local server, SageMaker or any other target."""
+    report = InferenceReport(deployment=deployment, expected_sha256=expected_sha256)
     for i, req in enumerate(requests):
-        payload = {"dataframe_records": [{"prompt": req.prompt}],
-                   "params": {"max_new_tokens": req.max_new_tokens, "temperature": req.temperature}}
-        result = invoke(url, payload, timeout=timeout)
-        answer = Answer(request=dataclasses.asdict(req), status=result.status, latency_s=result.latency_s)
-        if result.status == 200:
-            row = result.body["predictions"][0]
+        params = {"max_new_tokens": req.max_new_tokens, "temperature": req.temperature}
+        start = time.perf_counter()
+        answer = Answer(request=dataclasses.asdict(req), latency_s=0.0)
+        try:
+            out = client.predict(deployment, pd.DataFrame([{"prompt": req.prompt}]), params=params)
+            row = out["predictions"][0]
             answer.response = row["response"]
             answer.prompt_tokens = row["prompt_tokens"]
             answer.completion_tokens = row["completion_tokens"]
             answer.weights_sha256 = row["weights_sha256"]
-        else:
-            answer.error = result.error_message
+        except (MlflowException, ServingError) as exc:  # the target rejected or failed the request
+            answer.error = str(exc)
+        answer.latency_s = time.perf_counter() - start
         report.answers.append(answer)
         report.checks.extend(_check_answer(i, req, answer, expected_sha256))
     return report
+
+
+def check_deployment(client: BaseDeploymentClient, deployment: str, expected_model_uri: str) -> Check:
+    """Does the target hold `deployment`, and (where the target reports it, as rlhf-local does) does it
+    serve `expected_model_uri`?"""
+    try:
+        record = client.get_deployment(deployment)
+    except MlflowException as exc:
+        return Check("deployment.exists", False, f"{deployment}: {exc.message}")
+    served = record.get("model_uri")
+    if served is None:  # e.g. SageMaker describes the endpoint, not the model; the answers' hashes tell
+        return Check("deployment.exists", True, f"{deployment}: {record.get('EndpointStatus', 'exists')}")
+    return Check("deployment.model_uri", served == expected_model_uri,
+                 f"{deployment} serves {served}, expected {expected_model_uri}")
 
 
 def check_registered_version(client: MlflowClient, name: str, alias: str, expected_version: str) -> Check:

@@ -294,58 +294,84 @@ def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, workdir: 
     return info
 
 
-def deploy(cfg: RLHFConfig, parent_run_id: str, model_version, workdir: str) -> dict[str, Any]:
-    """Start `mlflow models serve` of the new `candidate` in the background for the inference step."""
-    from rlhf_lightning import registry, serving
+def deployment_name(cfg: RLHFConfig) -> str:
+    return cfg.serving.deployment_name or f"{cfg.registry.model_name}-candidate"
 
-    alias = registry.CANDIDATE_ALIAS
-    uri = f"models:/{model_version.name}@{alias}"
+
+def _target_config(cfg: RLHFConfig) -> dict[str, Any]:
+    from rlhf_lightning.deployments import TARGET
+
+    local = ({"host": cfg.serving.host, "port": cfg.serving.port, "startup_timeout": cfg.serving.startup_timeout}
+             if cfg.serving.target == TARGET else {})
+    return {**local, **cfg.serving.target_config}
+
+
+def deploy(cfg: RLHFConfig, parent_run_id: str, model_version) -> dict[str, Any]:
+    """Deploy the new candidate's version through MLflow's deployments API to `serving.target` (create
+    the deployment, or update it to this version). Returns what `inference` needs to reach it again
+    through the same client, wherever that step runs: no URL, port or process id."""
+    from mlflow.exceptions import MlflowException
+
+    from rlhf_lightning import registry
+    from rlhf_lightning.deployments import get_client
+
+    name = deployment_name(cfg)
+    uri = f"models:/{model_version.name}/{model_version.version}"
     with tracking.stage_run(parent_run_id, "deploy"):
-        server = serving.ModelServer(uri, host=cfg.serving.host, port=cfg.serving.port,
-                                     startup_timeout=cfg.serving.startup_timeout, log_dir=workdir)
-        server.start()
-        server.wait_ready()
+        client = get_client(cfg.serving.target)
+        try:
+            client.get_deployment(name)
+            exists = True
+        except MlflowException:
+            exists = False
+        if exists:
+            client.update_deployment(name, model_uri=uri, config=_target_config(cfg))
+        else:
+            client.create_deployment(name, uri, config=_target_config(cfg))
         import mlflow
 
-        endpoint = {"url": server.url, "pid": server.pid, "model_uri": uri, "alias": alias,
-                    "version": model_version.version, "log": server.log_path}
-        mlflow.set_tags({f"endpoint.{k}": str(v) for k, v in endpoint.items()})
-    print(f"serving {uri} (version {model_version.version}) at {server.url}")
+        endpoint = {"target": cfg.serving.target, "name": name, "model_uri": uri,
+                    "alias": registry.CANDIDATE_ALIAS, "version": model_version.version}
+        mlflow.set_tags({f"deployment.{k}": str(v) for k, v in endpoint.items()})
+    print(f"deployed {uri} to {cfg.serving.target} as {name!r} ({'updated' if exists else 'created'})")
     return endpoint
 
 
 def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict, evaluation: dict,
               card=None) -> tuple[dict[str, Any], Any]:
-    """Check the endpoint serves the registered version and weights and answers the inference template;
-    only then, if the evaluation gate said so, move `champion` to this version. Stops the server unless
-    `serving.keep_running`. Returns (the report, the version's info with its aliases now)."""
+    """Check, through the deployments client of the target `deploy` used, that the deployment serves the
+    registered version and weights and answers the inference template; only then, if the evaluation
+    gate said so, move `champion` to this version. A server this step started (rlhf-local) is stopped
+    unless `serving.keep_running`. Returns (the report, the version's info with its aliases now)."""
     import dataclasses
 
     from mlflow import MlflowClient
 
     from rlhf_lightning import inference as inf
-    from rlhf_lightning import registry, serving
+    from rlhf_lightning import registry
+    from rlhf_lightning.deployments import LocalDeploymentClient, get_client
 
+    client = get_client(endpoint["target"])
     try:
         with tracking.stage_run(parent_run_id, "inference"):
             import mlflow
 
-            report = inf.run_inference_template(endpoint["url"], cfg.serving.requests, model_version.weights_sha256)
-            # The checkpoint check: the alias still names the version deploy started, and the served
-            # weights hash (in every answer) equals the registered adapter's.
-            report.checks.insert(0, inf.check_registered_version(MlflowClient(), model_version.name,
-                                                                 endpoint["alias"], endpoint["version"]))
-            data = report.to_dict()
-            tracking.log_dict_artifact(data, "inference/report.json")
+            report = inf.run_inference_template(client, endpoint["name"], cfg.serving.requests,
+                                                model_version.weights_sha256)
+            # The checkpoint checks: the alias still names the version deploy deployed, the target serves
+            # that version, and the served weights hash (in every answer) equals the registered adapter's.
+            report.checks[:0] = [inf.check_registered_version(MlflowClient(), model_version.name,
+                                                              endpoint["alias"], endpoint["version"]),
+                                 inf.check_deployment(client, endpoint["name"], endpoint["model_uri"])]
             tracking.log_metrics({"inference/ok": float(report.ok),
                                   "inference/latency_s": max(a.latency_s for a in report.answers)})
             lines = [f"| {a.request['prompt'][:60]} | {(a.response or a.error or '')[:120]} |" for a in report.answers]
             _card_markdown(card, "# Inference template\n\n| prompt | response |\n|---|---|\n" + "\n".join(lines))
             if not report.ok:
+                tracking.log_dict_artifact(report.to_dict(), "inference/report.json")
                 failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
-                mlflow.set_tag("champion.decision", "not promoted: the served candidate failed its checks")
-                raise RuntimeError(f"inference checks failed, champion not moved: {failed}; "
-                                   f"server log: {endpoint['log']}")
+                mlflow.set_tag("champion.decision", "not promoted: the deployed candidate failed its checks")
+                raise RuntimeError(f"inference checks failed, champion not moved: {failed}")
             if evaluation["promote"]:
                 previous = registry.promote(model_version.name, model_version.version, evaluation["reason"])
                 decision = (f"promoted v{model_version.version} to champion"
@@ -355,11 +381,15 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
             mlflow.set_tag("champion.decision", decision)
             _card_markdown(card, f"**Champion:** {decision}")
             print(decision)
+            data = report.to_dict()
+            if isinstance(client, LocalDeploymentClient):
+                data["endpoint"] = client.close(keep_running=cfg.serving.keep_running).get(endpoint["name"])
+                if data["endpoint"]:
+                    print(f"endpoint left running at {data['endpoint']['url']} (pid {data['endpoint']['pid']})")
+            tracking.log_dict_artifact(data, "inference/report.json")
     finally:
-        if not cfg.serving.keep_running:
-            serving.stop_pid(endpoint["pid"])
-    if cfg.serving.keep_running:
-        print(f"endpoint left running at {endpoint['url']} (pid {endpoint['pid']})")
+        if isinstance(client, LocalDeploymentClient):
+            client.close(keep_running=cfg.serving.keep_running)
     aliases = sorted(MlflowClient().get_model_version(model_version.name, model_version.version).aliases)
     return data, dataclasses.replace(model_version, aliases=aliases)
 

@@ -138,6 +138,15 @@ class ModelServer:
             _stop_group(proc.pid, timeout, reap=proc.poll)
             proc.wait()
 
+    def serve_forever(self) -> None:
+        """Block until Ctrl-C (then return) or until the server process exits (then raise)."""
+        try:
+            while self._proc is not None and self._proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return
+        raise ServingError(f"`mlflow models serve` of {self.model_uri} exited; log {self.log_path}:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.is_file():
             return "(no log written)"

@@ -41,7 +41,8 @@ def flow_run(tmp_path_factory):
             # keep_serving: the test itself talks to the endpoint after the flow, then stops it.
             run = runner.run(max_workers=2, keep_serving=True).run
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        endpoint = run["deploy"].task.data.endpoint if run.successful else None
+        # The server the inference step started and left up (keep_serving), on this machine.
+        endpoint = run["inference"].task.data.inference_report["endpoint"] if run.successful else None
         yield run, work, endpoint
         if endpoint:
             stop_pid(endpoint["pid"])
@@ -65,7 +66,12 @@ def test_flow_succeeds_and_stores_artifacts(flow_run):
         assert name in ev["metrics"]
     report = run["inference"].task.data.inference_report
     assert report["ok"]
-    assert report["checks"][0]["name"] == "alias.candidate" and report["checks"][0]["ok"]
+    assert [(c["name"], c["ok"]) for c in report["checks"][:2]] == [("alias.candidate", True),
+                                                                    ("deployment.model_uri", True)]
+    deployed = run["deploy"].task.data.endpoint
+    assert deployed == {"target": "rlhf-local", "name": "rlhf-policy-candidate", "alias": "candidate",
+                        "model_uri": f"models:/rlhf-policy/{deployed['version']}",
+                        "version": run["register"].task.data.model_version.version}
     assert all(a["response"].strip() for a in report["answers"])
 
 

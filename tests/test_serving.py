@@ -15,8 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from rlhf_lightning import registry, serving
-from rlhf_lightning.config import InferenceRequest, from_dict
-from rlhf_lightning.inference import check_registered_version, run_inference_template
+from rlhf_lightning.config import InferenceRequest
+from rlhf_lightning.inference import check_registered_version
 from rlhf_lightning.models import generation, loading
 
 MODEL_NAME = "rlhf-policy"
@@ -135,29 +135,6 @@ def test_bad_requests_get_a_4xx_that_says_what_is_wrong(server, body, message):
     assert len(serving.predict(server.url, ["Hi"], {"max_new_tokens": 2})) == 1  # still serving
 
 
-def test_inference_template_passes_with_the_registered_weights(server, registered):
-    report = run_inference_template(server.url, TEMPLATE, registered.weights_sha256)
-    assert report.ok, report.failures
-    assert len(report.answers) == 2 and len(report.checks) == 8
-    assert report.to_dict()["ok"] is True
-    assert all(a.completion_tokens <= r.max_new_tokens for a, r in zip(report.answers, TEMPLATE))
-
-
-def test_inference_template_fails_on_other_weights(server):
-    report = run_inference_template(server.url, TEMPLATE, "0" * 64)
-    assert not report.ok
-    assert [c.name for c in report.failures] == ["request[0].weights_sha256_matches",
-                                                 "request[1].weights_sha256_matches"]
-
-
-def test_inference_template_reports_rejected_requests(server, registered):
-    report = run_inference_template(server.url, [InferenceRequest(prompt="Hi", max_new_tokens=999)],
-                                    registered.weights_sha256)
-    assert not report.ok
-    assert report.answers[0].status == 400 and "max_new_tokens" in report.answers[0].error
-    assert [c.name for c in report.checks] == ["request[0].http_200"]
-
-
 def test_check_registered_version(registered):
     client = MlflowClient()
     assert check_registered_version(client, MODEL_NAME, "champion", registered.version).ok
@@ -175,9 +152,9 @@ def test_server_that_cannot_load_fails_fast_with_its_log(mlflow_tracking, tmp_pa
 
 
 def test_stop_pid_stops_the_whole_group_of_a_detached_server():
-    """What the inference step does to a server the deploy step left running: the session leader and
-    its children (uvicorn under the mlflow CLI) all go."""
-    # Started through a short-lived intermediate process, like the deploy step that exits after
+    """How a server left running (`serving.keep_running`, `close(keep_running=True)`) is stopped later from
+    its pid: the session leader and its children (uvicorn under the mlflow CLI) all go."""
+    # Started through a short-lived intermediate process, like the flow step that exits after
     # starting the server: the leader is then not our child (our child's zombie would keep the group
     # "alive" until reaped).
     launcher = subprocess.run(
@@ -204,37 +181,6 @@ def test_stop_pid_refuses_a_process_it_did_not_start():
     finally:
         other.kill()
         other.wait()
-
-
-def test_champion_moves_only_after_the_served_candidate_passes(server, registered, tiny_policy):
-    """The inference stage with the gate's promote=True: when the endpoint does not serve the weights the
-    version was registered with, the checks fail and `champion` stays where it was; when they pass,
-    champion moves to the candidate and records the version it replaced."""
-    import dataclasses
-
-    from rlhf_lightning import pipeline, tracking
-
-    cfg = from_dict({"policy": {"model": "tiny:llama"}, "serving": {"keep_running": True}})
-    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, requests=TEMPLATE))
-    # v2: a new candidate (same weights) on top of the served champion v1.
-    with mlflow.start_run() as run:
-        v2 = registry.log_and_register(cfg, tiny_policy[1], tiny_policy[2], run.info.run_id, tags={})
-    parent = tracking.start_parent_run(cfg, flow_name="ServeTest", run_id="1")
-    endpoint = {"url": server.url, "pid": server.pid, "alias": "candidate", "version": v2.version, "log": "-"}
-    evaluation = {"promote": True, "reason": "test gate passed"}
-    client = MlflowClient()
-    champion = lambda: str(client.get_model_version_by_alias(MODEL_NAME, "champion").version)  # noqa: E731
-
-    wrong = dataclasses.replace(v2, weights_sha256="0" * 64)
-    with pytest.raises(RuntimeError, match="inference checks failed, champion not moved: .*weights_sha256_matches"):
-        pipeline.inference(cfg, parent, wrong, endpoint, evaluation)
-    assert champion() == registered.version
-
-    report, info = pipeline.inference(cfg, parent, v2, endpoint, evaluation)
-    assert report["ok"] and "champion" in info.aliases and champion() == v2.version
-    assert client.get_model_version(MODEL_NAME, v2.version).tags["champion.previous"] == registered.version
-    assert server.pid and serving.predict(server.url, ["Hi"], {"max_new_tokens": 2})  # keep_running: still up
-
 
 
 def test_generate_dockerfile_builds_a_context_for_the_same_model(registered, tmp_path):

@@ -1,0 +1,194 @@
+"""`rlhf-local`: an MLflow deployments target that serves registered models with `mlflow models serve`.
+
+MLflow has no local deployments target, so the project registers this one (entry point
+`mlflow.deployments: rlhf-local`). It behaves like a remote target wherever it is used from:
+
+- A deployment is a record in the Model Registry (a tag `deployment.rlhf-local.<name>` on the
+  registered model it serves), so any process that reaches the tracking server sees it: the flow's
+  `deploy` and `inference` steps may run in two different containers.
+- The endpoint is `mlflow models serve` of the recorded version, started on this machine by the client
+  that needs it (`predict`, or `run_local` in the foreground) and stopped by `close()`: a server never
+  outlives the process that started it unless asked to (`close(keep_running=True)`).
+- `create_deployment` load-checks the model: the server must start and answer /ping.
+
+    mlflow deployments create -t rlhf-local --name rlhf-policy-candidate -m models:/rlhf-policy/3
+    mlflow deployments predict -t rlhf-local --name rlhf-policy-candidate --input-path in.json
+    mlflow deployments run-local -t rlhf-local --name rlhf-policy -m models:/rlhf-policy@champion -C port=5001
+
+Config (`-C key=value`, or `serving.target_config` in the flow): `host` (127.0.0.1), `port` (0 = a
+free port), `startup_timeout` (seconds, 240).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+from rlhf_lightning.serving import ModelServer, ServingError, invoke
+
+TARGET = "rlhf-local"
+TAG_PREFIX = f"deployment.{TARGET}."
+DEFAULTS = {"host": "127.0.0.1", "port": 0, "startup_timeout": 240.0}
+
+
+def _settings(config: dict | None) -> dict[str, Any]:
+    unknown = sorted(set(config or {}) - set(DEFAULTS))
+    if unknown:
+        raise MlflowException(f"{TARGET}: unknown config key(s) {unknown}; valid: {sorted(DEFAULTS)}",
+                              INVALID_PARAMETER_VALUE)
+    merged = {**DEFAULTS, **(config or {})}
+    # `-C port=5001` on the command line gives strings.
+    return {"host": str(merged["host"]), "port": int(merged["port"]),
+            "startup_timeout": float(merged["startup_timeout"])}
+
+
+def _registered_version(client: MlflowClient, model_uri: str) -> tuple[str, str]:
+    """(name, version) of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI, resolved now."""
+    if not model_uri.startswith("models:/"):
+        raise MlflowException(f"{TARGET} deploys registered models (models:/NAME/VERSION or models:/NAME@ALIAS), "
+                              f"got {model_uri!r}; register it first", INVALID_PARAMETER_VALUE)
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, client.get_model_version_by_alias(name, alias).version
+    name, _, version = ref.partition("/")
+    return name, client.get_model_version(name, version).version
+
+
+class LocalDeploymentClient(BaseDeploymentClient):
+    """Deployments recorded in the Model Registry, served on demand by `mlflow models serve`."""
+
+    def __init__(self, target_uri: str):
+        super().__init__(target_uri)
+        self._registry = MlflowClient()
+        self._servers: dict[str, ModelServer] = {}
+
+    # ------------------------------------------------------------- records
+
+    def _records(self) -> dict[str, dict]:
+        out = {}
+        for model in self._registry.search_registered_models():
+            for key, value in model.tags.items():
+                if key.startswith(TAG_PREFIX):
+                    out[key.removeprefix(TAG_PREFIX)] = json.loads(value)
+        return out
+
+    def _write(self, name: str, model_uri: str, config: dict | None) -> dict:
+        model, version = _registered_version(self._registry, model_uri)
+        settings = _settings(config)
+        # Load check: the version must start and answer /ping before it is recorded as deployed.
+        with ModelServer(f"models:/{model}/{version}", **settings):
+            pass
+        record = {"name": name, "target": TARGET, "model_name": model, "version": str(version),
+                  "model_uri": f"models:/{model}/{version}", "config": settings, "updated_at": time.time()}
+        for other, old in self._records().items():  # a name moves with its deployment
+            if other == name and old["model_name"] != model:
+                self._registry.delete_registered_model_tag(old["model_name"], TAG_PREFIX + name)
+        self._registry.set_registered_model_tag(model, TAG_PREFIX + name, json.dumps(record))
+        return record
+
+    # ------------------------------------------------------------- BaseDeploymentClient
+
+    def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
+        if name in self._records():
+            raise MlflowException(f"{TARGET} deployment {name!r} exists; use update_deployment",
+                                  INVALID_PARAMETER_VALUE)
+        return self._write(name, model_uri, config)
+
+    def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
+        old = self.get_deployment(name)
+        self.close_server(name)  # a running server would keep the old weights
+        return self._write(name, model_uri or old["model_uri"], config if config is not None else old["config"])
+
+    def delete_deployment(self, name, config=None, endpoint=None):
+        record = self._records().get(name)
+        self.close_server(name)
+        if record is not None:
+            self._registry.delete_registered_model_tag(record["model_name"], TAG_PREFIX + name)
+
+    def list_deployments(self, endpoint=None):
+        return list(self._records().values())
+
+    def get_deployment(self, name, endpoint=None):
+        record = self._records().get(name)
+        if record is None:
+            raise MlflowException(f"no {TARGET} deployment named {name!r}; create it with "
+                                  f"`mlflow deployments create -t {TARGET} --name {name} -m models:/...`",
+                                  RESOURCE_DOES_NOT_EXIST)
+        return record
+
+    def predict(self, deployment_name=None, inputs=None, endpoint=None, params: dict | None = None):
+        """Answers of the deployment, as `{"predictions": [...]}`. `inputs`: a DataFrame, a list of row
+        dicts, or a dict of one row. Raises `ServingError` with the server's message on failure."""
+        url = self.serve(deployment_name)
+        if isinstance(inputs, pd.DataFrame):
+            records = inputs.to_dict(orient="records")
+        else:
+            records = [inputs] if isinstance(inputs, dict) else list(inputs)
+        payload: dict[str, Any] = {"dataframe_records": records}
+        if params:
+            payload["params"] = params
+        result = invoke(url, payload)
+        if result.status != 200:
+            raise ServingError(f"{TARGET} deployment {deployment_name!r}: HTTP {result.status}: "
+                               f"{result.error_message}")
+        return PredictionsResponse(result.body)
+
+    # ------------------------------------------------------------- the server
+
+    def serve(self, name: str) -> str:
+        """Start (once per client) the server of deployment `name`; return its URL."""
+        if name not in self._servers:
+            record = self.get_deployment(name)
+            server = ModelServer(record["model_uri"], **record["config"])
+            server.__enter__()
+            self._servers[name] = server
+        return self._servers[name].url
+
+    def close_server(self, name: str) -> None:
+        server = self._servers.pop(name, None)
+        if server is not None:
+            server.stop()
+
+    def close(self, keep_running: bool = False) -> dict[str, dict]:
+        """Stop the servers this client started, or leave them up (`keep_running`) and return
+        {deployment name: {"url", "pid"}} of each left running."""
+        left = {name: {"url": s.url, "pid": s.pid} for name, s in self._servers.items()} if keep_running else {}
+        if not keep_running:
+            for name in list(self._servers):
+                self.close_server(name)
+        self._servers.clear()
+        return left
+
+
+def get_client(target: str) -> BaseDeploymentClient:
+    """`mlflow.deployments.get_deploy_client(target)`, with this module registered as `rlhf-local`.
+
+    The entry point registers it wherever the project is installed (the `mlflow deployments` CLI), but
+    inside a Metaflow task the library is imported from the code package, whose recorded distribution
+    carries no entry points and hides the installed one; so register it here too, the way MLflow
+    registers its own SageMaker target."""
+    from mlflow.deployments import get_deploy_client
+    from mlflow.deployments.interface import plugin_store
+
+    if TARGET not in plugin_store.registry:
+        plugin_store.register(TARGET, __name__)
+    return get_deploy_client(target)
+
+
+def run_local(name, model_uri, flavor=None, config=None):
+    """Serve `model_uri` in the foreground until interrupted (`mlflow deployments run-local`)."""
+    with ModelServer(model_uri, **_settings(config)) as server:
+        print(f"{TARGET}: serving {model_uri} as {name!r} at {server.url} (Ctrl-C stops it)", flush=True)
+        server.serve_forever()
+
+
+def target_help():
+    return __doc__
