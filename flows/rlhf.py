@@ -6,15 +6,21 @@ import sys
 from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Running `python flows/rlhf.py` from a checkout works without installing the package.
-if REPO not in sys.path:
+try:
+    import rlhf_lightning  # noqa: F401  installed (`make setup`), or on PYTHONPATH in a remote task
+except ImportError:
+    # A checkout without installing the package. Only then is the repository root put on sys.path:
+    # after an install it holds `rlhf_lightning.egg-info`, which Metaflow would record in the code
+    # package as the library's distribution, with empty metadata that breaks `import mlflow` remotely.
     sys.path.insert(0, REPO)
 
-from rlhf_lightning.config import parse_yaml_config  # noqa: E402
+from remote import PipelineError, remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
+from rlhf_lightning.config import ConfigError, parse_yaml_config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
 
 
+@remote_ready
 class RLHFFlow(FlowSpec):
     """RLHF pipeline: preference data in, a served PPO-tuned LoRA policy out.
 
@@ -58,6 +64,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lightning.config import from_dict
 
         tree = self.cfg.to_dict()
+        tree["data"] = resolve_data_sources(tree["data"])  # remotely: the copies in the code package
         tree["ppo"]["iterations"] = self.ppo_iterations
         tree["evaluation"]["promotion_margin"] = self.promotion_margin
         tree["serving"]["keep_running"] = self.keep_serving
@@ -71,11 +78,16 @@ class RLHFFlow(FlowSpec):
         """Create the MLflow parent run (and the tracking DB, once, before parallel steps)."""
         from rlhf_lightning import pipeline
 
-        self.parent_run_id = pipeline.start(self._config(), flow_name=current.flow_name, run_id=current.run_id)
+        try:
+            self.parent_run_id = pipeline.start(self._config(), flow_name=current.flow_name,
+                                                run_id=current.run_id, remote_steps=remote_steps(self))
+        except ConfigError as exc:
+            raise PipelineError(str(exc)) from None
         self.next(self.preprocess)
 
     @card(type="blank")
-    @resources(cpu=2, memory=8000)
+    # A GPU: the built-in task samples thousands of responses from the policy here.
+    @resources(cpu=4, memory=16000, gpu=1)
     @step
     def preprocess(self):
         """Read, clean, template, truncate and split every data source."""

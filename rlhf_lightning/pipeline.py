@@ -66,8 +66,10 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- stages
 
 
-def start(cfg: RLHFConfig, *, flow_name: str, run_id: str) -> str:
-    """Create the MLflow parent run; return its id."""
+def start(cfg: RLHFConfig, *, flow_name: str, run_id: str, remote_steps: list[str] = ()) -> str:
+    """Create the MLflow parent run; return its id. Raises `ConfigError` first when `remote_steps` run
+    on other machines but tracking points at this machine's disk."""
+    tracking.require_shared_tracking(remote_steps)
     parent = tracking.start_parent_run(cfg, flow_name=flow_name, run_id=run_id)
     print(f"MLflow: tracking {tracking.tracking_uri()}, parent run {parent}")
     return parent

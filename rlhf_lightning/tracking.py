@@ -12,16 +12,41 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from rlhf_lightning.config import RLHFConfig, flatten
+from rlhf_lightning.config import ConfigError, RLHFConfig, flatten
 
 
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI`, else MLflow's own default (sqlite `mlflow.db` in the working directory)."""
     return mlflow.get_tracking_uri()
+
+
+def is_local_store(uri: str) -> bool:
+    """Does the tracking URI name this machine's disk: MLflow's default (sqlite in the working
+    directory), sqlite and file stores, plain paths? (`databricks` alone names a workspace.)"""
+    scheme = urlparse(uri).scheme
+    return scheme in ("file", "sqlite") or (scheme == "" and uri != "databricks")
+
+
+def require_shared_tracking(remote_steps: list[str] | tuple[str, ...]) -> None:
+    """Raise `ConfigError` when steps run on other machines (`remote_steps`) while the tracking URI
+    names a file here: each would log into its own container's file and the next step would not find
+    the parent run."""
+    uri = tracking_uri()
+    if not remote_steps or not is_local_store(uri):
+        return
+    where = "MLflow's default, " if not os.environ.get("MLFLOW_TRACKING_URI") else ""
+    raise ConfigError(
+        f"steps {', '.join(remote_steps)} run on other machines (--with batch / kubernetes), but MLflow "
+        f"tracks to {uri} ({where}a file on one machine that the others cannot reach). Set "
+        "MLFLOW_TRACKING_URI to a tracking server every step can reach before launching, e.g. "
+        "`export MLFLOW_TRACKING_URI=http://mlflow.internal:5000` (`mlflow server`, or a managed "
+        "MLflow); the flow carries it to every step."
+    )
 
 
 def start_parent_run(cfg: RLHFConfig, *, flow_name: str, run_id: str, tags: dict[str, str] | None = None) -> str:

@@ -1,0 +1,201 @@
+"""AWS Batch, offline: the tiny flow launched with `--with batch` against a moto server (S3 + Batch) and a
+real `mlflow server`, every submitted job's own command run as a container would run it (tests/offline_aws.py:
+fresh working directory and HOME, only the job's environment, the code package from S3). Nothing but
+Metaflow artifacts, the S3 datastore and the tracking server crosses a step boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from offline_aws import QUEUE, REPO, BatchEmulator, MlflowServer
+
+STEPS = ["start", "preprocess", "validate", "train_reward_model", "prepare_prompts", "join", "reinforce",
+         "evaluate", "register", "deploy", "inference", "end"]
+STAGES = {"preprocess", "validate", "train_reward_model", "prepare_prompts", "reinforce", "evaluate",
+          "register", "deploy", "inference"}
+# Set at launch only: must not reach any job (a container sees only the job's environment).
+LAUNCHER_ONLY = "RLHF_TEST_LAUNCHER_ONLY"
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    # One intra-op thread: the "containers" share 2 cores here (a real job gets its own vCPUs).
+    with BatchEmulator(root / "jobs", extra_job_env={"OMP_NUM_THREADS": "1"}) as emulator, \
+            MlflowServer(root / "mlflow") as tracking:
+        (root / "jobs").mkdir(exist_ok=True)
+        yield emulator, tracking, root
+
+
+def launch(aws, name: str, tracking_uri: str | None, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python flows/rlhf.py --config cfg configs/tiny.yaml run --with batch:...` from an empty directory,
+    with the environment a user with `metaflow configure aws` has."""
+    emulator, _, root = aws
+    cwd, home = root / name, root / f"{name}-home"
+    cwd.mkdir()
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "USERNAME": "tester", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", LAUNCHER_ONLY: "1", **emulator.env}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    cmd = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(REPO / "configs" / "tiny.yaml"),
+           "run", "--with", f"batch:image=rlhf-lightning:test,queue={QUEUE}", "--max-workers", "2",
+           "--run-id-file", "run-id", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    return done, env
+
+
+def client_data(env: dict, cwd: Path, code: str):
+    """Run `code` with Metaflow's Client API against the S3 datastore in a fresh process (Metaflow reads its
+    configuration at import); it prints one JSON document."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def batch_run(aws):
+    emulator, tracking, root = aws
+    already = len(emulator.jobs)
+    done, env = launch(aws, "launch", tracking.url)
+    jobs = emulator.jobs[already:]
+    if done.returncode != 0:  # the failing job's own output says why
+        failed = [j for j in jobs if j["exit_code"] != 0]
+        pytest.fail(f"flow failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}\n"
+                    + "\n".join(f"--- {j['name']}\n{j['log'][-5000:]}" for j in failed))
+    run_id = (root / "launch" / "run-id").read_text().strip()
+    return done, env, jobs, run_id
+
+
+def test_every_step_ran_as_its_own_batch_job_in_a_fresh_container(batch_run, aws):
+    done, env, jobs, run_id = batch_run
+    assert sorted(j["name"].split("-")[-3] for j in jobs) == sorted(STEPS), [j["name"] for j in jobs]
+    assert jobs[0]["name"].endswith("-start-1-0") and jobs[-1]["name"].split("-")[-3] == "end"
+    assert all(j["exit_code"] == 0 for j in jobs)
+    assert len({j["cwd"] for j in jobs}) == len({j["home"] for j in jobs}) == len(STEPS)
+    tracking_url = aws[1].url
+    for job in jobs:
+        assert "Code package downloaded." in job["log"], job["name"]  # from (moto) S3, not the checkout
+        assert LAUNCHER_ONLY not in job["env"] and job["env"]["HOME"] == str(job["home"])
+        # Carried by the flow (@environment from remote_ready), not repeated with --with environment.
+        assert job["env"]["MLFLOW_TRACKING_URI"] == tracking_url and job["env"]["HF_HUB_OFFLINE"] == "1"
+        # Nothing of the checkout: the flow and the library come from the code package.
+        assert str(REPO) not in " ".join(job["command"]) and str(REPO) not in job["env"].get("PYTHONPATH", "")
+    # The steps that train or sample from the policy ask Batch for a GPU, as their @resources say.
+    gpus = {j["name"].split("-")[-3]: j["resources"].get("GPU") for j in jobs}
+    assert {step for step, gpu in gpus.items() if gpu == "1"} == {"preprocess", "train_reward_model", "reinforce",
+                                                                   "evaluate"}
+
+
+def test_the_tracking_server_holds_the_whole_run(batch_run, aws):
+    _, env, _, run_id = batch_run
+    client = MlflowClient(tracking_uri=aws[1].url, registry_uri=aws[1].url)
+    exp = client.get_experiment_by_name("rlhf-lightning")
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{run_id}'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages = {c.data.tags["stage"]: c for c in children}
+    assert set(stages) == STAGES
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert len(client.get_metric_history(stages["reinforce"].info.run_id, "ppo/kl")) == 2
+    # Artifacts went through the server, not onto a shared disk.
+    assert client.list_artifacts(stages["validate"].info.run_id, "validation")
+
+    (version,) = client.search_model_versions(f"name = 'rlhf-policy' and run_id = '{stages['register'].info.run_id}'")
+    tags = version.tags
+    assert tags["lineage.metaflow.run_id"] == run_id
+    assert tags["lineage.mlflow_parent_run_id"] == parent.info.run_id
+    assert tags["lineage.ppo_run_id"] == stages["reinforce"].info.run_id
+    assert tags["lineage.reward_model_run_id"] == stages["train_reward_model"].info.run_id
+    assert tags["lineage.evaluate_run_id"] == stages["evaluate"].info.run_id
+    aliases = client.get_model_version("rlhf-policy", version.version).aliases
+    promoted = tags["gate.promote"] == "True"
+    assert "candidate" in aliases and ("champion" in aliases) == promoted
+    assert stages["inference"].data.tags["champion.decision"].startswith("promoted" if promoted else "champion not moved")
+    # The built-in task's samples went to the datastore, for the next container or run to reuse.
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=aws[0].endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    listed = s3.list_objects_v2(Bucket="rlhf-metaflow", Prefix="metaflow/rlhf_lightning_cache/builtin/")
+    keys = {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}
+    assert {"MANIFEST.json", "preferences.jsonl", "prompts.jsonl", "eval_prompts.jsonl", "stats.json"} <= keys
+    # The deployment the inference step checked, recorded where every container finds it.
+    deployment = json.loads(client.get_registered_model("rlhf-policy").tags["deployment.rlhf-local.rlhf-policy-candidate"])
+    assert deployment["version"] == version.version
+
+
+def test_artifacts_cross_steps_through_s3_and_inference_passed(batch_run, aws):
+    _, env, _, run_id = batch_run
+    data = client_data(env, aws[2] / "launch", f"""
+import json
+from metaflow import Run, namespace
+namespace(None)
+run = Run("RLHFFlow/{run_id}")
+report = run["inference"].task.data.inference_report
+print(json.dumps({{"ok": report["ok"], "checks": [[c["name"], c["ok"]] for c in report["checks"]],
+                   "endpoint": run["deploy"].task.data.endpoint, "successful": run.successful}}))
+""")
+    assert data["successful"] and data["ok"]
+    assert data["checks"][:2] == [["alias.candidate", True], ["deployment.model_uri", True]]
+    assert all(ok for _, ok in data["checks"])
+    # What deploy hands to inference names the deployment, never a local address or process.
+    assert set(data["endpoint"]) == {"target", "name", "model_uri", "alias", "version"}
+
+
+def test_remote_steps_with_a_local_tracking_store_stop_at_start(aws):
+    """No MLFLOW_TRACKING_URI at launch: each container would log into its own sqlite file. The run
+    stops in `start` with what to set, before anything else is submitted, and without a traceback."""
+    emulator = aws[0]
+    already = len(emulator.jobs)
+    done, _ = launch(aws, "no-tracking", None)
+    assert done.returncode != 0
+    jobs = emulator.jobs[already:]
+    assert [j["name"].split("-")[-3] for j in jobs] == ["start"]
+    log = jobs[0]["log"]
+    assert "rlhf-lightning stopped the run" in log and "Set MLFLOW_TRACKING_URI to a tracking server" in log
+    assert "steps start, preprocess, validate" in log and "sqlite:///" in log
+    assert "Traceback" not in log
+
+
+def test_step_functions_jobs_carry_the_same_environment_and_resources(aws):
+    """`step-functions create --only-json`: every state is a Batch job whose overrides carry the tracking
+    URI the flow was created with, and the GPU steps ask for a GPU. (Deploying the state machine needs
+    real AWS: not run here.)"""
+    emulator, tracking, root = aws
+    cwd = root / "sfn"
+    cwd.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(cwd), "USERNAME": "tester", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": tracking.url, **emulator.env}
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg",
+                           str(REPO / "configs" / "tiny.yaml"), "--with", f"batch:queue={QUEUE}",
+                           "step-functions", "create", "--only-json"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    machine = json.loads(done.stdout[done.stdout.index("{"):])
+    states = {}
+
+    def collect(state_map):
+        for name, state in state_map.items():
+            if state.get("Type") == "Task" and "Parameters" in state:
+                states[name] = state["Parameters"]
+            for branch in state.get("Branches", []):
+                collect(branch["States"])
+            if "Iterator" in state:
+                collect(state["Iterator"]["States"])
+
+    collect(machine["States"])
+    assert set(states) == set(STEPS)
+    for name, params in states.items():
+        overrides = params["ContainerOverrides"]
+        job_env = {e["Name"]: e.get("Value", e.get("Value.$")) for e in overrides["Environment"]}  # .$: run-time values
+        assert job_env["MLFLOW_TRACKING_URI"] == tracking.url and job_env["HF_HUB_OFFLINE"] == "1", name
+        gpus = {r["Type"]: r["Value"] for r in overrides.get("ResourceRequirements", [])}.get("GPU")
+        assert (gpus == "1") == (name in ("preprocess", "train_reward_model", "reinforce", "evaluate")), name

