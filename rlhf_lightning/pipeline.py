@@ -358,6 +358,8 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
         with tracking.stage_run(parent_run_id, "inference"):
             import mlflow
 
+            if isinstance(client, LocalDeploymentClient):
+                client.serve(endpoint["name"])  # start it first: the latencies are the requests' own
             report = inf.run_inference_template(client, endpoint["name"], cfg.serving.requests,
                                                 model_version.weights_sha256)
             # The checkpoint checks: the alias still names the version deploy deployed, the target serves
