@@ -73,12 +73,16 @@ class LocalDeploymentClient(BaseDeploymentClient):
     # ------------------------------------------------------------- records
 
     def _records(self) -> dict[str, dict]:
-        out = {}
-        for model in self._registry.search_registered_models():
-            for key, value in model.tags.items():
-                if key.startswith(TAG_PREFIX):
-                    out[key.removeprefix(TAG_PREFIX)] = json.loads(value)
-        return out
+        out, token = {}, None
+        while True:  # every page of the registry
+            page = self._registry.search_registered_models(page_token=token)
+            for model in page:
+                for key, value in model.tags.items():
+                    if key.startswith(TAG_PREFIX):
+                        out[key.removeprefix(TAG_PREFIX)] = json.loads(value)
+            token = page.token
+            if not token:
+                return out
 
     def _write(self, name: str, model_uri: str, config: dict | None) -> dict:
         model, version = _registered_version(self._registry, model_uri)
@@ -88,9 +92,9 @@ class LocalDeploymentClient(BaseDeploymentClient):
             pass
         record = {"name": name, "target": TARGET, "model_name": model, "version": str(version),
                   "model_uri": f"models:/{model}/{version}", "config": settings, "updated_at": time.time()}
-        for other, old in self._records().items():  # a name moves with its deployment
-            if other == name and old["model_name"] != model:
-                self._registry.delete_registered_model_tag(old["model_name"], TAG_PREFIX + name)
+        old = self._records().get(name)
+        if old is not None and old["model_name"] != model:  # the name moves to another registered model
+            self._registry.delete_registered_model_tag(old["model_name"], TAG_PREFIX + name)
         self._registry.set_registered_model_tag(model, TAG_PREFIX + name, json.dumps(record))
         return record
 
