@@ -72,3 +72,22 @@ def test_builtin_task_sampled_once_then_fetched_by_a_fresh_container(shared, tmp
     second = builtin.generate_builtin_task(task, policy)
     assert {k: open(v).read() for k, v in second.items()} == written
     assert second["stats"].startswith(str(tmp_path / "second"))
+
+
+def test_dequantised_policy_is_fetched_instead_of_converted(shared, tmp_path, monkeypatch):
+    """A fresh container (empty RLHF_LIGHTNING_CACHE) gets the converted GGUF policy from the shared cache;
+    converting again would fail here (the file is not a real GGUF)."""
+    from rlhf_lightning.models import loading
+
+    gguf = tmp_path / "pkg" / "Tiny.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"not really a gguf file")
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "config.json").write_text('{"model_type": "llama"}')
+    cache.publish(f"gguf/Tiny.Q4_1-{gguf.stat().st_size}", converted)
+
+    monkeypatch.setenv("RLHF_LIGHTNING_CACHE", str(tmp_path / "fresh-home-cache"))
+    out = loading._convert_gguf(gguf)
+    assert out == tmp_path / "fresh-home-cache" / "gguf" / f"Tiny.Q4_1-{gguf.stat().st_size}"
+    assert (out / "config.json").read_text() == '{"model_type": "llama"}'
