@@ -40,8 +40,9 @@ def require_shared_tracking(remote_steps: list[str] | tuple[str, ...]) -> None:
     if not remote_steps or not is_local_store(uri):
         return
     where = "MLflow's default, " if not os.environ.get("MLFLOW_TRACKING_URI") else ""
+    steps = ", ".join(remote_steps[:3]) + (f" and {len(remote_steps) - 3} more" if len(remote_steps) > 3 else "")
     raise ConfigError(
-        f"steps {', '.join(remote_steps)} run on other machines (--with batch / kubernetes), but MLflow "
+        f"steps {steps} run on other machines (--with batch / kubernetes), but MLflow "
         f"tracks to {uri} ({where}a file on one machine that the others cannot reach). Set "
         "MLFLOW_TRACKING_URI to a tracking server every step can reach before launching, e.g. "
         "`export MLFLOW_TRACKING_URI=http://mlflow.internal:5000` (`mlflow server`, or a managed "

@@ -161,7 +161,7 @@ def test_remote_steps_with_a_local_tracking_store_stop_at_start(aws):
     assert [j["name"].split("-")[-3] for j in jobs] == ["start"]
     log = jobs[0]["log"]
     assert "rlhf-lightning stopped the run" in log and "Set MLFLOW_TRACKING_URI to a tracking server" in log
-    assert "steps start, preprocess, validate" in log and "sqlite:///" in log
+    assert "steps start, preprocess, validate and 9 more run on other machines" in log and "sqlite:///" in log
     assert "Traceback" not in log
 
 
