@@ -57,8 +57,11 @@ class BatchEmulator:
     """A moto server (S3, Batch, IAM, EC2, logs, DynamoDB) on 127.0.0.1 whose Batch jobs run as local
     containers would. `env` holds what a user's Metaflow AWS configuration sets at launch."""
 
-    def __init__(self, root: Path, extra_job_env: dict[str, str] | None = None):
+    def __init__(self, root: Path, extra_job_env: dict[str, str] | None = None, image_bin: Path | None = None):
+        """`image_bin`: the bin directory of the Python environment that plays the image (default: this
+        interpreter's, i.e. the project's venv)."""
         self.root = Path(root)
+        self.image_bin = Path(image_bin or Path(sys.executable).parent)
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.extra_job_env = extra_job_env or {}
@@ -149,7 +152,7 @@ class BatchEmulator:
         job_env = {e["name"]: e["value"] for e in job._get_container_property("environment", [])}
         image = dockerfile_env()
         # The image's Python: this machine's venv plays it (its PATH first, as the image's ENV PATH does).
-        path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
+        path = os.pathsep.join([str(self.image_bin), "/usr/local/bin", "/usr/bin", "/bin"])
         return {**image, "PATH": path, **CREDENTIALS, **self.extra_job_env, **job_env}
 
     def _run_job(self, job) -> None:
