@@ -245,7 +245,7 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     """Compare the adapter in `adapter_dir` with its reference (and with `champion` = (adapter dir,
     label), on the same base) on every held-out prompt, `evaluation.samples_per_prompt` times; decide
     promotion."""
-    from rlhf_lightning.models.loading import load_policy, load_tokenizer
+    from rlhf_lightning.models.loading import compute_device, load_policy, load_tokenizer, to_compute_device
     from rlhf_lightning.models.reward_model import RewardScorer
 
     ev = cfg.evaluation
@@ -253,7 +253,9 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     policy = load_policy(cfg.policy, adapter_dir, trainable=False)
     if champion is not None:
         policy.load_adapter(champion[0], adapter_name=CHAMPION_ADAPTER)
-    scorer = RewardScorer.load(reward_model_dir)
+    # Sampling 3 models x every held-out prompt: on the GPU when the step has one.
+    policy = to_compute_device(policy, cfg.trainer.accelerator, quantized=cfg.policy.quantization == "4bit")
+    scorer = RewardScorer.load(reward_model_dir).to(compute_device(cfg.trainer.accelerator))
     gold = has_gold_judge(cfg)
     prompts = eval_prompts[: ev.max_prompts] if ev.max_prompts else eval_prompts
     rows = [r for r in prompts for _ in range(ev.samples_per_prompt)]

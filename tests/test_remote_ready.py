@@ -170,3 +170,26 @@ def test_local_data_files_travel_in_the_code_package_and_resolve_remotely(tmp_pa
     assert Path(data["prompts"][0]).read_text() == '{"input_text": "hi"}\n'
     monkeypatch.chdir(launch)  # where the files are: a local run reads them in place
     assert remote.resolve_data_sources({"preferences": ["prefs/a-*.jsonl"]})["preferences"] == ["prefs/a-*.jsonl"]
+
+
+def test_sampling_outside_lightning_uses_the_gpu_a_step_asks_for(monkeypatch):
+    """preprocess (the built-in task) and evaluate sample outside Lightning: they must move the models to
+    the GPU that @resources(gpu=1) gets them, unless trainer.accelerator says cpu."""
+    import torch
+
+    from rlhf_lightning.models.loading import compute_device, to_compute_device
+
+    assert compute_device("auto") == torch.device("cpu")  # no GPU on this machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_device("auto") == compute_device("gpu") == torch.device("cuda")
+    assert compute_device("cpu") == torch.device("cpu")
+    moved = []
+
+    class Model(torch.nn.Module):
+        def to(self, device):
+            moved.append(device)
+            return self
+
+    to_compute_device(Model(), "auto")
+    to_compute_device(Model(), "auto", quantized=True)  # bitsandbytes placed it already
+    assert moved == [torch.device("cuda")]

@@ -98,7 +98,7 @@ def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict
     """Write the task's files (or reuse them when generated with the same settings) and return their
     paths: {"preferences", "prompts", "eval_prompts", "stats"}."""
     from rlhf_lightning.models.generation import chat_prompt, sample_texts
-    from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer
+    from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer, to_compute_device
 
     key = cache_key(task, policy)
     out = Path(task.output_dir) / f"builtin-{key}"
@@ -113,7 +113,8 @@ def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict
 
     pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
     tok = load_tokenizer(policy.model)
-    model = load_base_causal_lm(PolicyConfig(model=policy.model))  # sample from the unquantised base
+    # Sample from the unquantised base, on the GPU when there is one (thousands of responses).
+    model = to_compute_device(load_base_causal_lm(PolicyConfig(model=policy.model)))
     model.eval()
     chats = [chat_prompt(tok, p) for p in pref_prompts]
     # K independent samples per prompt, the ones the annotator ranks (one seed per sample index, so the

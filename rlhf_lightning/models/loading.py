@@ -191,6 +191,19 @@ def load_base_causal_lm(cfg: PolicyConfig) -> torch.nn.Module:
     return model
 
 
+def compute_device(accelerator: str = "auto") -> torch.device:
+    """Where sampling and scoring outside Lightning run: the GPU when there is one and the configured
+    accelerator (`trainer.accelerator`) allows it, else the CPU."""
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def to_compute_device(model: torch.nn.Module, accelerator: str = "auto", quantized: bool = False) -> torch.nn.Module:
+    """`model` on `compute_device(accelerator)`. A 4-bit model (`quantized`) cannot be moved:
+    bitsandbytes placed it on the GPU when loading it (when there is one)."""
+    return model if quantized else model.to(compute_device(accelerator))
+
+
 def peft_lora_config(cfg: LoraConfig, task_type: str):
     from peft import LoraConfig as PeftLoraConfig
 
