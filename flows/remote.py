@@ -90,12 +90,14 @@ def packaged_data(data_config: dict) -> list[tuple[str, str]]:
 def resolve_data_sources(data_config: dict) -> dict:
     """The config's data section with each local source that matches nothing here (a remote task, whose
     working directory is the code package) pointed at its copy in the package."""
-    out = dict(data_config)
-    for key in DATA_KEYS:
-        out[key] = [packaged_source(s)[1] if _local(s) and not glob.glob(s, recursive=True)
-                    and glob.glob(packaged_source(s)[1], recursive=True) else s
-                    for s in data_config.get(key, [])]
-    return out
+
+    def resolve(source: str) -> str:
+        if not _local(source) or glob.glob(source, recursive=True):
+            return source
+        packaged = packaged_source(source)[1]
+        return packaged if glob.glob(packaged, recursive=True) else source  # else: preprocess reports it
+
+    return {**data_config, **{key: [resolve(s) for s in data_config.get(key, [])] for key in DATA_KEYS}}
 
 
 def datastore_cache() -> dict[str, str]:
