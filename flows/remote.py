@@ -123,9 +123,27 @@ def shared_caches(step_name, flow, inputs=None, attributes=None):
     yield
 
 
+@user_step_decorator
+def expected_failures(step_name, flow, inputs=None, attributes=None):
+    """A bad config, bad data or a failed gate stops the run with its message and no traceback (Metaflow
+    prints a MetaflowException's message alone, locally and in a remote task's log); anything else is a
+    bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        # Imported only when a step failed: `start`, `join` and `end` need no torch.
+        from rlhf_lightning.config import ConfigError
+        from rlhf_lightning.data.formats import DataError
+        from rlhf_lightning.evaluation import GateError
+
+        if isinstance(exc, (ConfigError, DataError, GateError)):
+            raise PipelineError(f"{step_name}: {exc}") from None
+        raise
+
+
 class remote_ready(FlowMutator):
     """Flow decorator: carry CARRIED_ENV into every step, share the slow caches through the datastore,
-    and put the configs into the code package."""
+    put the configs into the code package, and report expected failures without a traceback."""
 
     def pre_mutate(self, mutable_flow) -> None:
         # Local data files the config names travel in the code package (read where the run is launched).
@@ -133,6 +151,7 @@ class remote_ready(FlowMutator):
         carried = carried_environment()
         for _, step in mutable_flow.steps:
             step.add_decorator(shared_caches)
+            step.add_decorator(expected_failures)
             if carried:
                 step.add_decorator(environment, deco_kwargs={"vars": carried})
 

@@ -14,8 +14,8 @@ except ImportError:
     # package as the library's distribution, with empty metadata that breaks `import mlflow` remotely.
     sys.path.insert(0, REPO)
 
-from remote import PipelineError, remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
-from rlhf_lightning.config import ConfigError, parse_yaml_config  # noqa: E402
+from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
+from rlhf_lightning.config import parse_yaml_config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
 
@@ -78,11 +78,8 @@ class RLHFFlow(FlowSpec):
         """Create the MLflow parent run (and the tracking DB, once, before parallel steps)."""
         from rlhf_lightning import pipeline
 
-        try:
-            self.parent_run_id = pipeline.start(self._config(), flow_name=current.flow_name,
-                                                run_id=current.run_id, remote_steps=remote_steps(self))
-        except ConfigError as exc:
-            raise PipelineError(str(exc)) from None
+        self.parent_run_id = pipeline.start(self._config(), flow_name=current.flow_name, run_id=current.run_id,
+                                            remote_steps=remote_steps(self))
         self.next(self.preprocess)
 
     @card(type="blank")

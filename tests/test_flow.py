@@ -160,3 +160,26 @@ def test_served_model_answers(flow_run):
     assert isinstance(answer["response"], str)
     assert 1 <= answer["completion_tokens"] <= 5
     assert answer["weights_sha256"] == run["register"].task.data.model_version.weights_sha256
+
+
+def test_expected_failures_stop_the_run_with_their_message_and_no_traceback(tmp_path):
+    """Bad data (here: preference and prompt files that do not exist) stops the flow at `validate`, with
+    the step's name and the library's message, and no Python traceback (which is for bugs)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text()),
+                                   "data": {"preferences": ["missing-*.jsonl"], "prompts": ["prompts.jsonl"]}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "USERNAME": "tester"}
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(cfg), "run"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "rlhf-lightning stopped the run" in out and "validate: data validation failed" in out, out[-3000:]
+    assert "no file matches this pattern (fix the glob in data.preferences" in out
+    assert "Traceback" not in out
