@@ -354,11 +354,12 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
     from rlhf_lightning.deployments import LocalDeploymentClient, get_client
 
     client = get_client(endpoint["target"])
+    local = isinstance(client, LocalDeploymentClient)  # rlhf-local: a server this process starts and stops
     try:
         with tracking.stage_run(parent_run_id, "inference"):
             import mlflow
 
-            if isinstance(client, LocalDeploymentClient):
+            if local:
                 client.serve(endpoint["name"])  # start it first: the latencies are the requests' own
             report = inf.run_inference_template(client, endpoint["name"], cfg.serving.requests,
                                                 model_version.weights_sha256)
@@ -367,12 +368,13 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
             report.checks[:0] = [inf.check_registered_version(MlflowClient(), model_version.name,
                                                               endpoint["alias"], endpoint["version"]),
                                  inf.check_deployment(client, endpoint["name"], endpoint["model_uri"])]
+            data = report.to_dict()
+            tracking.log_dict_artifact(data, "inference/report.json")
             tracking.log_metrics({"inference/ok": float(report.ok),
                                   "inference/latency_s": max(a.latency_s for a in report.answers)})
             lines = [f"| {a.request['prompt'][:60]} | {(a.response or a.error or '')[:120]} |" for a in report.answers]
             _card_markdown(card, "# Inference template\n\n| prompt | response |\n|---|---|\n" + "\n".join(lines))
             if not report.ok:
-                tracking.log_dict_artifact(report.to_dict(), "inference/report.json")
                 failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
                 mlflow.set_tag("champion.decision", "not promoted: the deployed candidate failed its checks")
                 raise RuntimeError(f"inference checks failed, champion not moved: {failed}")
@@ -385,15 +387,11 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
             mlflow.set_tag("champion.decision", decision)
             _card_markdown(card, f"**Champion:** {decision}")
             print(decision)
-            data = report.to_dict()
-            if isinstance(client, LocalDeploymentClient):
-                data["endpoint"] = client.close(keep_running=cfg.serving.keep_running).get(endpoint["name"])
-                if data["endpoint"]:
-                    print(f"endpoint left running at {data['endpoint']['url']} (pid {data['endpoint']['pid']})")
-            tracking.log_dict_artifact(data, "inference/report.json")
     finally:
-        if isinstance(client, LocalDeploymentClient):
-            client.close(keep_running=cfg.serving.keep_running)
+        left = client.close(keep_running=cfg.serving.keep_running) if local else {}
+    data["endpoint"] = left.get(endpoint["name"])  # {url, pid} of a server left running here, else None
+    if data["endpoint"]:
+        print(f"endpoint left running at {data['endpoint']['url']} (pid {data['endpoint']['pid']})")
     aliases = sorted(MlflowClient().get_model_version(model_version.name, model_version.version).aliases)
     return data, dataclasses.replace(model_version, aliases=aliases)
 
