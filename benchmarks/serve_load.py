@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("registering a tiny policy in a temporary MLflow store ...", flush=True)
             model_uri, expected_sha = register_tiny_policy(Path(tmp))
-            env = {"OMP_NUM_THREADS": "1"}  # tiny model: one torch thread is fastest (STACK_NOTES)
+            env = {"OMP_NUM_THREADS": "1"}  # tiny model: one torch thread is fastest
         print(f"starting `mlflow models serve` of {model_uri} ...", flush=True)
         with serving.ModelServer(model_uri, env=env, log_dir=tmp, request_timeout=int(args.timeout)) as server:
             requests = build_requests(args.clients * args.requests, args.max_new_tokens)

@@ -404,7 +404,7 @@ class TrainerConfig:
     devices: int = 1
     """Devices per node."""
     strategy: str = "auto"
-    """Lightning strategy; inside a Metaflow step use ddp_spawn, not ddp (see STACK_NOTES)."""
+    """Lightning strategy; inside a Metaflow step use ddp_spawn, not ddp (ddp re-launches the whole step command)."""
     precision: str = "32-true"
     """Lightning precision, e.g. bf16-mixed on GPUs."""
     threads: int = 0

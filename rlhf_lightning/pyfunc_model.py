@@ -11,7 +11,7 @@ MLflow copies it into the model directory and executes it at load time. Why this
 So this module is self-contained: it imports only mlflow, pandas, torch, transformers and peft — never
 ``rlhf_lightning`` — and the served model does not depend on the training code or its private state.
 It does not use the ``mlflow.transformers`` flavour either: on a PEFT model it reloads with random
-weights, silently (STACK_NOTES).
+weights, silently.
 
 Artifacts: ``base`` (a transformers ``save_pretrained`` directory with the tokenizer and its chat
 template) and ``adapter`` (a peft ``save_pretrained`` directory). The model hashes the adapter weights
@@ -51,7 +51,7 @@ LIMITS: dict[str, Any] = {
 """What the model accepts; a request outside these limits gets HTTP 400 saying which limit. Recorded in
 the MLmodel metadata (`limits`) so clients can read them without calling the model."""
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": None}
-# Prompts per `generate` call: on CPU, batches of 8-16 give most of the throughput (STACK_NOTES).
+# Prompts per `generate` call: on CPU, batches of 8-16 give most of the throughput.
 GENERATE_BATCH_SIZE = 8
 OUTPUT_COLUMNS = ["response", "prompt_tokens", "completion_tokens", "finish_reason", "weights_sha256"]
 
@@ -293,7 +293,7 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         )
         response = out[:, enc["input_ids"].shape[1]:]  # (B, R)
         # Count tokens up to and including the first end token, by position: when pad == eos (SmolLM2)
-        # comparing with the pad id would hide real end tokens (STACK_NOTES).
+        # comparing with the pad id would hide real end tokens.
         is_eos = (response == tok.eos_token_id).long()  # (B, R)
         keep = (torch.cumsum(is_eos, dim=1) - is_eos) == 0  # (B, R) True up to the first EOS
         ended = is_eos.any(dim=1)  # (B,)

@@ -48,7 +48,7 @@ class ModelServer:
     `env` adds to (and overrides) the child's environment. The child gets this process's MLflow
     tracking and registry URIs explicitly (they may have been set with `mlflow.set_tracking_uri`, which
     a child does not inherit), and never `MLFLOW_RUN_ID`: an inherited run id would make the server
-    attach to, and possibly end, the caller's run (STACK_NOTES).
+    attach to, and possibly end, the caller's run.
     """
 
     def __init__(self, model_uri: str, host: str = "127.0.0.1", port: int = 0, env: dict[str, str] | None = None,

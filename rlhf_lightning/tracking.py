@@ -2,7 +2,7 @@
 
 Stage runs are created explicitly with the parent's id (``mlflow.parentRunId``) because each Metaflow
 step is its own process: MLflow's in-process nesting cannot see the parent. ``MLFLOW_RUN_ID`` leaks into
-child processes (STACK_NOTES), so it is removed before any run is started here.
+child processes, so it is removed before any run is started here.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def log_dict_artifact(data: Any, name: str) -> None:
 
 def log_rows_dataset(rows: list[dict], *, path: str, name: str, context: str) -> None:
     """Log a canonical dataset (rows already written to `path` as Parquet) with `mlflow.data`, so the run
-    shows its schema, size and digest. `source` must be a real path (STACK_NOTES)."""
+    shows its schema, size and digest. `source` must be a real path."""
     import pandas as pd
 
     df = pd.DataFrame(rows)

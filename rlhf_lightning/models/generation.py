@@ -31,7 +31,7 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tor
     """1 for every token up to and including the first EOS, 0 after it.
 
     Built from positions, not from `ids != pad`: SmolLM2's pad token *is* its EOS token, so a pad
-    comparison would hide every real end token (STACK_NOTES)."""
+    comparison would hide every real end token."""
     is_eos = (response_ids == eos_token_id).long()  # (B, R)
     eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before each position
     return (eos_before == 0).long()

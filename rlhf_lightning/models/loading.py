@@ -73,7 +73,7 @@ def _convert_gguf(path: Path) -> Path:
         return out
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    # The dequantised model still says it is quantised; saving would fail (STACK_NOTES).
+    # The dequantised model still says it is quantised; saving would fail.
     model.hf_quantizer = None
     del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
@@ -163,7 +163,7 @@ def load_tokenizer(ref: str, *, padding_side: str = "left") -> PreTrainedTokeniz
 
 def _fix_bnb_cpu(model: torch.nn.Module) -> None:
     """On avx512_bf16 CPUs, Linear4bit repacks its weights after a no-grad forward and LoRA gradients
-    silently become None afterwards (STACK_NOTES). Turning the repack off keeps training correct."""
+    silently become None afterwards. Turning the repack off keeps training correct."""
     import bitsandbytes as bnb
 
     for module in model.modules():

@@ -310,7 +310,7 @@ class PPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only LoRA + value head: the frozen base is re-loaded from its reference, and 4-bit base
-        # weights (absmax, quant_map) would not load back anyway (STACK_NOTES).
+        # weights (absmax, quant_map) would not load back anyway.
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["kl_coef"] = self.kl_ctl.value
@@ -377,7 +377,7 @@ def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir:
     if not rl_prompts:
         raise ValueError("PPO: no RL prompts")
     out = Path(out_dir)
-    # global_step counts optimiser steps (STACK_NOTES), which the approximate-KL early stop makes
+    # global_step counts optimiser steps, which the approximate-KL early stop makes
     # irregular; checking after every step still saves once per iteration (at its end), keeping the latest.
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=1)
     history_file = out / HISTORY_FILE

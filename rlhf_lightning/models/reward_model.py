@@ -2,7 +2,7 @@
 
 The model reads a (prompt, response) text pair and returns one scalar. Training maximises
 log sigmoid(r(chosen) - r(rejected)) over preference pairs. Over-long pairs are cut from the *left of the
-prompt*, never dropped and never cut in the response: the response is what is judged (STACK_NOTES: TRL
+prompt*, never dropped and never cut in the response: the response is what is judged (TRL's RewardTrainer
 drops over-long pairs and lost accuracy for it).
 
 `train_reward_model` fits it, saves a plain (LoRA-merged) HF model directory with `reward_stats.json`
