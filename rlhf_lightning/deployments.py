@@ -31,7 +31,7 @@ from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
-from rlhf_lightning.serving import ModelServer, ServingError, invoke
+from rlhf_lightning.serving import ModelServer, predict_records
 
 TARGET = "rlhf-local"
 TAG_PREFIX = f"deployment.{TARGET}."
@@ -84,7 +84,8 @@ class LocalDeploymentClient(BaseDeploymentClient):
             if not token:
                 return out
 
-    def _write(self, name: str, model_uri: str, config: dict | None) -> dict:
+    def _write(self, name: str, model_uri: str, config: dict | None, old: dict | None = None) -> dict:
+        """Load-check and record `name` -> `model_uri`; `old` is the record it replaces, if any."""
         model, version = _registered_version(self._registry, model_uri)
         settings = _settings(config)
         # Load check: the version must start and answer /ping before it is recorded as deployed.
@@ -92,7 +93,6 @@ class LocalDeploymentClient(BaseDeploymentClient):
             pass
         record = {"name": name, "target": TARGET, "model_name": model, "version": str(version),
                   "model_uri": f"models:/{model}/{version}", "config": settings, "updated_at": time.time()}
-        old = self._records().get(name)
         if old is not None and old["model_name"] != model:  # the name moves to another registered model
             self._registry.delete_registered_model_tag(old["model_name"], TAG_PREFIX + name)
         self._registry.set_registered_model_tag(model, TAG_PREFIX + name, json.dumps(record))
@@ -109,7 +109,7 @@ class LocalDeploymentClient(BaseDeploymentClient):
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
         old = self.get_deployment(name)
         self.close_server(name)  # a running server would keep the old weights
-        return self._write(name, model_uri or old["model_uri"], config if config is not None else old["config"])
+        return self._write(name, model_uri or old["model_uri"], config if config is not None else old["config"], old)
 
     def delete_deployment(self, name, config=None, endpoint=None):
         record = self._records().get(name)
@@ -131,19 +131,11 @@ class LocalDeploymentClient(BaseDeploymentClient):
     def predict(self, deployment_name=None, inputs=None, endpoint=None, params: dict | None = None):
         """Answers of the deployment, as `{"predictions": [...]}`. `inputs`: a DataFrame, a list of row
         dicts, or a dict of one row. Raises `ServingError` with the server's message on failure."""
-        url = self.serve(deployment_name)
         if isinstance(inputs, pd.DataFrame):
             records = inputs.to_dict(orient="records")
         else:
             records = [inputs] if isinstance(inputs, dict) else list(inputs)
-        payload: dict[str, Any] = {"dataframe_records": records}
-        if params:
-            payload["params"] = params
-        result = invoke(url, payload)
-        if result.status != 200:
-            raise ServingError(f"{TARGET} deployment {deployment_name!r}: HTTP {result.status}: "
-                               f"{result.error_message}")
-        return PredictionsResponse(result.body)
+        return PredictionsResponse({"predictions": predict_records(self.serve(deployment_name), records, params)})
 
     # ------------------------------------------------------------- the server
 

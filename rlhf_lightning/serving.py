@@ -237,8 +237,14 @@ def predict(url: str, prompts: list[str] | list[list[dict]], params: dict[str, A
     """Answers of the served policy, one dict per prompt (`response`, `prompt_tokens`,
     `completion_tokens`, `finish_reason`, `weights_sha256`). `prompts`: plain strings, or chats (lists
     of {role, content}) — one kind per call. Raises ServingError with the server's message on failure."""
-    payload: dict[str, Any] = {"dataframe_records": [{"prompt": p} if isinstance(p, str) else {"messages": p}
-                                                     for p in prompts]}
+    records = [{"prompt": p} if isinstance(p, str) else {"messages": p} for p in prompts]
+    return predict_records(url, records, params, timeout)
+
+
+def predict_records(url: str, records: list[dict], params: dict[str, Any] | None = None,
+                    timeout: float = 300.0) -> list[dict]:
+    """`predict` for request rows as they are (`{"prompt"}` or `{"messages"}` each)."""
+    payload: dict[str, Any] = {"dataframe_records": records}
     if params:
         payload["params"] = params
     result = invoke(url, payload, timeout=timeout)
