@@ -17,8 +17,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from faults import tracked_task  # flows/faults.py
 from metaflow import environment, user_step_decorator
-from metaflow.exception import MetaflowException
 from metaflow.packaging_sys import ContentType
 from metaflow.user_decorators.user_flow_decorator import FlowMutator
 
@@ -123,27 +123,10 @@ def shared_caches(step_name, flow, inputs=None, attributes=None):
     yield
 
 
-@user_step_decorator
-def expected_failures(step_name, flow, inputs=None, attributes=None):
-    """A bad config, bad data or a failed gate stops the run with its message and no traceback (Metaflow
-    prints a MetaflowException's message alone, locally and in a remote task's log); anything else is a
-    bug and keeps its traceback."""
-    try:
-        yield
-    except Exception as exc:
-        # Imported only when a step failed: `start`, `join` and `end` need no torch.
-        from rlhf_lightning.config import ConfigError
-        from rlhf_lightning.data.formats import DataError
-        from rlhf_lightning.evaluation import GateError
-
-        if isinstance(exc, (ConfigError, DataError, GateError)):
-            raise PipelineError(f"{step_name}: {exc}") from None
-        raise
-
-
 class remote_ready(FlowMutator):
     """Flow decorator: carry CARRIED_ENV into every step, share the slow caches through the datastore,
-    put the configs into the code package, and report expected failures without a traceback."""
+    put the configs into the code package, and keep MLflow true about failures and retries
+    (faults.tracked_task: expected failures without a traceback)."""
 
     def pre_mutate(self, mutable_flow) -> None:
         # Local data files the config names travel in the code package (read where the run is launched).
@@ -151,7 +134,7 @@ class remote_ready(FlowMutator):
         carried = carried_environment()
         for _, step in mutable_flow.steps:
             step.add_decorator(shared_caches)
-            step.add_decorator(expected_failures)
+            step.add_decorator(tracked_task)
             if carried:
                 step.add_decorator(environment, deco_kwargs={"vars": carried})
 
@@ -166,9 +149,3 @@ def remote_steps(flow) -> list[str]:
     # The graph, not `for step in flow` (a legacy iterator in no particular order).
     return [name for name in flow._graph.sorted_nodes
             if any(d.name in REMOTE_DECORATORS for d in getattr(flow, name).decorators)]
-
-
-class PipelineError(MetaflowException):
-    """An expected failure (bad config, bad data, a gate): Metaflow prints its message, no traceback."""
-
-    headline = "rlhf-lightning stopped the run"

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, step
+from metaflow import Config, FlowSpec, Parameter, card, config_expr, current, resources, retry, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
@@ -14,10 +14,15 @@ except ImportError:
     # package as the library's distribution, with empty metadata that breaks `import mlflow` remotely.
     sys.path.insert(0, REPO)
 
+from faults import checkpoint_plan  # noqa: E402  (flows/faults.py)
 from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
 from rlhf_lightning.config import parse_yaml_config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
+# The heavy steps run again on another machine when theirs dies (a spot reclaim, an OOM kill); the
+# training steps continue from their last checkpoint (faults.checkpoint_plan).
+RETRY = {"times": config_expr("cfg.faults.retries"),
+         "minutes_between_retries": config_expr("cfg.faults.minutes_between_retries")}
 
 
 @remote_ready
@@ -47,6 +52,9 @@ class RLHFFlow(FlowSpec):
     AWS:  MLFLOW_TRACKING_URI=http://<tracking server> \
           python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it;
           every step runs in a fresh container: README, "Scaling out")
+    Faults: the heavy steps retry (faults.retries) and the training steps checkpoint to the datastore;
+          a retry, or `python flows/rlhf.py resume` after the run died, continues from the last checkpoint
+          and logs into the same MLflow parent run (README, "When a run dies").
     """
 
     cfg = Config("cfg", default=DEFAULT_CONFIG, parser=parse_yaml_config,
@@ -85,6 +93,7 @@ class RLHFFlow(FlowSpec):
     @card(type="blank")
     # A GPU: the built-in task samples thousands of responses from the policy here.
     @resources(cpu=4, memory=16000, gpu=1)
+    @retry(**RETRY)
     @step
     def preprocess(self):
         """Read, clean, template, truncate and split every data source."""
@@ -105,13 +114,15 @@ class RLHFFlow(FlowSpec):
 
     @card(type="blank")
     @resources(cpu=4, memory=16000, gpu=1)
+    @retry(**RETRY)
     @step
     def train_reward_model(self):
         """Train the Bradley-Terry reward model and measure its held-out accuracy."""
         from rlhf_lightning import pipeline
 
         self.reward_model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,
-                                                        self._workdir("reward_model"), card=current.card)
+                                                        self._workdir("reward_model"), card=current.card,
+                                                        checkpoints=checkpoint_plan(self))
         self.next(self.join)
 
     @step
@@ -130,17 +141,20 @@ class RLHFFlow(FlowSpec):
 
     @card(type="blank")
     @resources(cpu=4, memory=16000, gpu=1)
+    @retry(**RETRY)
     @step
     def reinforce(self):
         """PPO on the LoRA policy against the reward model."""
         from rlhf_lightning import pipeline
 
         self.policy = pipeline.reinforce(self._config(), self.parent_run_id, self.prompts, self.reward_model,
-                                         self._workdir("reinforce"), card=current.card)
+                                         self._workdir("reinforce"), card=current.card,
+                                         checkpoints=checkpoint_plan(self))
         self.next(self.evaluate)
 
     @card(type="blank")
     @resources(cpu=4, memory=16000, gpu=1)
+    @retry(**RETRY)
     @step
     def evaluate(self):
         """Policy vs reference on held-out prompts; decide promotion."""

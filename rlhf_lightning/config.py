@@ -416,6 +416,31 @@ class TrainerConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Surviving killed machines: checkpoints of the training stages, and retries of the heavy steps."""
+
+    checkpoint_every_n_iterations: int = 4
+    """PPO: a checkpoint every N iterations (and after the last), uploaded where the next attempt
+    reads it (the Metaflow datastore)."""
+    checkpoint_every_n_steps: int = 100
+    """Reward model: a checkpoint every N optimiser steps (and after every epoch)."""
+    keep_last: int = 2
+    """Checkpoints kept per stage; older ones are deleted."""
+    retries: int = 2
+    """`@retry` of the heavy steps (preprocess, reward model, PPO, evaluation): attempts after the first.
+    A retry resumes from the last checkpoint; an expected failure (bad data, config, a gate) is not
+    run again."""
+    minutes_between_retries: int = 0
+    """Wait before a retry (a new machine is usually available at once)."""
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every_n_iterations", "checkpoint_every_n_steps", "keep_last"):
+            _check(getattr(self, name) >= 1, f"faults.{name}", "must be >= 1")
+        for name in ("retries", "minutes_between_retries"):
+            _check(getattr(self, name) >= 0, f"faults.{name}", "must be >= 0")
+
+
+@dataclass
 class RLHFConfig:
     """The root of the configuration tree."""
 
@@ -437,6 +462,8 @@ class RLHFConfig:
     """Deployment and inference template."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Lightning Trainer."""
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    """Checkpoints and retries."""
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -12,10 +12,13 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf_lightning import tracking
 from rlhf_lightning.config import RLHFConfig
+
+if TYPE_CHECKING:  # torch and Lightning stay out of the light steps (start, join, end)
+    from rlhf_lightning.checkpoints import CheckpointPlan
 
 
 @dataclass
@@ -61,6 +64,27 @@ def _card_figure(card, fig) -> None:
 def _metrics_table(metrics: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     return "| metric | value |\n|---|---|\n" + rows
+
+
+def _checkpointing(cfg: RLHFConfig, plan: CheckpointPlan | None, workdir: str, stage: str, every_n: int,
+                   fingerprint: str, run_id: str):
+    """The stage's checkpoint callback and the checkpoint it resumes from (recorded on its run). Without
+    a plan (the CLI, tests) checkpoints go to `workdir/checkpoints` and nothing is resumed."""
+    import mlflow
+
+    from rlhf_lightning import checkpoints
+
+    local = os.path.join(workdir, "checkpoints")
+    callback, resumed = checkpoints.checkpointing(plan or checkpoints.CheckpointPlan(save_to=local), local_dir=local,
+                                                  every_n_batches=every_n, keep_last=cfg.faults.keep_last,
+                                                  fingerprint=fingerprint, mlflow_run_id=run_id)
+    if resumed is not None:
+        mlflow.set_tags({"resumed_from": f"{resumed.source}/{os.path.basename(resumed.path)}",
+                         "resumed_at_batch": str(resumed.batches),
+                         "resumed_from_mlflow_run": str(resumed.mlflow_run_id)})
+        print(f"{stage}: resuming from the checkpoint {resumed.source}/{os.path.basename(resumed.path)} "
+              f"({resumed.batches} batches done)", flush=True)
+    return callback, resumed
 
 
 # ---------------------------------------------------------------- stages
@@ -110,15 +134,26 @@ def validate(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None)
     return report.to_dict()
 
 
-def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None) -> ModelBundle:
+def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None,
+                       checkpoints: CheckpointPlan | None = None) -> ModelBundle:
     """Train and measure the reward model; raise `evaluation.GateError` (stopping the run before RL) when
-    its held-out accuracy is below `reward_model.min_eval_accuracy`."""
+    its held-out accuracy is below `reward_model.min_eval_accuracy`. `checkpoints`: where to save
+    checkpoints and look for one to resume from."""
+    from rlhf_lightning import checkpoints as ckpt
     from rlhf_lightning import evaluation
+    from rlhf_lightning.config import to_dict
     from rlhf_lightning.models import reward_model as rm
 
     with tracking.stage_run(parent_run_id, "train_reward_model") as run:
+        fingerprint = ckpt.fingerprint(to_dict(cfg.reward_model), rm.resolve_backbone(cfg), data.digests())
+        callback, resumed = _checkpointing(cfg, checkpoints, workdir, "reward model",
+                                           cfg.faults.checkpoint_every_n_steps, fingerprint, run.info.run_id)
+        if resumed is not None and resumed.mlflow_run_id:
+            # The training curve up to the checkpoint, from the attempt that wrote it.
+            tracking.copy_metric_history(resumed.mlflow_run_id, run.info.run_id, below_step=resumed.batches)
         logger = tracking.lightning_logger(run.info.run_id)
-        result = rm.train_reward_model(cfg, data.pref_train, data.pref_eval, workdir, logger=logger)
+        result = rm.train_reward_model(cfg, data.pref_train, data.pref_eval, workdir, logger=logger,
+                                       callbacks=[callback], ckpt_path=resumed and resumed.path)
         metrics = {f"reward_model/{k}": v for k, v in result.metrics.items()}
         tracking.log_metrics(metrics)
         import mlflow
@@ -135,8 +170,9 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, 
                              f"{'>=' if passed else '<'} reward_model.min_eval_accuracy {threshold:.3f}")
         try:
             evaluation.check_reward_model(result.metrics, threshold, len(data.pref_eval))
-        except evaluation.GateError:
-            tracking.end_parent_run(parent_run_id, status="FAILED")  # the run ends here
+        except evaluation.GateError as exc:
+            # The run ends here (whoever drives the stages, the flow or the CLI).
+            tracking.fail_parent(parent_run_id, step="train_reward_model", reason=str(exc), expected=True)
             raise
     print(f"reward model: held-out accuracy {result.metrics['eval_accuracy']:.3f} ± {result.metrics['eval_accuracy_ci95']:.3f} "
           f"on {len(data.pref_eval)} pairs")
@@ -154,9 +190,15 @@ def prepare_prompts(cfg: RLHFConfig, parent_run_id: str, data) -> dict[str, list
 
 
 def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: ModelBundle, workdir: str,
-              card=None) -> ModelBundle:
-    """PPO; logs the per-iteration history, training curves and the over-optimisation plot."""
+              card=None, checkpoints: CheckpointPlan | None = None) -> ModelBundle:
+    """PPO; logs the per-iteration history, training curves and the over-optimisation plot.
+    `checkpoints`: where to save checkpoints and look for one to resume from (a resumed run continues
+    the iterations, metrics and history of the checkpoint)."""
+    import hashlib
+
+    from rlhf_lightning import checkpoints as ckpt
     from rlhf_lightning import evaluation
+    from rlhf_lightning.config import to_dict
     from rlhf_lightning.models import ppo
 
     rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
@@ -165,9 +207,13 @@ def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: 
     callbacks = ([evaluation.HeldoutMonitor(prompts["eval"], cfg.evaluation, gold)]
                  if cfg.evaluation.every_n_iterations > 0 else [])
     with tracking.stage_run(parent_run_id, "reinforce") as run:
+        fingerprint = ckpt.fingerprint(to_dict(cfg.policy), to_dict(cfg.ppo), prompts["rl"],
+                                       hashlib.sha256(reward_model.tar).hexdigest())
+        callback, resumed = _checkpointing(cfg, checkpoints, workdir, "PPO", cfg.faults.checkpoint_every_n_iterations,
+                                           fingerprint, run.info.run_id)
         logger = tracking.lightning_logger(run.info.run_id)
         result = ppo.train_ppo(cfg, prompts["rl"], rm_dir, workdir, logger=logger, gold_judge=gold,
-                               callbacks=callbacks)
+                               callbacks=[*callbacks, callback], ckpt_path=resumed and resumed.path)
         import mlflow
 
         mlflow.log_artifacts(result.adapter_dir, "adapter")

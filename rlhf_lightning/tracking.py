@@ -76,15 +76,107 @@ def end_parent_run(parent_run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(parent_run_id, status=status)
 
 
+# The Metaflow task this process runs ({run_id, pathspec, attempt}), set by the flow around each step.
+# Stage runs carry its pathspec (flow/run/step/task) and attempt as tags; `metaflow.run_id` stays the
+# parent's alone, so that searching for it finds the parent.
+_task: dict[str, str] = {}
+
+FAILURE_TAGS = ("failure.step", "failure.reason", "failure.kind", "failure.metaflow_run_id")
+
+
 @contextlib.contextmanager
-def stage_run(parent_run_id: str, stage: str, *, metaflow_pathspec: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def task_context(*, run_id: str, pathspec: str, attempt: int) -> Iterator[None]:
+    """Stage runs created inside the block carry the Metaflow task that made them (so a later task can
+    tell a stage run whose task died from one that is still running)."""
+    _task.update(run_id=str(run_id), pathspec=pathspec, attempt=str(attempt))
+    try:
+        yield
+    finally:
+        _task.clear()
+
+
+def _task_tags() -> dict[str, str]:
+    return {"metaflow.pathspec": _task["pathspec"], "metaflow.attempt": _task["attempt"]} if _task else {}
+
+
+def begin_task(parent_run_id: str, *, run_id: str, pathspec: str, attempt: int) -> list[str]:
+    """A Metaflow task starts logging into `parent_run_id`: make the records true first.
+
+    - A `resume` (a new Metaflow run id) logs into the same parent: the parent records every run id
+      (`metaflow.run_ids`) and names the newest in `metaflow.run_id`.
+    - A parent that was ended FAILED (an earlier attempt or run failed) runs again; the failure moves to
+      `failure.previous`.
+    - Stage runs still RUNNING whose task died (from another Metaflow run, or an earlier attempt of this
+      task) are ended KILLED, with the reason in `ended_because`.
+
+    Returns the ids of the stage runs it ended."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    tags = parent.data.tags
+    run_ids = [r for r in tags.get("metaflow.run_ids", tags.get("metaflow.run_id", "")).split(",") if r]
+    if str(run_id) not in run_ids:
+        client.set_tag(parent_run_id, "metaflow.run_ids", ",".join([*run_ids, str(run_id)]))
+        client.set_tag(parent_run_id, "metaflow.run_id", str(run_id))
+    if parent.info.status != "RUNNING":
+        if "failure.reason" in tags:
+            client.set_tag(parent_run_id, "failure.previous",
+                           f"{tags.get('failure.metaflow_run_id')}/{tags.get('failure.step')}: {tags['failure.reason']}"[:5000])
+            for key in FAILURE_TAGS:
+                if key in tags:
+                    client.delete_tag(parent_run_id, key)
+        client.update_run(parent_run_id, status="RUNNING")
+    ended = []
+    running = client.search_runs([parent.info.experiment_id],
+                                 f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for child in running:
+        t = child.data.tags
+        child_run = t.get("metaflow.pathspec", "").split("/")[1:2]
+        if child_run and child_run[0] != str(run_id):
+            why = f"its Metaflow run {child_run[0]} stopped; run {run_id} resumed it"
+        elif t.get("metaflow.pathspec") == pathspec and int(t.get("metaflow.attempt", attempt)) < attempt:
+            why = f"attempt {t['metaflow.attempt']} of {pathspec} died; attempt {attempt} retries it"
+        else:
+            continue  # a task of this run that is still running (a parallel branch)
+        client.set_tag(child.info.run_id, "ended_because", why)
+        client.set_terminated(child.info.run_id, status="KILLED")
+        ended.append(child.info.run_id)
+    return ended
+
+
+def fail_parent(parent_run_id: str, *, step: str, reason: str, expected: bool) -> None:
+    """End the parent FAILED, saying which step failed and why (`failure.*` tags)."""
+    client = MlflowClient()
+    for key, value in (("failure.step", step), ("failure.reason", reason[:5000]),
+                       ("failure.kind", "expected" if expected else "error"),
+                       ("failure.metaflow_run_id", _task.get("run_id", ""))):
+        client.set_tag(parent_run_id, key, value)
+    client.set_terminated(parent_run_id, status="FAILED")
+
+
+def recorded_failure(parent_run_id: str) -> dict[str, str]:
+    """The parent's `failure.*` tags (empty when it has not failed)."""
+    tags = MlflowClient().get_run(parent_run_id).data.tags
+    return {key.split(".", 1)[1]: tags[key] for key in FAILURE_TAGS if key in tags}
+
+
+def copy_metric_history(src_run_id: str, dst_run_id: str, below_step: int) -> int:
+    """Copy every metric point of `src_run_id` logged at a step below `below_step` into `dst_run_id`
+    (a resumed stage: the points its checkpoint covers). Returns the number of points copied."""
+    client = MlflowClient()
+    points = [m for key in client.get_run(src_run_id).data.metrics
+              for m in client.get_metric_history(src_run_id, key) if m.step < below_step]
+    for i in range(0, len(points), 1000):  # MLflow caps a log_batch at 1000 metrics
+        client.log_batch(dst_run_id, metrics=points[i : i + 1000])
+    return len(points)
+
+
+@contextlib.contextmanager
+def stage_run(parent_run_id: str, stage: str) -> Iterator[mlflow.ActiveRun]:
     """A nested MLflow run for one stage, active for the duration of the block; FAILED if it raises."""
     os.environ.pop("MLFLOW_RUN_ID", None)
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
-    tags = {"mlflow.parentRunId": parent_run_id, "stage": stage}
-    if metaflow_pathspec:
-        tags["metaflow.pathspec"] = metaflow_pathspec
+    tags = {"mlflow.parentRunId": parent_run_id, "stage": stage, **_task_tags()}
     child = client.create_run(parent.info.experiment_id, run_name=stage, tags=tags)
     with mlflow.start_run(run_id=child.info.run_id) as active:
         yield active

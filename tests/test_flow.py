@@ -1,14 +1,27 @@
 """The whole flow on tiny models, through Metaflow's real runtime, MLflow with its sqlite DB and a real
-`mlflow models serve` process. One run, many assertions: it is the expensive test of the suite."""
+`mlflow models serve` process. One run, many assertions: it is the expensive test of the suite.
+
+The run is killed twice on its way, as machines die in the cloud: the PPO task gets a SIGKILL after its
+first checkpoint (`@retry` runs it again, from that checkpoint), then the whole run gets a SIGKILL during
+the retry (`resume` finishes it, from the retry's last checkpoint). Everything a clean run gives must
+still be there and true: artifacts, MLflow records, lineage, a served model, and a PPO that ends where an
+uninterrupted one ends."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from rlhf_lightning.serving import stop_pid
@@ -16,14 +29,47 @@ from rlhf_lightning.serving import stop_pid
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"preprocess", "validate", "train_reward_model", "prepare_prompts", "reinforce", "evaluate",
           "register", "deploy", "inference"}
+ITERATIONS = 16  # configs/tiny.yaml checkpoints PPO every 2 iterations
+
+
+def _wait(what: str, check, proc: subprocess.Popen, timeout: float = 400.0, every: float = 0.05):
+    """Poll `check()` until it returns something truthy; fail if the flow process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the flow ended (rc {proc.returncode}) before {what}")
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _checkpoints(work: Path, run_id: str) -> list[int]:
+    """Iterations of the PPO checkpoints of Metaflow run `run_id`, in the local datastore."""
+    found = work.glob(f"**/rlhf_lightning/checkpoints/RLHFFlow/{run_id}/reinforce/batch-*.ckpt")
+    return sorted(int(p.name[6:14]) for p in found)
+
+
+def _task(root: int, step: str, attempt: int) -> psutil.Process | None:
+    """The process running attempt `attempt` of `step` under the flow process `root`."""
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "step" in cmd and step in cmd and f"--retry-count={attempt}" in " ".join(cmd).replace("--retry-count ", "--retry-count="):
+            return proc
+    return None
 
 
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
-    from metaflow import Runner
+    from metaflow import Run, get_metadata, metadata, namespace
 
     work = tmp_path_factory.mktemp("flow")
     env = {
+        **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
         # Metaflow rejects root; USERNAME is read at call time (METAFLOW_USER only at import).
         "USERNAME": "tester",
@@ -32,25 +78,60 @@ def flow_run(tmp_path_factory):
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    env.pop("MLFLOW_RUN_ID", None)
+    flow = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(REPO / "configs" / "tiny.yaml")]
+    log = open(work / "flow.log", "w")
+    # keep_serving: the test itself talks to the endpoint after the flow, then stops it.
+    first = subprocess.Popen([*flow, "run", "--max-workers", "2", "--ppo_iterations", str(ITERATIONS),
+                              "--keep_serving", "true", "--run-id-file", str(work / "run_id")],
+                             cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    faults = {}
+    try:
+        run_id = _wait("the run id", lambda: (work / "run_id").exists() and (work / "run_id").read_text().strip(), first)
+        # 1. The PPO task dies after its first checkpoint; @retry starts attempt 1.
+        _wait("PPO's first checkpoint", lambda: _checkpoints(work, run_id), first)
+        task = _task(first.pid, "reinforce", 0)
+        assert task is not None, "no reinforce task process found"
+        task.send_signal(signal.SIGKILL)
+        faults["task_killed_after"] = _checkpoints(work, run_id)[-1]
+        # 2. The whole run dies (runtime and tasks) during attempt 1, after it wrote a new checkpoint.
+        _wait("the retry's first new checkpoint",
+              lambda: _task(first.pid, "reinforce", 1) and _checkpoints(work, run_id)[-1] > faults["task_killed_after"], first)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(60)
+        faults["run_killed_after"] = _checkpoints(work, run_id)[-1]
+        # 3. `resume` finishes the run.
+        # (A resume takes the origin run's config: Metaflow refuses --config with `resume`.)
+        resume = subprocess.run([*flow[:2], "resume", "--origin-run-id", run_id, "--run-id-file", str(work / "resumed_id")],
+                                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        log.close()
+    output = (work / "flow.log").read_text()
+    print(output[-20000:])
+    assert resume.returncode == 0, "resume failed; see the output above"
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
+        for key in ("MLFLOW_TRACKING_URI", "USERNAME", "METAFLOW_DATASTORE_SYSROOT_LOCAL"):
+            mp.setenv(key, env[key])
         mp.delenv("MLFLOW_RUN_ID", raising=False)
-        with Runner(str(REPO / "flows" / "rlhf.py"), cwd=str(work), env=env, show_output=True,
-                    config=[("cfg", str(REPO / "configs" / "tiny.yaml"))]) as runner:
-            # keep_serving: the test itself talks to the endpoint after the flow, then stops it.
-            run = runner.run(max_workers=2, keep_serving=True).run
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        previous = get_metadata()
+        metadata(f"local@{work}")  # the runs' local metadata and datastore
+        namespace(None)
+        run = Run(f"RLHFFlow/{(work / 'resumed_id').read_text().strip()}")
         # The server the inference step started and left up (keep_serving), on this machine.
         endpoint = run["inference"].task.data.inference_report["endpoint"] if run.successful else None
-        yield run, work, endpoint
+        yield run, work, endpoint, {"origin_run_id": run_id, "output": output, **faults}
         if endpoint:
             stop_pid(endpoint["pid"])
         mlflow.set_tracking_uri(None)
+        if "@<" not in previous:  # "local@<No .metaflow directory found ...>": nothing to restore
+            metadata(previous)
 
 
 def test_flow_succeeds_and_stores_artifacts(flow_run):
-    run, work, _ = flow_run
+    run, work, _, _ = flow_run
     assert run.successful, "flow failed; see the output above"
     data = run["preprocess"].task.data.data
     assert len(data.pref_train) > 0 and len(data.pref_eval) > 0
@@ -60,7 +141,7 @@ def test_flow_succeeds_and_stores_artifacts(flow_run):
     assert 0.0 <= rm.metrics["reward_model/eval_accuracy"] <= 1.0
     assert len(rm.tar) > 0
     policy = run["reinforce"].task.data.policy
-    assert len(policy.extras["history"]) == 2  # tiny.yaml: 2 PPO iterations
+    assert [h["iteration"] for h in policy.extras["history"]] == list(range(ITERATIONS))
     ev = run["evaluate"].task.data.evaluation
     for name in ("eval/gold_win_rate", "eval/rm_win_rate", "eval/kl", "eval/gold_score", "eval/ref_gold_score"):
         assert name in ev["metrics"]
@@ -76,21 +157,21 @@ def test_flow_succeeds_and_stores_artifacts(flow_run):
 
 
 def test_mlflow_records(flow_run):
-    run, _, _ = flow_run
+    run, _, _, _ = flow_run
     client = MlflowClient()
     exp = client.get_experiment_by_name("rlhf-lightning")
     parents = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{run.id}'")
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["ppo.iterations"] == "2"
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    by_stage = {c.data.tags["stage"]: c for c in children}
+    assert parent.data.params["ppo.iterations"] == str(ITERATIONS)
+    by_stage = _stage_runs(client, run)
     assert set(by_stage) == STAGES
-    # Per-iteration PPO metrics, logged by Lightning into the reinforce run.
+    # Per-iteration PPO metrics, logged by Lightning into the reinforce run: every iteration once, those
+    # the killed attempts did included (the finished attempt re-logs what its checkpoint holds).
     for key in ("ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/clip_fraction", "ppo/response_length"):
         history = client.get_metric_history(by_stage["reinforce"].info.run_id, key)
-        assert len(history) == 2, key
+        assert sorted(m.step for m in history) == list(range(ITERATIONS)), key
     assert "reward_model/eval_accuracy" in by_stage["train_reward_model"].data.metrics
     for key in ("eval/gold_win_rate", "eval/rm_win_rate", "eval/kl", "eval/gold_score", "eval/ref_gold_score",
                 "reward_model/eval_accuracy"):
@@ -105,7 +186,7 @@ def test_mlflow_records(flow_run):
 def test_registered_version_aliases_follow_the_gate_and_the_checks(flow_run):
     """Registered as `candidate` only; `champion` moved by the inference step after the served candidate
     passed its checks, and only if the evaluation gate promoted it."""
-    run, _, _ = flow_run
+    run, _, _, _ = flow_run
     client = MlflowClient()
     info = run["register"].task.data.model_version
     assert info.aliases == ["candidate"]
@@ -120,7 +201,7 @@ def test_registered_version_aliases_follow_the_gate_and_the_checks(flow_run):
 
 
 def test_registered_version_carries_its_lineage(flow_run):
-    run, _, _ = flow_run
+    run, _, _, _ = flow_run
     client = MlflowClient()
     info = run["register"].task.data.model_version
     tags = client.get_model_version("rlhf-policy", info.version).tags
@@ -141,15 +222,85 @@ def test_registered_version_carries_its_lineage(flow_run):
     assert f"| lineage.metaflow.run_id | {run.id} |" in description
 
 
-def _stage_runs(client, run) -> dict:
+def _all_stage_runs(client, run) -> list:
     exp = client.get_experiment_by_name("rlhf-lightning")
     parent = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{run.id}'")[0]
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return {c.data.tags["stage"]: c for c in children}
+    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
+def _stage_runs(client, run) -> dict:
+    """The finished run of each stage (the killed attempts' runs left out)."""
+    return {c.data.tags["stage"]: c for c in _all_stage_runs(client, run) if c.info.status == "FINISHED"}
+
+
+def test_ppo_continued_from_its_checkpoints_after_each_kill(flow_run, tmp_path):
+    """The retry resumed from the killed task's last checkpoint, the resumed run from the retry's last
+    one; the final adapter and value head equal an uninterrupted run's with the same seed."""
+    from safetensors.torch import load_file
+
+    from rlhf_lightning.config import load_config
+    from rlhf_lightning.evaluation import has_gold_judge
+    from rlhf_lightning.models.ppo import train_ppo
+
+    run, _, _, faults = flow_run
+    k0, k1 = faults["task_killed_after"], faults["run_killed_after"]
+    assert 0 < k0 < k1 < ITERATIONS
+    out = faults["output"]
+    origin = f"RLHFFlow/{faults['origin_run_id']}/reinforce"
+    assert f"{origin}/batch-{k0:08d}.ckpt ({k0} batches done)" in out  # attempt 1, same run
+    assert f"{origin}/batch-{k1:08d}.ckpt ({k1} batches done)" in out  # the resumed run
+    assert out.count("PPO: resuming from the checkpoint") == 2
+
+    task = run["reinforce"].task
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    cfg.ppo.iterations = ITERATIONS
+    rm_dir = task.data.reward_model.extract(str(tmp_path / "rm"))
+    straight = train_ppo(cfg, task.data.prompts["rl"], rm_dir, str(tmp_path / "ppo"), gold_judge=has_gold_judge(cfg))
+    resumed = task.data.policy.extract(str(tmp_path / "resumed"))
+    want, got = load_file(f"{straight.adapter_dir}/adapter_model.safetensors"), load_file(f"{resumed}/adapter_model.safetensors")
+    want |= torch.load(f"{straight.adapter_dir}/value_head.pt")
+    got |= torch.load(f"{resumed}/value_head.pt")
+    assert set(want) == set(got)
+    for name in want:  # the same operations in the same order on the CPU: equal up to rounding
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+    for a, b in zip(straight.history, task.data.policy.extras["history"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_mlflow_tells_the_truth_about_the_kills(flow_run):
+    """One parent run for both Metaflow runs, FINISHED, naming both; the killed attempts' stage runs
+    ended KILLED with the reason; no stage run left RUNNING; the version's lineage resolves."""
+    run, _, _, faults = flow_run
+    client = MlflowClient()
+    stage_runs = _all_stage_runs(client, run)
+    parent = client.get_run(stage_runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["metaflow.run_ids"] == f"{faults['origin_run_id']},{run.id}"
+    assert parent.data.tags["metaflow.run_id"] == str(run.id)
+    assert not [r for r in stage_runs if r.info.status == "RUNNING"]
+    reinforce = sorted((r for r in stage_runs if r.data.tags["stage"] == "reinforce"), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in reinforce] == ["KILLED", "KILLED", "FINISHED"]
+    assert "attempt 0 of" in reinforce[0].data.tags["ended_because"]
+    assert f"run {run.id} resumed it" in reinforce[1].data.tags["ended_because"]
+    assert [r.data.tags["metaflow.pathspec"].split("/")[1] for r in reinforce] == [faults["origin_run_id"]] * 2 + [str(run.id)]
+    assert [r.data.tags["metaflow.attempt"] for r in reinforce] == ["0", "1", "0"]
+    assert reinforce[2].data.tags["resumed_at_batch"] == str(faults["run_killed_after"])
+    # Stages cloned by the resume keep their runs (from the first Metaflow run), FINISHED.
+    cloned = _stage_runs(client, run)["train_reward_model"].data.tags["metaflow.pathspec"]
+    assert cloned.split("/")[1] == faults["origin_run_id"]
+
+    tags = client.get_model_version("rlhf-policy", run["register"].task.data.model_version.version).tags
+    assert tags["lineage.mlflow_parent_run_id"] == parent.info.run_id
+    for key in ("lineage.reward_model_run_id", "lineage.ppo_run_id", "lineage.evaluate_run_id"):
+        assert client.get_run(tags[key]).info.status == "FINISHED", key
+    assert tags["lineage.ppo_run_id"] == reinforce[2].info.run_id
+    exp = client.get_experiment_by_name("rlhf-lightning")
+    found = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{tags['lineage.metaflow.run_id']}'")
+    assert [r.info.run_id for r in found] == [parent.info.run_id]
 
 
 def test_served_model_answers(flow_run):
-    run, _, endpoint = flow_run
+    run, _, endpoint, _ = flow_run
     body = json.dumps({"dataframe_records": [{"prompt": "Write a one-sentence review of a quiet park."}],
                        "params": {"max_new_tokens": 5, "temperature": 0.0}}).encode()
     req = urllib.request.Request(endpoint["url"] + "/invocations", data=body,
@@ -182,4 +333,11 @@ def test_expected_failures_stop_the_run_with_their_message_and_no_traceback(tmp_
     assert done.returncode != 0
     assert "rlhf-lightning stopped the run" in out and "validate: data validation failed" in out, out[-3000:]
     assert "no file matches this pattern (fix the glob in data.preferences" in out
-    assert "Traceback" not in out
+    assert "Traceback" not in out and "Internal error" not in out
+    # The parent run ended FAILED, saying where and why.
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("rlhf-lightning").experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["failure.step"] == "validate" and parent.data.tags["failure.kind"] == "expected"
+    assert "data validation failed" in parent.data.tags["failure.reason"]

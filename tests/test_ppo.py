@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
+from rlhf_lightning.checkpoints import PeriodicCheckpoint
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models.generation import chat_prompt, response_mask_from_ids
 from rlhf_lightning.models.loading import load_tokenizer
@@ -111,7 +112,9 @@ def test_ppo_trains_adapter_and_value_head_only(tmp_path, reward_model_dir, weig
     cfg = tiny_cfg()
     rows = prompt_rows(load_tokenizer("tiny:llama"))
     logger = CSVLogger(tmp_path, name="logs")
-    result = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "ppo"), logger=logger)
+    ckpt = PeriodicCheckpoint(str(tmp_path / "ppo" / "checkpoints"), tmp_path / "ppo" / "checkpoints",
+                              every_n_batches=1, keep_last=1, fingerprint="test")
+    result = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "ppo"), logger=logger, callbacks=[ckpt])
 
     assert len(result.history) == 2 and result.metrics == result.history[-1]
     assert result.history[0]["ppo/kl"] < 1e-4  # policy == reference before the first update
@@ -130,7 +133,7 @@ def test_ppo_trains_adapter_and_value_head_only(tmp_path, reward_model_dir, weig
     head = torch.load(adapter / VALUE_HEAD_FILE)
     torch.testing.assert_close(head["weight"], weights["after"]["value_head.weight"])
 
-    # The Lightning checkpoint holds the trainable weights and nothing else.
+    # The Lightning checkpoint (the newest one kept) holds the trainable weights and nothing else.
     (ckpt_path,) = (tmp_path / "ppo" / "checkpoints").glob("*.ckpt")
     ckpt = torch.load(ckpt_path, weights_only=False)
     assert set(ckpt["state_dict"]) == trainable
@@ -159,7 +162,9 @@ def test_4bit_lora_gets_gradients_after_generate_and_checkpoint_reloads(tmp_path
     assert not no_grad, f"LoRA parameters without gradient after generate: {no_grad}"
 
     # A 4-bit PPO run's checkpoint loads back into a fresh 4-bit module.
-    train_ppo(cfg, rows, reward_model_dir, str(tmp_path))
+    ckpt = PeriodicCheckpoint(str(tmp_path / "checkpoints"), tmp_path / "checkpoints", every_n_batches=1,
+                              keep_last=1, fingerprint="test")
+    train_ppo(cfg, rows, reward_model_dir, str(tmp_path), callbacks=[ckpt])
     (ckpt_path,) = (tmp_path / "checkpoints").glob("*.ckpt")
     reloaded = PPOModule.load_from_checkpoint(ckpt_path, weights_only=False)
     saved = torch.load(ckpt_path, weights_only=False)["state_dict"]

@@ -109,7 +109,6 @@ def test_full_finetune_learns_and_every_parameter_moves(tmp_path, weights):
 
     stats = json.loads((tmp_path / "model" / "reward_stats.json").read_text())
     assert stats["mean"] == pytest.approx(result.reward_mean) and stats["std"] == pytest.approx(result.reward_std)
-    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
 
     # The saved directory scores exactly like the trained model.
     rows = preference_rows(4, 2)

@@ -23,7 +23,6 @@ SmolLM2) is most of the cost of a forward pass on these small models.
 from __future__ import annotations
 
 import json
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,10 +31,9 @@ from statistics import fmean
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from peft import PeftModel
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
 from rlhf_lightning import judge
 from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
@@ -57,6 +55,7 @@ from rlhf_lightning.models.losses import (
     value_loss,
 )
 from rlhf_lightning.models.reward_model import RewardScorer, build_trainer
+from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
 
 VALUE_HEAD_FILE = "value_head.pt"
 HISTORY_FILE = "ppo_history.json"
@@ -310,13 +309,25 @@ class PPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only LoRA + value head: the frozen base is re-loaded from its reference, and 4-bit base
-        # weights (absmax, quant_map) would not load back anyway.
+        # weights (absmax, quant_map) would not load back anyway. Lightning adds the optimiser state,
+        # the loops' progress (the iteration) and the prompt loader's position.
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["kl_coef"] = self.kl_ctl.value
+        checkpoint["ppo_history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.kl_ctl.value = checkpoint.get("kl_coef", self.kl_ctl.value)
+        self.history = list(checkpoint.get("ppo_history", []))
+
+    def on_train_start(self) -> None:
+        # Resumed from a checkpoint: the metrics of the iterations it holds go to this attempt's loggers
+        # first, at their own steps, so the stage's metric history reads 0..N-1 once each (the killed
+        # attempt may have logged iterations after its last checkpoint, which this one redoes).
+        for entry in self.history:
+            metrics = {k: v for k, v in entry.items() if k != "iteration"}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=entry["iteration"])
 
 
 def _max_over_processes(value: torch.Tensor) -> float:
@@ -331,34 +342,12 @@ def collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
     return {"prompt": [row["prompt"] for row in rows], "prompt_chat": [row["prompt_chat"] for row in rows]}
 
 
-class PromptOrder(Sampler[int]):
-    """The prompts of `iterations` rollouts of `batch_size`, in a seeded order: fresh permutations chained
-    (each prompt once per pass before any repeats; one process draws exactly what
-    `RandomSampler(num_samples=...)` with the same seed draws). Under DDP the order is drawn for all
-    processes and each takes every world-th index, so processes roll out different prompts.
-
-    Only integers are stored: the generator is made when iterating, because a `torch.Generator` does
-    not pickle into ddp_spawn workers."""
-
-    def __init__(self, n_rows: int, iterations: int, batch_size: int, seed: int):
-        self.n_rows, self.per_process, self.seed = n_rows, iterations * batch_size, seed
-
-    def __len__(self) -> int:
-        return self.per_process
-
-    def __iter__(self):
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        generator = torch.Generator().manual_seed(self.seed)
-        order: list[int] = []
-        while len(order) < self.per_process * world:
-            order += torch.randperm(self.n_rows, generator=generator).tolist()
-        return iter(order[rank :: world][: self.per_process])
-
-
-def prompt_loader(rows: list[dict], ppo: PPOConfig) -> DataLoader:
-    """Exactly `iterations` batches of `rollout_batch_size` prompts per process."""
-    sampler = PromptOrder(len(rows), ppo.iterations, ppo.rollout_batch_size, ppo.seed)
-    return DataLoader(rows, batch_size=ppo.rollout_batch_size, sampler=sampler, collate_fn=collate_prompts)
+def prompt_loader(rows: list[dict], ppo: PPOConfig) -> ResumableLoader:
+    """Exactly `iterations` batches of `rollout_batch_size` prompts per process, each prompt once per pass
+    before any repeats, resumable from a checkpoint. The loader shards the prompts over processes
+    itself (Lightning's DistributedSampler would drop `iterations`)."""
+    sampler = SeededOrder(len(rows), ppo.iterations * ppo.rollout_batch_size, ppo.seed)
+    return ResumableLoader(rows, sampler, batch_size=ppo.rollout_batch_size, collate_fn=collate_prompts)
 
 
 @dataclass
@@ -372,24 +361,20 @@ class PPOResult:
 
 
 def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir: str, logger=None,
-            callbacks: list[Callback] | None = None) -> PPOResult:
-    """Run PPO on an existing module and save the adapter (+ value head) in out_dir/adapter."""
+            callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> PPOResult:
+    """Run PPO on an existing module and save the adapter (+ value head) in out_dir/adapter. `callbacks`
+    may include a checkpoint callback (checkpoints.PeriodicCheckpoint); `ckpt_path` resumes from one of
+    its checkpoints: weights, optimiser, KL controller, iteration, prompt order, RNG and history."""
     if not rl_prompts:
         raise ValueError("PPO: no RL prompts")
     out = Path(out_dir)
-    # global_step counts optimiser steps, which the approximate-KL early stop makes
-    # irregular; checking after every step still saves once per iteration (at its end), keeping the latest.
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=1)
     history_file = out / HISTORY_FILE
     history_file.unlink(missing_ok=True)
-    # PromptOrder shards the prompts itself: Lightning's DistributedSampler would drop `iterations`.
     trainer = build_trainer(cfg.trainer, "ppo", max_epochs=1, logger=logger if logger is not None else False,
-                            log_every_n_steps=1, callbacks=[checkpoint, *(callbacks or []), _SaveHistory(history_file)],
+                            log_every_n_steps=1, callbacks=[*(callbacks or []), _SaveHistory(history_file)],
                             default_root_dir=out, use_distributed_sampler=False)
-    with warnings.catch_warnings():
-        # Lightning warns that manual-optimisation checkpoints hold the post-update weights: we want those.
-        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-        trainer.fit(module, prompt_loader(rl_prompts, cfg.ppo))
+    # Our own checkpoints: they hold the config dataclasses as hyperparameters.
+    trainer.fit(module, prompt_loader(rl_prompts, cfg.ppo), ckpt_path=ckpt_path, weights_only=False)
 
     # Under ddp_spawn training ran in worker processes: Lightning moves the weights back into `module`,
     # not what the module collected, so the history comes back through rank 0's file.
@@ -417,11 +402,11 @@ class _SaveHistory(Callback):
 
 def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,
               reward_stats: tuple[float, float] | None = None, gold_judge: bool = False,
-              callbacks: list[Callback] | None = None) -> PPOResult:
+              callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> PPOResult:
     """PPO from a fresh adapter. `reward_stats` = (mean, std) overrides the normalisation stored in
     reward_model_dir/reward_stats.json; `logger` is a Lightning logger (e.g. MLFlowLogger) or None;
     `gold_judge` logs the built-in task's gold score of the rollouts (monitoring only); `callbacks`
-    e.g. evaluation.HeldoutMonitor."""
+    e.g. evaluation.HeldoutMonitor or a checkpoint callback; `ckpt_path`: resume from that checkpoint."""
     L.seed_everything(cfg.ppo.seed)
     module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, reward_stats, gold_judge)
-    return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks)
+    return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks, ckpt_path)

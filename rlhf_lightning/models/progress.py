@@ -52,10 +52,18 @@ class LineProgress(Callback):
 
     def __init__(self, name: str, interval: float | None = None):
         self.name, self.interval = name, INTERVAL_S if interval is None else interval
-        self._start = self._last = 0.0
+        self._start: float | None = None
+        self._last, self._first = 0.0, 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = self._last = time.monotonic()
+        self._start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # Here, not at the epoch's start: an attempt resumed from a checkpoint starts mid-epoch, and
+        # Lightning does not call on_train_epoch_start then. The rate counts this attempt's batches only.
+        if self._start is None:
+            self._start = self._last = time.monotonic()
+            self._first = batch_idx
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         now = time.monotonic()
@@ -64,7 +72,7 @@ class LineProgress(Callback):
             return
         self._last = now
         done = batch_idx + 1
-        per = (now - self._start) / done
+        per = (now - self._start) / (done - self._first)
         left = per * (total - done) if isinstance(total, int) else float("nan")
         metrics = " ".join(f"{k}={_fmt(v)}" for k, v in trainer.progress_bar_metrics.items())
         print(f"{self.name}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs} batch {done}/{total} "

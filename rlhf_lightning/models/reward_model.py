@@ -20,9 +20,8 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_lightning import judge
@@ -31,6 +30,7 @@ from rlhf_lightning.evaluation import has_gold_judge, win_rate
 from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.progress import LineProgress, interactive
+from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
 
 STATS_FILE = "reward_stats.json"
 
@@ -110,15 +110,17 @@ def collate_groups(groups: list[list[dict]], encoder: PairEncoder) -> dict[str, 
     return collate_preferences([row for group in groups for row in group], encoder)
 
 
-def group_loader(rows: list[dict], batch_size: int, shuffle: bool, encoder: PairEncoder) -> DataLoader:
+def group_loader(rows: list[dict], batch_size: int, shuffle: bool, encoder: PairEncoder,
+                 seed: int = 0) -> ResumableLoader:
     """Batches of whole prompts, as InstructGPT trains its K(K-1)/2 comparisons per prompt: each response
     is scored once per epoch instead of K-1 times in different batches (which overfit there within an
-    epoch). The dataset's items are prompts, so shuffling and distributed samplers work unchanged;
-    `batch_size` rows become `batch_size / (rows per prompt)` prompts per batch. With one row per prompt
-    this is ordinary batching."""
+    epoch). The dataset's items are prompts; `batch_size` rows become `batch_size / (rows per prompt)`
+    prompts per batch. With one row per prompt this is ordinary batching. The order is drawn from
+    (seed, epoch) and split over processes by the loader itself, so a checkpoint resumes it mid-epoch."""
     groups = prompt_groups(rows, batch_size)
     per_batch = max(1, round(batch_size * len(groups) / len(rows)))
-    return DataLoader(groups, batch_size=per_batch, shuffle=shuffle, collate_fn=partial(collate_groups, encoder=encoder))
+    return ResumableLoader(groups, SeededOrder(len(groups), None, seed, shuffle), batch_size=per_batch,
+                           collate_fn=partial(collate_groups, encoder=encoder))
 
 
 def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
@@ -267,8 +269,12 @@ def build_trainer(cfg: TrainerConfig, name: str, callbacks: list | None = None, 
         torch.set_num_threads(cfg.threads)
     tty = interactive()
     callbacks = list(callbacks or []) + ([] if tty else [LineProgress(name)])
+    # Checkpoints only from a checkpoint callback the caller passes (checkpoints.PeriodicCheckpoint):
+    # Lightning's default one would write a second set nobody resumes from.
+    checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
     return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                     precision=cfg.precision, enable_progress_bar=tty, callbacks=callbacks, **kwargs)
+                     precision=cfg.precision, enable_progress_bar=tty, callbacks=callbacks,
+                     enable_checkpointing=checkpointing, **kwargs)
 
 
 def resolve_backbone(cfg: RLHFConfig) -> str:
@@ -277,8 +283,10 @@ def resolve_backbone(cfg: RLHFConfig) -> str:
 
 
 def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[dict], out_dir: str,
-                       logger=None) -> RewardModelResult:
-    """Fit the reward model, save it to `out_dir/model` and measure it. `logger`: a Lightning logger or None."""
+                       logger=None, callbacks: list | None = None, ckpt_path: str | None = None) -> RewardModelResult:
+    """Fit the reward model, save it to `out_dir/model` and measure it. `logger`: a Lightning logger or
+    None; `callbacks` may include a checkpoint callback (checkpoints.PeriodicCheckpoint), and `ckpt_path`
+    resumes from one of its checkpoints (weights, optimiser, epoch and position in it, RNG)."""
     if not train_rows or not eval_rows:
         raise ValueError(f"reward model: need training and eval pairs, got {len(train_rows)} and {len(eval_rows)}")
     rm = cfg.reward_model
@@ -287,15 +295,15 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     module = RewardModel(backbone=resolve_backbone(cfg), finetune=rm.finetune,
                          lora=rm.lora if rm.finetune == "lora" else None,
                          learning_rate=rm.learning_rate, max_length=rm.max_length)
-    train_loader = group_loader(train_rows, rm.batch_size, True, module.encoder)
+    train_loader = group_loader(train_rows, rm.batch_size, True, module.encoder, rm.seed)
     eval_loader = group_loader(eval_rows, rm.batch_size, False, module.encoder)
     trainer = build_trainer(
         cfg.trainer, "reward model", max_epochs=rm.epochs, logger=logger if logger is not None else False,
-        # The latest epoch, i.e. the same weights as the exported model.
-        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints")],
-        log_every_n_steps=min(50, len(train_loader)), default_root_dir=out,
+        callbacks=callbacks, log_every_n_steps=min(50, len(train_loader)), default_root_dir=out,
+        use_distributed_sampler=False,  # the loaders shard themselves
     )
-    trainer.fit(module, train_loader, eval_loader)
+    # Our own checkpoints: they hold the config dataclasses as hyperparameters.
+    trainer.fit(module, train_loader, eval_loader, ckpt_path=ckpt_path, weights_only=False)
 
     # Measure the final model exactly as PPO and evaluation will use it: through a RewardScorer.
     scorer = RewardScorer(module.export_model(), module.tokenizer, rm.max_length)
