@@ -62,7 +62,7 @@ def tracked_task(step_name, flow, inputs=None, attributes=None):
         if (attempt > 0 and failure.get("kind") == "expected" and failure.get("step") == step_name
                 and failure.get("metaflow_run_id") == str(current.run_id)):
             # Bad data, a bad config or a failed gate fail the same way on every attempt.
-            raise PipelineError(f"{step_name}: {failure['reason']} (attempt {attempt - 1} failed this way; "
+            raise PipelineError(f"{step_name}: {failure['reason']} (an earlier attempt failed this way; "
                                 "not run again)")
         ended = tracking.begin_task(parent, run_id=str(current.run_id), pathspec=pathspec, attempt=attempt)
         if ended:

@@ -127,6 +127,12 @@ def test_the_tracking_server_holds_the_whole_run(batch_run, aws):
     listed = s3.list_objects_v2(Bucket="rlhf-metaflow", Prefix="metaflow/rlhf_lightning_cache/builtin/")
     keys = {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}
     assert {"MANIFEST.json", "preferences.jsonl", "prompts.jsonl", "eval_prompts.jsonl", "stats.json"} <= keys
+    # The training steps' checkpoints too: where a retry on another machine, or a resume, reads them.
+    for step, last in (("reinforce", "batch-00000002.ckpt"), ("train_reward_model", None)):
+        listed = s3.list_objects_v2(Bucket="rlhf-metaflow",
+                                    Prefix=f"metaflow/rlhf_lightning/checkpoints/RLHFFlow/{run_id}/{step}/")
+        names = [o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])]
+        assert names and (last is None or names[-1] == last), (step, names)
     # The deployment the inference step checked, recorded where every container finds it.
     deployment = json.loads(client.get_registered_model("rlhf-policy").tags["deployment.rlhf-local.rlhf-policy-candidate"])
     assert deployment["version"] == version.version
