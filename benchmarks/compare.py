@@ -65,19 +65,23 @@ def run_one(cmd: list[str], log) -> dict[str, str]:
 
 
 def table(workload: str, results: dict[str, list[dict[str, str]]]) -> list[str]:
-    """Rows: contender, runs, throughput min/median, peak GB median, accuracy, ratios to the project."""
-    out = [f"{'':<22}{'runs':>5}{'min':>9}{'median':>9}{'peak GB':>9}{'eval acc':>10}   project ÷ this"]
-    med = {}
+    """Every contender's throughput (min, median), peak memory and accuracy; then each project row's
+    ratios: its throughput over each peer's (median over median) and its time over the floor's."""
+    out = [f"{'':<26}{'runs':>5}{'min':>9}{'median':>9}{'peak GB':>9}{'eval acc':>16}"]
+    med, peak = {}, {}
     for name, runs in results.items():
         key = THROUGHPUT[runs[0]["_name"]]
         values = [float(r[key]) for r in runs]
         med[name] = statistics.median(values)
-        peak = statistics.median(float(r["peak_rss_gb"]) for r in runs)
+        peak[name] = statistics.median(float(r["peak_rss_gb"]) for r in runs)
         acc = ",".join(sorted({r["eval_acc"] for r in runs})) if "eval_acc" in runs[0] else "-"
-        out.append(f"{name:<22}{len(runs):>5}{min(values):>9.3f}{med[name]:>9.3f}{peak:>9.2f}{acc:>10}   "
-                   + ("" if name == "project" else f"{med['project'] / med[name]:.2f}x throughput"))
-    if "floor" in med:  # the floor's time over the project's time: 1.00 would be the floor itself
-        out.append(f"project time ÷ floor time: {med['floor'] / med['project']:.2f}")
+        out.append(f"{name:<26}{len(runs):>5}{min(values):>9.3f}{med[name]:>9.3f}{peak[name]:>9.2f}{acc:>16}")
+    peers = [n for n in med if not n.startswith("project") and n != "floor"]
+    for name in (n for n in med if n.startswith("project")):
+        parts = [f"{med[name] / med[p]:.2f}x {p}'s throughput, {peak[name] / peak[p]:.2f}x its memory" for p in peers]
+        if "floor" in med:  # 1.00 would be the floor itself
+            parts.append(f"{med['floor'] / med[name]:.2f}x the floor's time")
+        out.append(f"  {name}: " + "; ".join(parts))
     return [f"== {workload} ==", *out]
 
 

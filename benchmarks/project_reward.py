@@ -81,8 +81,10 @@ def main() -> int:
         """Training time without the held-out validation pass Lightning runs at the epoch's end (TRL's
         figure times training alone)."""
 
+        start = val_start = validating = 0.0
+
         def on_train_start(self, trainer, pl_module):
-            self.start, self.validating = time.perf_counter(), 0.0
+            self.start, self.validating = time.perf_counter(), 0.0  # after Lightning's sanity check
 
         def on_validation_start(self, trainer, pl_module):
             self.val_start = time.perf_counter()

@@ -49,3 +49,14 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_auto_precision_is_bf16_where_the_cpu_computes_in_bf16():
+    from rlhf_lightning.models.loading import cpu_has_bf16, resolve_precision
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    plain = "processor\t: 0\nflags\t\t: fpu sse avx2\n"
+    assert cpu_has_bf16(amx) and not cpu_has_bf16(plain)
+    assert resolve_precision("auto", "cpu", amx) == "bf16-mixed"
+    assert resolve_precision("auto", "cpu", plain) == "32-true"
+    assert resolve_precision("32-true", "cpu", amx) == "32-true"  # an explicit choice is kept

@@ -198,6 +198,29 @@ def compute_device(accelerator: str = "auto") -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Does this CPU compute in bf16 natively (Intel AMX or AVX512-BF16; Linux `/proc/cpuinfo` flags)?
+    Elsewhere bf16 would be emulated, slower than fp32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(precision: str, accelerator: str = "auto", cpuinfo: str | None = None) -> str:
+    """`trainer.precision` for Lightning: `auto` is `bf16-mixed` where the hardware computes in bf16 (a
+    GPU that supports it; a CPU with AMX or AVX512-BF16), else `32-true`; anything else is kept."""
+    if precision != "auto":
+        return precision
+    if compute_device(accelerator).type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if cpu_has_bf16(cpuinfo) else "32-true"
+
+
 def to_compute_device(model: torch.nn.Module, accelerator: str = "auto", quantized: bool = False) -> torch.nn.Module:
     """`model` on `compute_device(accelerator)`. A 4-bit model (`quantized`) cannot be moved:
     bitsandbytes placed it on the GPU when loading it (when there is one)."""

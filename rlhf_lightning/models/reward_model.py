@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from rlhf_lightning import judge
 from rlhf_lightning.config import LoraConfig, RLHFConfig, TrainerConfig
 from rlhf_lightning.evaluation import has_gold_judge, win_rate
-from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
+from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config, resolve_precision
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.progress import LineProgress, interactive
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
@@ -278,8 +278,8 @@ def build_trainer(cfg: TrainerConfig, name: str, callbacks: list | None = None, 
     # Lightning's default one would write a second set nobody resumes from.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
     return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                     precision=cfg.precision, enable_progress_bar=tty, callbacks=callbacks,
-                     enable_checkpointing=checkpointing, **kwargs)
+                     precision=resolve_precision(cfg.precision, cfg.accelerator), enable_progress_bar=tty,
+                     callbacks=callbacks, enable_checkpointing=checkpointing, **kwargs)
 
 
 def resolve_backbone(cfg: RLHFConfig) -> str:
