@@ -28,6 +28,7 @@ from collections import defaultdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("RLHF_BENCH_DATA", os.path.join(REPO, "..", "shared", "data", "hh-rlhf-harmless-base",
@@ -77,7 +78,7 @@ def main() -> int:
     t_script = time.perf_counter()
 
     import torch
-    from lightning.pytorch.callbacks import Callback
+    from fit_clock import FitClock
 
     from rlhf_lightning.config import from_dict
     from rlhf_lightning.models import ppo
@@ -93,13 +94,6 @@ def main() -> int:
     prompts = hh_prompts(load_tokenizer(POLICY), args.episodes, args.max_prompt_tokens)
     totals: dict[str, float] = defaultdict(float)
     phase_clock(ppo.PPOModule, totals)
-
-    class FitClock(Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, trainer, pl_module):
-            self.wall = time.perf_counter() - self.start
 
     clock = FitClock()
     with tempfile.TemporaryDirectory() as out:

@@ -28,6 +28,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("RLHF_BENCH_DATA", os.path.join(REPO, "..", "shared", "data", "hh-rlhf-harmless-base",
@@ -61,7 +62,7 @@ def main() -> int:
     t_script = time.perf_counter()
 
     import torch
-    from lightning.pytorch.callbacks import Callback
+    from fit_clock import FitClock
 
     from rlhf_lightning.config import from_dict
     from rlhf_lightning.models.reward_model import train_reward_model
@@ -76,24 +77,6 @@ def main() -> int:
     if args.dropout is not None:
         rm["dropout"] = args.dropout
     cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": "cpu", "precision": args.precision}})
-
-    class FitClock(Callback):
-        """Training time without the held-out validation pass Lightning runs at the epoch's end (TRL's
-        figure times training alone)."""
-
-        start = val_start = validating = 0.0
-
-        def on_train_start(self, trainer, pl_module):
-            self.start, self.validating = time.perf_counter(), 0.0  # after Lightning's sanity check
-
-        def on_validation_start(self, trainer, pl_module):
-            self.val_start = time.perf_counter()
-
-        def on_validation_end(self, trainer, pl_module):
-            self.validating += time.perf_counter() - self.val_start
-
-        def on_train_end(self, trainer, pl_module):
-            self.wall = time.perf_counter() - self.start - self.validating
 
     clock = FitClock()
     t0 = time.perf_counter()
