@@ -28,15 +28,18 @@ def shared_root() -> str | None:
     return root or None
 
 
-def _client():
-    import boto3
+def s3_client():
+    """The library's one S3 client (shared caches, checkpoints, `s3://` data sources): endpoint from
+    `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, credentials as boto3 finds them."""
+    import boto3  # installed with mlflow; imported only when something is on S3
 
     return boto3.client("s3")
 
 
-def _split(root: str, key: str) -> tuple[str, str]:
-    bucket, _, prefix = root.removeprefix("s3://").partition("/")
-    return bucket, "/".join(p for p in (prefix, key) if p)
+def s3_split(url: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    return bucket, key
 
 
 def fetch(key: str, dest: str | Path) -> bool:
@@ -47,8 +50,8 @@ def fetch(key: str, dest: str | Path) -> bool:
         return False
     from botocore.exceptions import ClientError
 
-    s3 = _client()
-    bucket, prefix = _split(root, key)
+    s3 = s3_client()
+    bucket, prefix = s3_split(f"{root}/{key}")
     try:
         manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
     except ClientError as exc:
@@ -78,8 +81,8 @@ def publish(key: str, src: str | Path) -> None:
     root = shared_root()
     if root is None:
         return
-    s3 = _client()
-    bucket, prefix = _split(root, key)
+    s3 = s3_client()
+    bucket, prefix = s3_split(f"{root}/{key}")
     src = Path(src)
     files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
     for rel in files:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from rlhf_lightning.cache import s3_client, s3_split
+
 NAME = re.compile(r"^batch-(\d{8})\.ckpt$")
 KEY = "rlhf_lightning"  # our part of a Lightning checkpoint dict
 
@@ -52,21 +54,11 @@ class CheckpointStore:
     def __repr__(self) -> str:
         return f"CheckpointStore({self.uri!r})"
 
-    def _bucket_prefix(self) -> tuple[str, str]:
-        bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
-        return bucket, prefix
-
-    @staticmethod
-    def _client():
-        import boto3
-
-        return boto3.client("s3")
-
     def names(self) -> list[str]:
         """Checkpoint file names, oldest first."""
         if self.s3:
-            bucket, prefix = self._bucket_prefix()
-            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            bucket, prefix = s3_split(f"{self.uri}/")
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             keys = [obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])]
         else:
             keys = os.listdir(self.uri) if os.path.isdir(self.uri) else []
@@ -77,8 +69,7 @@ class CheckpointStore:
         where renaming is atomic (a directory), and S3 never shows a partly written object."""
         path = Path(path)
         if self.s3:
-            bucket, prefix = self._bucket_prefix()
-            self._client().upload_file(str(path), bucket, f"{prefix}/{path.name}")
+            s3_client().upload_file(str(path), *s3_split(f"{self.uri}/{path.name}"))
         else:
             os.makedirs(self.uri, exist_ok=True)
             target = os.path.join(self.uri, path.name)
@@ -91,8 +82,7 @@ class CheckpointStore:
         dest = Path(dest_dir) / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if self.s3:
-            bucket, prefix = self._bucket_prefix()
-            self._client().download_file(bucket, f"{prefix}/{name}", str(dest))
+            s3_client().download_file(*s3_split(f"{self.uri}/{name}"), str(dest))
         elif os.path.abspath(os.path.join(self.uri, name)) != os.path.abspath(dest):
             shutil.copyfile(os.path.join(self.uri, name), dest)
         return dest
@@ -103,9 +93,8 @@ class CheckpointStore:
         if not old:
             return
         if self.s3:
-            bucket, prefix = self._bucket_prefix()
-            self._client().delete_objects(Bucket=bucket,
-                                          Delete={"Objects": [{"Key": f"{prefix}/{n}"} for n in old]})
+            keys = [s3_split(f"{self.uri}/{name}") for name in old]
+            s3_client().delete_objects(Bucket=keys[0][0], Delete={"Objects": [{"Key": key} for _, key in keys]})
         else:
             for name in old:
                 os.remove(os.path.join(self.uri, name))
@@ -154,7 +143,7 @@ def find_resume_point(plan: CheckpointPlan, *, expected: str, local_dir: str | P
             if made_with == expected:
                 return Resumed(str(path), uri, batches_of(name), ours.get("mlflow_run_id"))
             print(f"checkpoint {uri}/{name} was made with another config or data "
-                     f"({made_with} != {expected}): not resumed from")
+                  f"({made_with} != {expected}): not resumed from")
             path.unlink()
             break  # the older ones there come from the same attempt
     return None
@@ -191,7 +180,6 @@ class PeriodicCheckpoint(Checkpoint):
         self.every_n_batches, self.keep_last = every_n_batches, keep_last
         self.fingerprint, self.resumed, self.mlflow_run_id = fingerprint, resumed, mlflow_run_id
         self._rng: dict[str, Any] | None = None
-        self.saved: list[str] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -225,7 +213,6 @@ class PeriodicCheckpoint(Checkpoint):
             store.prune(self.keep_last)
             if os.path.abspath(store.uri) != os.path.abspath(self.local_dir):
                 CheckpointStore(str(self.local_dir)).prune(self.keep_last)
-            self.saved.append(path.name)
 
 
 def checkpointing(plan: CheckpointPlan, *, local_dir: str | Path, every_n_batches: int, keep_last: int,

@@ -55,6 +55,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rlhf_lightning.cache import s3_client, s3_split
 from rlhf_lightning.config import FieldMapping
 
 FORMATS = ("vertex", "trl", "hh", "mapping")
@@ -120,17 +121,6 @@ class ReadResult:
 # -------------------------------------------------------------------------------------------- sources
 
 
-def _s3_client():
-    import boto3  # installed with mlflow; only needed for s3:// sources
-
-    return boto3.client("s3")  # endpoint from AWS_ENDPOINT_URL (botocore >= 1.31), credentials as usual
-
-
-def _s3_split(url: str) -> tuple[str, str]:
-    bucket, _, key = url.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
 def _s3_call(url: str, what: str, call: Callable[[], Any]) -> Any:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -147,8 +137,8 @@ def _s3_call(url: str, what: str, call: Callable[[], Any]) -> Any:
 
 
 def _expand_s3(pattern: str, key: str) -> list[str]:
-    bucket, path = _s3_split(pattern)
-    client = _s3_client()
+    bucket, path = s3_split(pattern)
+    client = s3_client()
     if not any(c in path for c in "*?["):
         _s3_call(pattern, "read", lambda: client.head_object(Bucket=bucket, Key=path))
         return [pattern]
@@ -212,8 +202,8 @@ def _open(path: str) -> IO[bytes]:
     """The file's bytes, decompressed when its name ends in .gz; local files stream, S3 objects are
     fetched whole."""
     if path.startswith("s3://"):
-        bucket, key = _s3_split(path)
-        client = _s3_client()
+        bucket, key = s3_split(path)
+        client = s3_client()
         body = _s3_call(path, "read", lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read())
         raw: IO[bytes] = io.BytesIO(body)
     else:

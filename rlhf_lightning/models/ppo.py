@@ -190,8 +190,8 @@ class PPOModule(L.LightningModule):
         self.policy.eval()  # no dropout while sampling: rollout and update must see the same policy
         # Outside autocast (bf16-mixed): decoding runs one token at a time, where casting every weight to
         # bf16 at every step costs more than it saves (benchmarks/generation.py on 2 CPU cores with AMX:
-        # 109 response tokens/s in fp32, 99 under bf16 autocast, batch 16). The
-        # log-probs PPO uses come from phase 2's forward, under the trainer's precision.
+        # 109 response tokens/s in fp32, 99 under bf16 autocast, batch 16). The log-probs PPO uses come
+        # from phase 2's forward, under the trainer's precision.
         with torch.autocast(self.device.type, enabled=False):
             return sample(self.policy, self.tokenizer, chat_prompts, max_new_tokens=self.cfg.max_new_tokens,
                           temperature=self.cfg.temperature, seed=seed)
