@@ -6,6 +6,7 @@ the ratios (project / peer, project time / floor time).
   .venv/bin/python benchmarks/compare.py --only ppo --rounds 3 --json outputs/bench.json
   .venv/bin/python benchmarks/compare.py --only rm --variant "dropout 0=--dropout 0" --variant "bf16=--precision bf16-mixed"
   .venv/bin/python benchmarks/compare.py --sweep   # how cost grows: RM pairs and tokens, PPO tokens and batch
+  .venv/bin/python benchmarks/compare.py --sweep --project-only --rounds 1   # the project's curves alone
 
 Every run is its own process (peak RSS is the process's own). Within a round the contenders run one after
 the other, in reverse order every other round, so a machine that drifts (heat, another job) weighs on all
@@ -86,8 +87,10 @@ def table(workload: str, results: dict[str, list[dict[str, str]]]) -> list[str]:
 
 
 def sitting(workload: str, rounds: int, variants: list[tuple[str, list[str]]], peer_args, log,
-            project_args: list[str] = ()) -> tuple[list[str], dict]:
+            project_args: list[str] = (), project_only: bool = False) -> tuple[list[str], dict]:
     groups = contenders(workload, list(project_args), peer_args)
+    if project_only:
+        groups = {"project": groups["project"]}
     for label, extra in variants:
         groups[f"project {label}"] = groups["project"] + extra
     results: dict[str, list[dict]] = {name: [] for name in groups}
@@ -108,13 +111,17 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
                     help="also run the project with these extra arguments, e.g. 'bf16=--precision bf16-mixed'")
     ap.add_argument("--sweep", action="store_true", help="the cost curves instead of the headline workloads")
+    ap.add_argument("--point", action="append", default=[], metavar="FLAG=VALUE",
+                    help="with --sweep: only these points, e.g. --point train-rows=4000 --point max-new-tokens=64")
+    ap.add_argument("--project-only", action="store_true",
+                    help="the project's rows only (its cost curves without the peers' runs, in a third of the time)")
     ap.add_argument("--json", help="write every run's SUMMARY fields here")
     ap.add_argument("--log", default=str(REPO / "outputs" / "bench.log"), help="every run's full output")
     args = ap.parse_args()
-    for venv in ("trl116", "trl110"):
+    for venv in () if args.project_only else ("trl116", "trl110"):
         if not (HOME / "venvs" / venv / "bin" / "python").exists():
             raise SystemExit(f"no {HOME}/venvs/{venv}: run benchmarks/setup_peers.sh first")
-    if not (PEERS / "trl_reward.py").exists():
+    if not args.project_only and not (PEERS / "trl_reward.py").exists():
         raise SystemExit(f"the peers' scripts are not in {PEERS}: set RLHF_BENCH_PEERS")
     variants = [(v.split("=", 1)[0], v.split("=", 1)[1].split()) for v in args.variant]
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -127,17 +134,20 @@ def main() -> int:
             peer = {"--max-new-tokens": "--response-length", "--batch": "--per-device-batch"}
             for workload in args.only or ["rm", "ppo"]:
                 for point in points[workload]:
+                    if args.point and f"{point[0][2:]}={point[1]}" not in args.point:
+                        continue
                     trl = [peer.get(point[0], point[0]), point[1]]
                     if point[0] == "--batch":  # TRL: 64 rollouts an update = 32 x 2 accumulated
                         trl = ["--per-device-batch", str(int(point[1]) // 2), "--total-episodes", "128"]
                     peer_args = {"trl": trl, "floor": ["--response-length", point[1]] if "tokens" in point[0]
                                  else ["--batch", point[1]] if point[0] == "--batch" else []}
-                    lines, results = sitting(workload, args.rounds, variants, peer_args, log, point)
+                    lines, results = sitting(workload, args.rounds, variants, peer_args, log, point,
+                                             args.project_only)
                     report += lines
                     everything[f"{workload} {' '.join(point)}"] = results
         else:
             for workload in args.only or ["rm", "ppo"]:
-                lines, results = sitting(workload, args.rounds, variants, {}, log)
+                lines, results = sitting(workload, args.rounds, variants, {}, log, project_only=args.project_only)
                 report += lines
                 everything[workload] = results
     print("\n".join(report))

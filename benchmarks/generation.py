@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=64, help="prompts generated for at each batch size")
-    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     args = ap.parse_args()
 
     import torch
@@ -38,6 +38,8 @@ def main() -> int:
 
     tok = load_tokenizer(POLICY)
     model = load_policy(PolicyConfig(model=POLICY), trainable=False).eval()
+    if args.precision == "bf16-true":  # the weights themselves in bf16, no autocast
+        model = model.to(torch.bfloat16)
     prompts = [r["prompt_chat"] for r in hh_prompts(tok, args.prompts, 64)]
     figures = {}
     for batch in (int(b) for b in args.batches.split(",")):

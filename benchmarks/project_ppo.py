@@ -7,7 +7,7 @@ an update, 1 PPO epoch, 128 episodes (8 updates). The reward model is the same S
 head (as TRL's benchmark scores with one): throughput only. Where TRL trains a separate value model, the
 project's value head sits on the policy.
 
-  python benchmarks/project_ppo.py [--max-new-tokens 32] [--batch 16] [--precision 32-true]
+  python benchmarks/project_ppo.py [--max-new-tokens 32] [--batch 16] [--precision auto]
 
 episodes/s = episodes / the wall time of `trainer.fit` (models loaded before). The phases of one run
 (rollout, scoring, log-prob forwards, update) are timed with torch's profiler-free wall clocks around the
@@ -73,7 +73,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16, help="rollouts an update")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
-    ap.add_argument("--precision", default="32-true", help="trainer.precision (32-true, bf16-mixed, auto)")
+    ap.add_argument("--precision", default=None,
+                    help="trainer.precision (32-true, bf16-mixed, auto; default: the config's, auto)")
     args = ap.parse_args()
     t_script = time.perf_counter()
 
@@ -81,6 +82,7 @@ def main() -> int:
     from fit_clock import FitClock
 
     from rlhf_lightning.config import from_dict
+    from rlhf_lightning.models.loading import resolve_precision
     from rlhf_lightning.models import ppo
     from rlhf_lightning.models.loading import load_reward_backbone, load_tokenizer
     from rlhf_lightning.models.reward_model import RewardScorer
@@ -89,7 +91,7 @@ def main() -> int:
         "policy": {"model": POLICY, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
         "ppo": {"iterations": args.episodes // args.batch, "rollout_batch_size": args.batch, "minibatch_size": args.batch,
                 "ppo_epochs": 1, "max_new_tokens": args.max_new_tokens, "temperature": 0.7, "samples_per_prompt": 1},
-        "trainer": {"accelerator": "cpu", "precision": args.precision},
+        "trainer": {"accelerator": "cpu"} | ({"precision": args.precision} if args.precision else {}),
     })
     prompts = hh_prompts(load_tokenizer(POLICY), args.episodes, args.max_prompt_tokens)
     totals: dict[str, float] = defaultdict(float)
@@ -106,7 +108,7 @@ def main() -> int:
     phases = " ".join(f"{k}_s={v:.1f}" for k, v in totals.items())
     print(f"[info] threads={torch.get_num_threads()} mean response length {length:.1f} tokens; "
           f"phases: {phases}", flush=True)
-    print(f"SUMMARY project_ppo precision={cfg.trainer.precision} episodes={args.episodes} batch={args.batch} "
+    print(f"SUMMARY project_ppo precision={resolve_precision(cfg.trainer.precision, 'cpu')} episodes={args.episodes} batch={args.batch} "
           f"response_len={args.max_new_tokens} mean_response_len={length:.1f} fit_s={clock.wall:.1f} "
           f"episodes_per_s={args.episodes / clock.wall:.3f} {phases} peak_rss_gb={peak:.2f} "
           f"script_wall_s={time.perf_counter() - t_script:.1f}", flush=True)

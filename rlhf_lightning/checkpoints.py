@@ -206,7 +206,7 @@ class PeriodicCheckpoint(Checkpoint):
         if done % self.every_n_batches and not end_of_epoch:
             return
         path = self.local_dir / checkpoint_name(done)
-        trainer.save_checkpoint(path)  # every process takes part; rank 0 writes
+        trainer.save_checkpoint(path, weights_only=False)  # all the state; every process takes part, rank 0 writes
         if trainer.is_global_zero:
             store = CheckpointStore(self.save_to)
             store.put(path)

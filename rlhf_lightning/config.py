@@ -44,8 +44,9 @@ class BuiltinTaskConfig:
     """Length of the sampled completions that make up the preference pairs."""
     temperature: float = 1.0
     """Sampling temperature for the completions (1.0 = the policy's own distribution)."""
-    batch_size: int = 16
-    """Prompts per `generate` call while sampling completions."""
+    batch_size: int = 64
+    """Prompts per `generate` call while sampling completions (on 2 CPU cores, batch 64 generated 1.6x
+    the tokens/s of batch 16: benchmarks/README.md)."""
     annotator_beta: float = 8.0
     """Annotator rationality: P(a preferred over b) = sigmoid(beta * (gold(a) - gold(b))).
     Larger is less noisy; gold scores lie in about [-2, 1]."""
@@ -190,6 +191,11 @@ class RewardModelConfig:
     """Maximum tokens of prompt + response; prompts are cut from the left so the response survives."""
     learning_rate: float = 5e-5
     """AdamW learning rate."""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """`linear`: the learning rate decays to 0 over the run, as transformers' Trainer (and so TRL's
+    RewardTrainer) does by default; `constant`: stays at `learning_rate`."""
+    max_grad_norm: float = 1.0
+    """Clip the gradients' global norm to this (transformers' Trainer default); 0 turns clipping off."""
     batch_size: int = 16
     """Preference pairs per optimisation step, about: batches hold whole prompts (every pair of one
     prompt together), so with K-way rankings it is batch_size / (pairs per prompt) prompts."""
@@ -200,14 +206,17 @@ class RewardModelConfig:
     min_eval_accuracy: float = 0.6
     """Gate before RL: the run stops unless the held-out preference accuracy reaches this. PPO against
     a reward model near chance (0.5) optimises noise; 0 turns the gate off."""
-    dropout: float | None = None
+    dropout: float | None = 0.0
     """Dropout probability of every dropout layer of the backbone while training (None: the model's own,
-    0.1 for MiniLM). 0 is what TRL's RewardConfig does; it also lets attention take its fused path, which
-    ran the benchmark workload 1.9x faster in 3.1 instead of 5.6 GB on 2 CPU cores (benchmarks/README.md)."""
+    0.1 for MiniLM). 0, what TRL's RewardConfig does too, lets attention take its fused path: the
+    benchmark workload ran 1.9x faster in 3.1 instead of 5.6 GB on 2 CPU cores (benchmarks/README.md)."""
 
     def __post_init__(self) -> None:
         _check(self.finetune in ("full", "lora"), "reward_model.finetune", f"got {self.finetune!r}; use full or lora")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "reward_model.dropout", "must lie in [0, 1) or be null")
+        _check(self.lr_schedule in ("linear", "constant"), "reward_model.lr_schedule",
+               f"got {self.lr_schedule!r}; use linear or constant")
+        _check(self.max_grad_norm >= 0, "reward_model.max_grad_norm", "must be >= 0 (0: no clipping)")
         _check(self.max_length > 8, "reward_model.max_length", "must be > 8")
         _check(self.learning_rate > 0, "reward_model.learning_rate", "must be > 0")
         _check(self.batch_size > 0 and self.epochs > 0, "reward_model.batch_size/epochs", "must be positive")
@@ -309,12 +318,13 @@ class EvaluationConfig:
     max_prompts: int = 0
     """Evaluate on the first this-many held-out prompts (the split is seeded, so always the same ones);
     0 = all. Large user sets (20% of a few thousand transcripts) otherwise cost more than the RL."""
-    batch_size: int = 16
-    """Prompts per `generate` call."""
+    batch_size: int = 64
+    """Prompts per `generate` call (larger batches generate more tokens per second, up to the memory
+    their KV cache takes)."""
     promotion_margin: float = 0.05
     """Promote to `champion` only if the win rate against the reference, and against the current
-    champion when there is one, exceeds 0.5 by this much (gold judge when there is one, else the
-    reward model)."""
+    champion when there is one, exceeds 0.5 by this much and its 95% interval lies above 0.5 (gold judge
+    when there is one, else the reward model)."""
     compare_champion: bool = True
     """Also compare with the registry's current `champion` on the same prompts and seeds (skipped when
     none is registered)."""
@@ -410,7 +420,7 @@ class TrainerConfig:
     """Devices per node."""
     strategy: str = "auto"
     """Lightning strategy; inside a Metaflow step use ddp_spawn, not ddp (ddp re-launches the whole step command)."""
-    precision: str = "32-true"
+    precision: str = "auto"
     """Lightning precision: 32-true, bf16-mixed, ..., or `auto`: bf16-mixed where the hardware computes in
     bf16 (a GPU that supports it; a CPU with AMX or AVX512-BF16), else 32-true (benchmarks/README.md has
     its effect on speed and accuracy)."""

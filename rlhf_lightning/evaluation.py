@@ -117,13 +117,14 @@ def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: 
              batch_size: int, seed: int, with_kl: bool = False) -> Responses:
     """Sample from model `name` in batches seeded by position, so every model sees the same random
     stream; with `with_kl` also the sequence KL to the reference on the sampled tokens."""
-    from rlhf_lightning.models.generation import sample
+    from rlhf_lightning.models.generation import length_sorted_batches, sample
     from rlhf_lightning.models.ppo import ended_with_eos, sequence_logprobs
 
-    out = Responses([], [], [], [])
-    for i in range(0, len(chats), batch_size):
+    n = len(chats)
+    out = Responses([""] * n, [0] * n, [False] * n, [0.0] * n if with_kl else [])
+    for i, rows in length_sorted_batches(tokenizer, chats, batch_size):
         with active_model(policy, name):
-            s = sample(policy, tokenizer, chats[i : i + batch_size], max_new_tokens=max_new_tokens,
+            s = sample(policy, tokenizer, [chats[r] for r in rows], max_new_tokens=max_new_tokens,
                        temperature=temperature, seed=seed * 100_003 + i)
             if with_kl:
                 inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
@@ -131,10 +132,11 @@ def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: 
         if with_kl:
             with active_model(policy, "reference"):
                 ref_logp = sequence_logprobs(policy, *inputs, temperature=temperature)  # (b, R)
-            out.seq_kl += ((logp - ref_logp) * s.response_mask).sum(-1).tolist()  # (b,)
-        out.texts += s.texts
-        out.lengths += s.response_mask.sum(-1).tolist()
-        out.ended += ended_with_eos(s, tokenizer.eos_token_id).tolist()
+            for r, kl in zip(rows, ((logp - ref_logp) * s.response_mask).sum(-1).tolist()):  # (b,)
+                out.seq_kl[r] = kl
+        for r, text, length, ended in zip(rows, s.texts, s.response_mask.sum(-1).tolist(),
+                                          ended_with_eos(s, tokenizer.eos_token_id).tolist()):
+            out.texts[r], out.lengths[r], out.ended[r] = text, length, ended
     return out
 
 
@@ -220,7 +222,8 @@ class GateDecision:
 def promotion_decision(metrics: dict[str, float], margin: float, gold: bool,
                        champion: str | None = None) -> GateDecision:
     """Gate before promotion: the policy's win rate against the reference, and against the champion when
-    one was compared (`champion` names it), must exceed 0.5 + margin. Judged by the gold judge when
+    one was compared (`champion` names it), must exceed 0.5 + margin, and its 95% interval must lie above
+    0.5 (a tie). Judged by the gold judge when
     there is one, else by the reward model (which the policy was trained on: a weaker test)."""
     judge_name = "gold" if gold else "rm"
     threshold = 0.5 + margin
@@ -228,9 +231,12 @@ def promotion_decision(metrics: dict[str, float], margin: float, gold: bool,
     parts, ok = [], True
     for who, p in against:
         wr, ci = metrics[f"eval/{p}{judge_name}_win_rate"], metrics[f"eval/{p}{judge_name}_win_rate_ci95"]
-        beats = wr > threshold
-        ok &= beats
-        parts.append(f"vs {who} {wr:.3f} ± {ci:.3f} {'>' if beats else '<='} {threshold:.3f}")
+        # The interval must exclude a tie too: with few samples a policy that learned nothing (a reward model
+        # at chance) cleared the margin by luck, e.g. 0.562 +- 0.084 on 24 samples.
+        clear = wr - ci > 0.5
+        ok &= wr > threshold and clear
+        parts.append(f"vs {who} {wr:.3f} ± {ci:.3f} {'>' if wr > threshold else '<='} {threshold:.3f}"
+                     + ("" if clear or wr <= threshold else " but its 95% interval reaches 0.5"))
     verdict = "promote to champion" if ok else "stays candidate"
     reason = (f"{judge_name} win rate {'; '.join(parts)} (n={int(metrics['eval/n'])}, "
               f"KL {metrics['eval/kl']:.2f} nats): {verdict}")

@@ -68,6 +68,9 @@ def test_promotion_needs_the_margin_against_the_reference():
     assert "vs reference 0.560 ± 0.050 > 0.550" in ok.reason and "promote to champion" in ok.reason
     no = evaluation.promotion_decision(metrics(gold_wr=0.55), margin=0.05, gold=True)
     assert not no.promote and "<= 0.550" in no.reason and "stays candidate" in no.reason
+    m = metrics(gold_wr=0.562) | {"eval/gold_win_rate_ci95": 0.084, "eval/n": 24.0}  # past the margin by luck
+    lucky = evaluation.promotion_decision(m, margin=0.05, gold=True)
+    assert not lucky.promote and "0.562 ± 0.084 > 0.550 but its 95% interval reaches 0.5" in lucky.reason
 
 
 def test_promotion_needs_the_margin_against_the_champion_too():

@@ -86,7 +86,8 @@ def test_broken_reward_model_policy_is_not_promoted(mlflow_tracking, data, promp
     policy = pipeline.reinforce(c, parent, prompts, rm, str(tmp_path / "ppo"))
     ev = pipeline.evaluate(c, parent, prompts, rm, policy, str(tmp_path / "eval"))
     assert ev["promote"] is False and "stays candidate" in ev["reason"]
-    assert ev["metrics"]["eval/gold_win_rate"] <= 0.55
+    m = ev["metrics"]  # indistinguishable from the reference: the interval holds a tie
+    assert m["eval/gold_win_rate"] - m["eval/gold_win_rate_ci95"] <= 0.5
     assert ev["champion"].startswith("no rlhf-policy@champion")
 
     run = stage_runs(parent)["evaluate"]

@@ -185,6 +185,44 @@ def test_same_seed_reproduces_the_first_iteration(tmp_path, reward_model_dir):
     assert other.history[0] != first
 
 
+def test_one_minibatch_rollout_backpropagates_through_phase_2s_forward(tmp_path, reward_model_dir, weights,
+                                                                       monkeypatch):
+    """When one minibatch holds the rollout, the first update step reuses phase 2's policy forward: one
+    forward fewer per iteration, and the same training as running that forward again."""
+    cfg = tiny_cfg(ppo={"iterations": 2, "minibatch_size": 4, "ppo_epochs": 2})
+    rows = prompt_rows(load_tokenizer("tiny:llama"))
+    forwards = Counter()
+    forward = PPOModule.forward
+
+    def counting(self, *args):
+        forwards[run] += 1
+        return forward(self, *args)
+
+    monkeypatch.setattr(PPOModule, "forward", counting)
+    run = "shared"
+    shared = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "a")).history
+    shared_weights = weights["after"]
+    run = "separate"
+    monkeypatch.setattr(PPOModule, "shares_forward", lambda self, rows: False)
+    separate = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "b")).history
+    # Per iteration: phase 2's policy and reference forwards, then one per update step (2 epochs x 1).
+    assert forwards == {"shared": 2 * 3, "separate": 2 * 4}
+    assert all(s["ppo/updates"] == 2 for s in shared)
+    changed = [n for n in shared_weights if not torch.equal(shared_weights[n], weights["before"][n])]
+    assert any("lora_B" in n for n in changed) and any("value_head" in n for n in changed)
+    for n, p in shared_weights.items():
+        assert torch.allclose(p, weights["after"][n], atol=1e-5), n
+    for a, b in zip(shared, separate):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
+
+
+def test_dropout_keeps_phase_2s_forward_apart(reward_model_dir):
+    module = PPOModule(tiny_cfg().policy, tiny_cfg(ppo={"minibatch_size": 4}).ppo, reward_model_dir)
+    assert module.shares_forward(4) and not module.shares_forward(5)
+    dropped = tiny_cfg(policy={"lora": {"dropout": 0.1}}, ppo={"minibatch_size": 4})
+    assert not PPOModule(dropped.policy, dropped.ppo, reward_model_dir).shares_forward(4)
+
+
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
 def test_group_estimators_train_without_a_value_head(tmp_path, reward_model_dir, weights, estimator):
     cfg = tiny_cfg(ppo={"estimator": estimator, "samples_per_prompt": 2, "rollout_batch_size": 2,

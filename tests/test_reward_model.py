@@ -199,3 +199,24 @@ def test_batches_hold_whole_prompts():
     # A prompt with more rows than a batch holds is cut: 7 rows of one prompt, batch_size 3 -> 3 + 3 + 1
     same = [dict(ranked_rows()[0], chosen=f"It was great {i}.") for i in range(7)]
     assert [len(b["chosen_index"]) for b in group_loader(same, 3, False, module.encoder)] == [3, 3, 1]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_learning_rate_schedule(tmp_path, schedule):
+    """`linear` decays the rate to 0 over the fit's steps (as transformers' Trainer does); `constant` keeps it."""
+    from lightning.pytorch.callbacks import Callback
+
+    seen: list[float] = []
+
+    class Rates(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    cfg = tiny_cfg(epochs=2, lr_schedule=schedule)
+    train_reward_model(cfg, preference_rows(32, 0), preference_rows(8, 1), str(tmp_path), callbacks=[Rates()])
+    steps = len(seen)  # every step of both epochs (batches hold whole prompts: about 8 pairs each)
+    assert steps >= 4
+    if schedule == "constant":
+        assert seen == [3e-3] * steps
+    else:
+        assert seen == pytest.approx([3e-3 * (1 - k / steps) for k in range(steps)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf_lightning.models.progress import progress
 
@@ -37,6 +38,26 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tor
     return (eos_before == 0).long()
 
 
+class InverseCdfSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(scores / temperature) by inverting its CDF with one uniform
+    number, and leaves only that token finite, so that greedy decoding picks it.
+
+    The same distribution as `generate(do_sample=True)`, drawn faster: `torch.multinomial` draws one
+    exponential number per vocabulary entry (49 152 for SmolLM2), which took 18 % of a batch-64 decoding
+    step on a CPU; a cumulative sum and a binary search take a fraction of that."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).cumsum_(-1)  # (B, V)
+        # Scaled by the last entry: the float sum ends within ~1e-6 of 1, never past a real token's mass.
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # (B, 1)
+        # right=True: the first entry whose CDF exceeds u, so a zero-probability token is never drawn.
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, temperature: float,
            seed: int | None = None) -> Sampled:
@@ -47,10 +68,12 @@ def sample(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, te
     enc = {k: v.to(device) for k, v in enc.items()}
     if seed is not None:
         torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    # Sampling is done by InverseCdfSampler, then decoded greedily; temperature 0 is plain greedy decoding.
+    processors = LogitsProcessorList([InverseCdfSampler(temperature)] if temperature > 0 else [])
     out = model.generate(
         input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False,
+        logits_processor=processors,
     )
     response = out[:, enc["input_ids"].shape[1]:]
     mask = response_mask_from_ids(response, tokenizer.eos_token_id)
@@ -59,13 +82,23 @@ def sample(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, te
     return Sampled(enc["input_ids"], enc["attention_mask"], response, mask, [t.strip() for t in texts])
 
 
+def length_sorted_batches(tokenizer, texts: list[str], batch_size: int) -> list[tuple[int, list[int]]]:
+    """(first position, row indices) of each batch of `texts` sorted by token length: a batch pads to
+    about its own prompts' length, not the longest prompt's, and decodes no wasted positions."""
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    return [(i, order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
 def sample_texts(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, temperature: float,
                  batch_size: int, seed: int, desc: str = "generate") -> list[str]:
-    """Responses for many prompts, in batches, with a progress bar; seeded per batch so that two
-    models given the same seed see the same random stream."""
-    out: list[str] = []
-    for i in progress(range(0, len(chat_prompts), batch_size), desc=desc, unit="batch"):
-        batch = chat_prompts[i : i + batch_size]
-        out.extend(sample(model, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                          seed=seed + i).texts)
+    """Responses for many prompts (in their order), in batches, with a progress bar; seeded per batch so
+    that two models given the same seed see the same random stream. Batches are cut from the prompts
+    sorted by token length (`length_sorted_batches`)."""
+    out: list[str] = [""] * len(chat_prompts)
+    for i, rows in progress(length_sorted_batches(tokenizer, chat_prompts, batch_size), desc=desc, unit="batch"):
+        texts = sample(model, tokenizer, [chat_prompts[r] for r in rows], max_new_tokens=max_new_tokens,
+                       temperature=temperature, seed=seed + i).texts
+        for r, text in zip(rows, texts):
+            out[r] = text
     return out

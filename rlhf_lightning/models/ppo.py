@@ -7,7 +7,8 @@ One `training_step` is one iteration on a batch of prompts, in four named phases
 2. score_and_kl  reward-model score of the decoded (prompt, response) text, normalised with the reward
                  model's training statistics, minus the missing-EOS penalty; log-probs of the response
                  tokens under the policy and the reference (the same PeftModel with its adapter
-                 disabled); values and entropy;
+                 disabled); values and entropy. When one minibatch holds the whole rollout, the
+                 policy's forward keeps its graph and is also the first update step's;
 3. advantages    the estimator: `gae` (per-token rewards -kl_coef * KL plus the score at the last token,
                  GAE over a learned value head, whitened) or `rloo` / `grpo` (sequence reward minus a
                  baseline from the other samples of the same prompt, no value head);
@@ -72,6 +73,8 @@ class Scored:
     ref_logp: torch.Tensor  # (B, R) the same under the reference (adapter disabled)
     values: torch.Tensor | None  # (B, R) value predictions before each response token; None without value head
     entropy: torch.Tensor  # (B, R) entropy of the policy's next-token distribution
+    # (logp, values) with their autograd graph when the first update reuses this forward (`shares_forward`)
+    graph: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -197,25 +200,45 @@ class PPOModule(L.LightningModule):
                           temperature=self.cfg.temperature, seed=seed)
 
     # -- phase 2 ---------------------------------------------------------------------------------------
+    def shares_forward(self, rows: int) -> bool:
+        """Whether phase 2's policy forward can also be the first update's: one minibatch holds the whole
+        rollout of `rows` rows, so that the first update step sees exactly the rollout's policy, and no
+        dropout makes a training forward differ from the one the old log-probs come from."""
+        dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.policy.modules())
+        dropout |= bool(getattr(self.policy.config, "attention_dropout", 0.0))  # functional, in Llama-like models
+        return self.cfg.minibatch_size >= rows and not dropout
+
     @torch.no_grad()
-    def score_and_kl(self, prompts: list[str], sampled: Sampled) -> Scored:
+    def score_and_kl(self, prompts: list[str], sampled: Sampled, keep_graph: bool = False) -> Scored:
+        """`keep_graph` (only where `shares_forward`): the policy's forward keeps its autograd graph in
+        `Scored.graph`, and the first update step backpropagates through it instead of running the same
+        forward again (a third of this phase's time on the benchmark workload)."""
         ended = ended_with_eos(sampled, self.tokenizer.eos_token_id)  # (B,)
         raw = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
         score = missing_eos_penalty(self.scorer.normalise(raw), ended, self.cfg.missing_eos_penalty)  # (B,)
         # In minibatch-sized chunks: the (rows, R, V) logits of a whole k-sample rollout would not fit
         # comfortably in memory with a 49152-token vocabulary.
         logp, ref_logp, values, entropy = [], [], [], []
+        graph = None
         for rows in torch.arange(len(prompts), device=self.device).split(self.cfg.minibatch_size):
             inputs = (sampled.prompt_ids[rows], sampled.prompt_mask[rows], sampled.response_ids[rows],
                       sampled.response_mask[rows])
-            lp, v, logits = self(*inputs)  # (b, R), (b, R) | None, (b, R, V)
+            if keep_graph:  # one chunk: the whole rollout (shares_forward)
+                self.policy.train()  # as phase 4 runs it; without dropout the same numbers as eval mode
+                with torch.enable_grad():
+                    lp, v, logits = self(*inputs)  # (B, R), (B, R) | None, (B, R, V)
+                graph = (lp, v)
+                lp, v, logits = lp.detach(), None if v is None else v.detach(), logits.detach()
+            else:
+                lp, v, logits = self(*inputs)  # (b, R), (b, R) | None, (b, R, V)
             logp.append(lp)
             values.append(v)
             entropy.append(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))  # (b, R)
             with self.policy.disable_adapter():
                 ref_logp.append(self(*inputs)[0])  # (b, R)
         values_all = None if self.value_head is None else torch.cat(values)  # (B, R)
-        return Scored(raw, score, ended, torch.cat(logp), torch.cat(ref_logp), values_all, torch.cat(entropy))
+        return Scored(raw, score, ended, torch.cat(logp), torch.cat(ref_logp), values_all, torch.cat(entropy),
+                      graph)
 
     # -- phase 3 ---------------------------------------------------------------------------------------
     def advantages(self, scored: Scored, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,9 +255,11 @@ class PPOModule(L.LightningModule):
         return per_seq.unsqueeze(1) * mask, None  # every token of a response shares its advantage: (B, R)
 
     # -- phase 4 ---------------------------------------------------------------------------------------
-    def ppo_epochs(self, exp: Experience) -> dict[str, float]:
+    def ppo_epochs(self, exp: Experience, first: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                   ) -> dict[str, float]:
         """Clipped PPO updates over minibatches of the rollout; returns the mean losses and fractions,
-        the number of optimiser steps taken and whether the approximate-KL bound stopped the iteration."""
+        the number of optimiser steps taken and whether the approximate-KL bound stopped the iteration.
+        `first`: phase 2's (logp, values) with their graph (`Scored.graph`), used by the first step."""
         opt = self.optimizers()
         self.policy.train()
         totals: dict[str, list[float]] = defaultdict(list)
@@ -242,7 +267,11 @@ class PPOModule(L.LightningModule):
         for _ in range(self.cfg.ppo_epochs):
             for rows in torch.randperm(exp.logp.shape[0], device=self.device).split(self.cfg.minibatch_size):
                 mb = exp[rows]
-                logp, values, _ = self(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+                if first is not None:  # the policy has not moved since phase 2's forward of every row
+                    logp, values = first[0][rows], None if first[1] is None else first[1][rows]
+                    first = None
+                else:
+                    logp, values, _ = self(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
                 pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
                     logp, mb.logp, mb.advantages, mb.response_mask, self.cfg.clip_range)
                 # Measured before this minibatch's step: past the bound, the ratio clip no longer keeps the
@@ -278,13 +307,14 @@ class PPOModule(L.LightningModule):
         # Seeded per iteration, not by the global stream: a run repeats on CPU even if something
         # else (a callback, the prompt sampler) draws random numbers in between.
         sampled = self.rollout(chats, seed=self.cfg.seed * 1_000_003 + batch_idx)
-        scored = self.score_and_kl(prompts, sampled)
+        scored = self.score_and_kl(prompts, sampled, keep_graph=self.shares_forward(len(chats)))
         mask = sampled.response_mask  # (B, R)
         advantages, returns = self.advantages(scored, mask)
         kl_coef = self.kl_ctl.value  # the coefficient this rollout was penalised with
         exp = Experience(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, mask, scored.logp,
                          advantages, scored.values, returns)
-        losses = self.ppo_epochs(exp)
+        losses = self.ppo_epochs(exp, first=scored.graph)
+        scored.graph = None  # the first step consumed it (or the iteration stopped before it)
         seq_kl = (per_token_kl(scored.logp, scored.ref_logp) * mask).sum(1).mean().item()  # per sequence
         self.kl_ctl.update(seq_kl, n_steps=mask.shape[0])
 

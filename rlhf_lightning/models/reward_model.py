@@ -137,7 +137,8 @@ class RewardModel(L.LightningModule):
     """Bradley-Terry training of a scalar head on `backbone` (full fine-tuning or LoRA + head)."""
 
     def __init__(self, backbone: str, finetune: Literal["full", "lora"] = "full", lora: LoraConfig | None = None,
-                 learning_rate: float = 5e-5, max_length: int = 160, dropout: float | None = None):
+                 learning_rate: float = 5e-5, max_length: int = 160, dropout: float | None = None,
+                 lr_schedule: Literal["linear", "constant"] = "linear"):
         super().__init__()
         if finetune == "lora" and lora is None:
             raise ValueError("finetune='lora' needs a LoraConfig")
@@ -181,6 +182,15 @@ class RewardModel(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.hparams.lr_schedule == "linear":
+            # Linear decay to 0 over the fit's optimiser steps, set from the step count before each step rather
+            # than kept in a scheduler: a run resumed mid-epoch restores the step count, and with it the rate
+            # (a LambdaLR restored from the same checkpoint drifted from an uninterrupted run).
+            done = self.trainer.global_step / max(1, self.trainer.estimated_stepping_batches)
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = self.learning_rate * max(0.0, 1.0 - done)
 
     def export_model(self) -> torch.nn.Module:
         """The trained HF model alone; LoRA is merged so consumers need no peft."""
@@ -299,13 +309,15 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     L.seed_everything(rm.seed)
     module = RewardModel(backbone=resolve_backbone(cfg), finetune=rm.finetune,
                          lora=rm.lora if rm.finetune == "lora" else None,
-                         learning_rate=rm.learning_rate, max_length=rm.max_length, dropout=rm.dropout)
+                         learning_rate=rm.learning_rate, max_length=rm.max_length, dropout=rm.dropout,
+                         lr_schedule=rm.lr_schedule)
     train_loader = group_loader(train_rows, rm.batch_size, True, module.encoder, rm.seed)
     eval_loader = group_loader(eval_rows, rm.batch_size, False, module.encoder)
     trainer = build_trainer(
         cfg.trainer, "reward model", max_epochs=rm.epochs, logger=logger if logger is not None else False,
         callbacks=callbacks, log_every_n_steps=min(50, len(train_loader)), default_root_dir=out,
         use_distributed_sampler=False,  # the loaders shard themselves
+        gradient_clip_val=rm.max_grad_norm or None,
     )
     # Our own checkpoints: they hold the config dataclasses as hyperparameters.
     trainer.fit(module, train_loader, eval_loader, ckpt_path=ckpt_path, weights_only=False)

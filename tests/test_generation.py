@@ -1,0 +1,46 @@
+"""Sampling: the inverse-CDF sampler draws from softmax(logits / T); batches are cut by prompt length."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_lightning.config import PolicyConfig
+from rlhf_lightning.models.generation import InverseCdfSampler, length_sorted_batches, sample_texts
+from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer
+
+
+def test_inverse_cdf_sampler_draws_from_the_tempered_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 40) * 2  # a peaked distribution: the largest probability is ~0.9 at T 0.7
+    logits[0, 7] = float("-inf")  # a token that must never be drawn
+    n = 100_000
+    scores = InverseCdfSampler(0.7)(None, logits.expand(n, -1).clone())  # (n, V)
+    assert ((scores == 0).sum(-1) == 1).all() and torch.isinf(scores).sum() == n * 39  # one finite entry a row
+    freq = torch.bincount(scores.argmax(-1), minlength=40).float() / n
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    # Binomial standard error is at most sqrt(0.25 / n) = 0.0016: 4 of them.
+    assert (freq - expected).abs().max() < 0.0065
+    assert freq[7] == 0
+    # A different temperature is a different distribution: the check above is not vacuous.
+    assert (expected - torch.softmax(logits[0], -1)).abs().max() > 0.02
+
+
+def test_inverse_cdf_sampler_is_seeded_by_torch():
+    logits = torch.randn(8, 30)
+    torch.manual_seed(3)
+    a = InverseCdfSampler(1.0)(None, logits.clone()).argmax(-1)
+    torch.manual_seed(3)
+    b = InverseCdfSampler(1.0)(None, logits.clone()).argmax(-1)
+    assert torch.equal(a, b)
+
+
+def test_batches_are_cut_by_length_and_answers_keep_the_prompts_order():
+    tok = load_tokenizer("tiny:llama")
+    texts = ["a cafe " * k for k in (9, 1, 5, 2, 8, 3, 7)]
+    batches = length_sorted_batches(tok, texts, 3)
+    assert [i for i, _ in batches] == [0, 3, 6]
+    assert [rows for _, rows in batches] == [[1, 3, 5], [2, 6, 4], [0]]
+    model = load_base_causal_lm(PolicyConfig(model="tiny:llama")).eval()
+    # Greedy answers depend on the prompt only: sorted batches must put each answer back at its prompt.
+    one = [sample_texts(model, tok, [t], max_new_tokens=4, temperature=0.0, batch_size=1, seed=0)[0] for t in texts]
+    assert sample_texts(model, tok, texts, max_new_tokens=4, temperature=0.0, batch_size=3, seed=0) == one
