@@ -12,8 +12,9 @@ with an empty prompt; their number is printed.
   python benchmarks/project_reward.py [--train-rows 2000] [--max-length 256] [--precision auto]
 
 pairs/s = training pairs / the wall time of `trainer.fit` less its validation pass (what TRL's figure times:
-no model loading, no evaluation); stage_s is the whole `train_reward_model` call (fit + scoring for the reward statistics +
-held-out evaluation). The last line is `SUMMARY project_reward key=value ...`.
+no model loading, no evaluation); stage_s is the whole `train_reward_model` call (fit + scoring for the
+reward statistics + held-out evaluation); data_s, forward_s, backward_s, optimizer_s and validation_s split
+the fit by phase (fit_clock.StepPhases). The last line is `SUMMARY project_reward key=value ...`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main() -> int:
     t_script = time.perf_counter()
 
     import torch
-    from fit_clock import FitClock
+    from fit_clock import FitClock, StepPhases
 
     from rlhf_lightning.config import from_dict
     from rlhf_lightning.models.loading import resolve_precision
@@ -81,18 +82,19 @@ def main() -> int:
         rm["dropout"] = args.dropout
     cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": "cpu"} | ({"precision": args.precision} if args.precision else {})})
 
-    clock = FitClock()
+    clock, phases = FitClock(), StepPhases()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        result = train_reward_model(cfg, train, held_out, out, callbacks=[clock])
+        result = train_reward_model(cfg, train, held_out, out, callbacks=[clock, phases])
     stage_s = time.perf_counter() - t0
+    steps = " ".join(f"{k}_s={v:.1f}" for k, v in phases.seconds.items())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"[info] rows kept whole (no shared prompt): train {fb_train}, eval {fb_eval}; "
           f"threads={torch.get_num_threads()}", flush=True)
     print(f"SUMMARY project_reward precision={resolve_precision(cfg.trainer.precision, 'cpu')} dropout={cfg.reward_model.dropout} "
           f"max_length={args.max_length} train_rows={len(train)} train_wall_s={clock.wall:.1f} "
           f"pairs_per_s={len(train) / clock.wall:.2f} eval_rows={len(held_out)} "
-          f"eval_acc={result.metrics['eval_accuracy']:.4f} stage_s={stage_s:.1f} peak_rss_gb={peak:.2f} "
+          f"eval_acc={result.metrics['eval_accuracy']:.4f} stage_s={stage_s:.1f} {steps} peak_rss_gb={peak:.2f} "
           f"script_wall_s={time.perf_counter() - t_script:.1f}", flush=True)
     return 0
 
