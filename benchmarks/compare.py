@@ -4,7 +4,8 @@ the ratios (project / peer, project time / floor time).
   benchmarks/setup_peers.sh                       # once: the peers' venvs and the benchmark models
   .venv/bin/python benchmarks/compare.py          # reward model and PPO, 2 rounds, runs alternated
   .venv/bin/python benchmarks/compare.py --only ppo --rounds 3 --json outputs/bench.json
-  .venv/bin/python benchmarks/compare.py --only rm --variant "dropout 0=--dropout 0" --variant "bf16=--precision bf16-mixed"
+  .venv/bin/python benchmarks/compare.py --only rm --variant "fp32=--precision 32-true" \
+      --variant "no decay=--lr-schedule constant"
   .venv/bin/python benchmarks/compare.py --sweep   # how cost grows: RM pairs and tokens, PPO tokens and batch
   .venv/bin/python benchmarks/compare.py --sweep --project-only --rounds 1   # the project's curves alone
 

@@ -61,6 +61,8 @@ def main() -> int:
     ap.add_argument("--precision", default=None,
                     help="trainer.precision (32-true, bf16-mixed, auto; default: the config's, auto)")
     ap.add_argument("--dropout", type=float, default=None, help="reward_model.dropout (default: the config's)")
+    ap.add_argument("--lr-schedule", choices=["linear", "constant"], default=None,
+                    help="reward_model.lr_schedule (default: the config's, linear)")
     args = ap.parse_args()
     t_script = time.perf_counter()
 
@@ -80,6 +82,8 @@ def main() -> int:
           "batch_size": args.batch_size, "epochs": 1, "learning_rate": args.lr, "min_eval_accuracy": 0.0}
     if args.dropout is not None:
         rm["dropout"] = args.dropout
+    if args.lr_schedule is not None:
+        rm["lr_schedule"] = args.lr_schedule
     cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": "cpu"} | ({"precision": args.precision} if args.precision else {})})
 
     clock, phases = FitClock(), StepPhases()
@@ -91,7 +95,8 @@ def main() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"[info] rows kept whole (no shared prompt): train {fb_train}, eval {fb_eval}; "
           f"threads={torch.get_num_threads()}", flush=True)
-    print(f"SUMMARY project_reward precision={resolve_precision(cfg.trainer.precision, 'cpu')} dropout={cfg.reward_model.dropout} "
+    print(f"SUMMARY project_reward precision={resolve_precision(cfg.trainer.precision, 'cpu')} "
+          f"dropout={cfg.reward_model.dropout} lr_schedule={cfg.reward_model.lr_schedule} "
           f"max_length={args.max_length} train_rows={len(train)} train_wall_s={clock.wall:.1f} "
           f"pairs_per_s={len(train) / clock.wall:.2f} eval_rows={len(held_out)} "
           f"eval_acc={result.metrics['eval_accuracy']:.4f} stage_s={stage_s:.1f} {steps} peak_rss_gb={peak:.2f} "
