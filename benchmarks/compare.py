@@ -83,7 +83,8 @@ def table(workload: str, results: dict[str, list[dict[str, str]]]) -> list[str]:
         parts = [f"{med[name] / med[p]:.2f}x {p}'s throughput, {peak[name] / peak[p]:.2f}x its memory" for p in peers]
         if "floor" in med:  # 1.00 would be the floor itself
             parts.append(f"{med['floor'] / med[name]:.2f}x the floor's time")
-        out.append(f"  {name}: " + "; ".join(parts))
+        if parts:  # none with --project-only
+            out.append(f"  {name}: " + "; ".join(parts))
     return [f"== {workload} ==", *out]
 
 
