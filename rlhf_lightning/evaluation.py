@@ -231,8 +231,8 @@ def promotion_decision(metrics: dict[str, float], margin: float, gold: bool,
     parts, ok = [], True
     for who, p in against:
         wr, ci = metrics[f"eval/{p}{judge_name}_win_rate"], metrics[f"eval/{p}{judge_name}_win_rate_ci95"]
-        # The interval must exclude a tie too: with few samples a policy that learned nothing (a reward model
-        # at chance) cleared the margin by luck, e.g. 0.562 +- 0.084 on 24 samples.
+        # The interval must exclude a tie too: on few samples a policy no better than the reference can clear
+        # the margin by chance (a tiny policy PPO moved against a random reward model: 0.562 +- 0.084 on 24).
         clear = wr - ci > 0.5
         ok &= wr > threshold and clear
         parts.append(f"vs {who} {wr:.3f} ± {ci:.3f} {'>' if wr > threshold else '<='} {threshold:.3f}"

@@ -212,7 +212,8 @@ class PPOModule(L.LightningModule):
     def score_and_kl(self, prompts: list[str], sampled: Sampled, keep_graph: bool = False) -> Scored:
         """`keep_graph` (only where `shares_forward`): the policy's forward keeps its autograd graph in
         `Scored.graph`, and the first update step backpropagates through it instead of running the same
-        forward again (a third of this phase's time on the benchmark workload)."""
+        forward again (on the benchmark workload, one update epoch of one minibatch, the update phase's time
+        fell from 25 to 15 s of an 89 s fit)."""
         ended = ended_with_eos(sampled, self.tokenizer.eos_token_id)  # (B,)
         raw = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
         score = missing_eos_penalty(self.scorer.normalise(raw), ended, self.cfg.missing_eos_penalty)  # (B,)
