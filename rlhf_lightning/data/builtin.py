@@ -91,7 +91,10 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
     settings = {k: v for k, v in asdict(task).items() if k != "output_dir"}
     if settings["responses_per_prompt"] == 2:  # files written before the option existed are the same: keep their key
         del settings["responses_per_prompt"]
-    return hashlib.sha256(json.dumps([settings, policy.model, 2], sort_keys=True).encode()).hexdigest()[:12]
+    # The last entry is the sampling code's version: 2 since the inverse-CDF sampler and length-sorted
+    # batches, which draw other texts from the same settings than version 1 did.
+    version = 2
+    return hashlib.sha256(json.dumps([settings, policy.model, version], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str]:
