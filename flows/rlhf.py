@@ -31,21 +31,24 @@ class RLHFFlow(FlowSpec):
 
     Steps (one MLflow parent run per flow run, one nested MLflow run per stage):
 
-     1. start              create the MLflow parent run (and the tracking DB, once)
-     2. preprocess         read every source (the built-in task by default), clean, template, truncate, split
-     3. validate           check every row; stop here on errors, with a report (JSON, card, MLflow artifact)
-     4. train_reward_model Bradley-Terry reward model on the preference pairs   } in parallel
-     5. prepare_prompts    RL prompts and held-out evaluation prompts            }
-     6. join
-     7. reinforce          PPO on the LoRA policy against the reward model
-     8. evaluate           policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
-     9. register           MLflow pyfunc model -> Model Registry with its lineage tags, alias `candidate`
-    10. deploy             the new candidate to an MLflow deployments target (serving.target; default
-                           rlhf-local: recorded in the registry, load-checked with `mlflow models serve`)
-    11. inference          through the same deployments client: verify the deployed version and weights,
-                           send the inference template; only then move `champion` to it, if the
-                           evaluation gate promoted it
-    12. end
+     1. start                create the MLflow parent run (and the tracking DB, once)
+     2. sample_builtin_task  the built-in task's responses, fanned out (foreach) over
+                             data.builtin.sampling_workers tasks; one idle task for your own data
+     3. preprocess           label the responses (built-in task); read every source, clean, template,
+                             truncate, split
+     4. validate             check every row; stop here on errors, with a report (JSON, card, MLflow artifact)
+     5. train_reward_model   Bradley-Terry reward model on the preference pairs   } in parallel
+     6. prepare_prompts      RL prompts and held-out evaluation prompts            }
+     7. join
+     8. reinforce            PPO on the LoRA policy against the reward model
+     9. evaluate             policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
+    10. register             MLflow pyfunc model -> Model Registry with its lineage tags, alias `candidate`
+    11. deploy               the new candidate to an MLflow deployments target (serving.target; default
+                             rlhf-local: recorded in the registry, load-checked with `mlflow models serve`)
+    12. inference            through the same deployments client: verify the deployed version and weights,
+                             send the inference template; only then move `champion` to it, if the
+                             evaluation gate promoted it
+    13. end
 
     Run:  python flows/rlhf.py run                                  (configs/default.yaml: SmolLM2 + MiniLM)
           python flows/rlhf.py --config cfg configs/tiny.yaml run   (tiny models, ~3 minutes)
@@ -64,6 +67,10 @@ class RLHFFlow(FlowSpec):
     promotion_margin = Parameter("promotion_margin", type=float,
                                  default=config_expr("cfg.evaluation.promotion_margin"),
                                  help="Overrides evaluation.promotion_margin: gold win rate must exceed 0.5 by this.")
+    sampling_workers = Parameter("sampling_workers", type=int,
+                                 default=config_expr("cfg.data.builtin.sampling_workers"),
+                                 help="Overrides data.builtin.sampling_workers: tasks that sample the built-in "
+                                      "task's responses in parallel (one machine each under --with batch).")
     keep_serving = Parameter("keep_serving", type=bool, default=config_expr("cfg.serving.keep_running"),
                              help="Overrides serving.keep_running: leave the endpoint up after the run.")
 
@@ -74,6 +81,7 @@ class RLHFFlow(FlowSpec):
         tree = self.cfg.to_dict()
         tree["data"] = resolve_data_sources(tree["data"])  # remotely: the copies in the code package
         tree["ppo"]["iterations"] = self.ppo_iterations
+        tree["data"]["builtin"]["sampling_workers"] = self.sampling_workers
         tree["evaluation"]["promotion_margin"] = self.promotion_margin
         tree["serving"]["keep_running"] = self.keep_serving
         return from_dict(tree)
@@ -88,18 +96,33 @@ class RLHFFlow(FlowSpec):
 
         self.parent_run_id = pipeline.start(self._config(), flow_name=current.flow_name, run_id=current.run_id,
                                             remote_steps=remote_steps(self))
-        self.next(self.preprocess)
+        self.sampling_shards = pipeline.sampling_shards(self._config())
+        self.next(self.sample_builtin_task, foreach="sampling_shards")
 
-    @card(type="blank")
     # A GPU: the built-in task samples thousands of responses from the policy here.
     @resources(cpu=4, memory=16000, gpu=1)
     @retry(**RETRY)
     @step
-    def preprocess(self):
-        """Read, clean, template, truncate and split every data source."""
+    def sample_builtin_task(self):
+        """This task's share of the built-in task's responses (data.builtin.sampling_workers tasks; one
+        that does nothing when the config names its own data or the responses are cached)."""
         from rlhf_lightning import pipeline
 
-        self.data = pipeline.preprocess(self._config(), self.parent_run_id, self._workdir("preprocess"))
+        self.responses = pipeline.sample_builtin_task(self._config(), self.input)
+        self.next(self.preprocess)
+
+    @card(type="blank")
+    @resources(cpu=4, memory=16000)
+    @retry(**RETRY)
+    @step
+    def preprocess(self, inputs):
+        """Label the sampled responses (the built-in task), then read, clean, template, truncate and split
+        every data source."""
+        from rlhf_lightning import pipeline
+
+        self.merge_artifacts(inputs, include=["parent_run_id"])
+        responses = {job: texts for task in inputs for job, texts in task.responses.items()}
+        self.data = pipeline.preprocess(self._config(), self.parent_run_id, self._workdir("preprocess"), responses)
         self.next(self.validate)
 
     @card(type="blank")

@@ -47,6 +47,10 @@ class BuiltinTaskConfig:
     batch_size: int = 64
     """Prompts per `generate` call while sampling completions (on 2 CPU cores, batch 64 generated 1.6x
     the tokens/s of batch 16: benchmarks/README.md)."""
+    sampling_workers: int = 1
+    """Tasks the flow fans the sampling out to (a Metaflow foreach): each samples every n-th batch, on
+    its own machine under `--with batch` / `kubernetes`. The texts do not depend on it (every batch has
+    its own seed). On one machine, 1: the cores are already busy with one."""
     annotator_beta: float = 8.0
     """Annotator rationality: P(a preferred over b) = sigmoid(beta * (gold(a) - gold(b))).
     Larger is less noisy; gold scores lie in about [-2, 1]."""
@@ -56,7 +60,8 @@ class BuiltinTaskConfig:
     """Where the generated Vertex-format JSONL files are written (reused when the settings match)."""
 
     def __post_init__(self) -> None:
-        for name in ("n_preference_prompts", "n_rl_prompts", "n_eval_prompts", "max_new_tokens", "batch_size"):
+        for name in ("n_preference_prompts", "n_rl_prompts", "n_eval_prompts", "max_new_tokens", "batch_size",
+                     "sampling_workers"):
             _check(getattr(self, name) > 0, f"data.builtin.{name}", "must be a positive integer")
         _check(self.responses_per_prompt >= 2, "data.builtin.responses_per_prompt",
                "must be at least 2 (a preference compares two responses)")

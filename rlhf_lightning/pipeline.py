@@ -99,10 +99,44 @@ def start(cfg: RLHFConfig, *, flow_name: str, run_id: str, remote_steps: list[st
     return parent
 
 
-def preprocess(cfg: RLHFConfig, parent_run_id: str, workdir: str):
+Shard = tuple[int, int]  # (index, count) of one sampling task
+
+
+def sampling_shards(cfg: RLHFConfig) -> list[Shard | None]:
+    """What the flow's sampling tasks do (its foreach list): one (index, count) shard per
+    `data.builtin.sampling_workers` when the built-in task must be sampled; [None] (one task with nothing
+    to do: a foreach cannot be empty) when the config names its own data or the task's files are cached."""
+    if cfg.data.preferences:
+        return [None]
+    from rlhf_lightning.data import builtin
+
+    if builtin.cached_task(cfg.data.builtin, cfg.policy):
+        return [None]
+    count = cfg.data.builtin.sampling_workers
+    return [(index, count) for index in range(count)]
+
+
+def sample_builtin_task(cfg: RLHFConfig, shard: Shard | None) -> dict[tuple[int, int], list[str]]:
+    """One shard's responses of the built-in task (`builtin.sample_shard`); {} for None."""
+    if shard is None:
+        return {}
+    from rlhf_lightning.data import builtin
+
+    return builtin.sample_shard(cfg.data.builtin, cfg.policy, *shard)
+
+
+def preprocess(cfg: RLHFConfig, parent_run_id: str, workdir: str,
+               responses: dict[tuple[int, int], list[str]] | None = None):
+    """Read, clean, template, truncate and split every source; with `responses` (every shard's, joined),
+    first write the built-in task's files from them."""
     from rlhf_lightning.data import preprocess as pre
 
     with tracking.stage_run(parent_run_id, "preprocess"):
+        if responses:
+            from rlhf_lightning.data import builtin
+
+            builtin.write_task(cfg.data.builtin, cfg.policy, responses)
+            tracking.log_metrics({"builtin/sampling_workers": cfg.data.builtin.sampling_workers})
         data = pre.preprocess(cfg, workdir)
         for name, path in data.files.items():
             rows = getattr(data, name)

@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 
 from offline_aws import QUEUE, REPO, BatchEmulator, MlflowServer
 
-STEPS = ["start", "preprocess", "validate", "train_reward_model", "prepare_prompts", "join", "reinforce",
+# Two sampling tasks: the run fans the built-in task's sampling out (--sampling_workers 2).
+STEPS = ["start", "sample_builtin_task", "sample_builtin_task", "preprocess", "validate", "train_reward_model", "prepare_prompts", "join", "reinforce",
          "evaluate", "register", "deploy", "inference", "end"]
 STAGES = {"preprocess", "validate", "train_reward_model", "prepare_prompts", "reinforce", "evaluate",
           "register", "deploy", "inference"}
@@ -64,7 +65,7 @@ def client_data(env: dict, cwd: Path, code: str):
 def batch_run(aws):
     emulator, tracking, root = aws
     already = len(emulator.jobs)
-    done, env = launch(aws, "launch", tracking.url)
+    done, env = launch(aws, "launch", tracking.url, "--sampling_workers", "2")
     jobs = emulator.jobs[already:]
     if done.returncode != 0:  # the failing job's own output says why
         failed = [j for j in jobs if j["exit_code"] != 0]
@@ -90,8 +91,8 @@ def test_every_step_ran_as_its_own_batch_job_in_a_fresh_container(batch_run, aws
         assert str(REPO) not in " ".join(job["command"]) and str(REPO) not in job["env"].get("PYTHONPATH", "")
     # The steps that train or sample from the policy ask Batch for a GPU, as their @resources say.
     gpus = {j["name"].split("-")[-3]: j["resources"].get("GPU") for j in jobs}
-    assert {step for step, gpu in gpus.items() if gpu == "1"} == {"preprocess", "train_reward_model", "reinforce",
-                                                                   "evaluate"}
+    assert {step for step, gpu in gpus.items() if gpu == "1"} == {"sample_builtin_task", "train_reward_model",
+                                                                   "reinforce", "evaluate"}
 
 
 def test_the_tracking_server_holds_the_whole_run(batch_run, aws):
@@ -147,9 +148,14 @@ namespace(None)
 run = Run("RLHFFlow/{run_id}")
 report = run["inference"].task.data.inference_report
 print(json.dumps({{"ok": report["ok"], "checks": [[c["name"], c["ok"]] for c in report["checks"]],
-                   "endpoint": run["deploy"].task.data.endpoint, "successful": run.successful}}))
+                   "endpoint": run["deploy"].task.data.endpoint, "successful": run.successful,
+                   "shards": sorted([len(t.data.responses), t.index] for t in run["sample_builtin_task"]),
+                   "pairs": len(run["preprocess"].task.data.data.pref_train)}}))
 """)
     assert data["successful"] and data["ok"]
+    # The built-in task's 2 x 3 sampling jobs (2 samples of 48 prompts in batches of 16), 3 in each task,
+    # joined into the preference pairs the next steps train on.
+    assert data["shards"] == [[3, 0], [3, 1]] and data["pairs"] > 0
     assert data["checks"][:2] == [["alias.candidate", True], ["deployment.model_uri", True]]
     assert all(ok for _, ok in data["checks"])
     # What deploy hands to inference names the deployment, never a local address or process.
@@ -167,7 +173,7 @@ def test_remote_steps_with_a_local_tracking_store_stop_at_start(aws):
     assert [j["name"].split("-")[-3] for j in jobs] == ["start"]
     log = jobs[0]["log"]
     assert "rlhf-lightning stopped the run" in log and "Set MLFLOW_TRACKING_URI to a tracking server" in log
-    assert "steps start, preprocess, validate and 9 more run on other machines" in log and "sqlite:///" in log
+    assert "steps start, sample_builtin_task, preprocess and 10 more run on other machines" in log and "sqlite:///" in log
     assert "Traceback" not in log
 
 
@@ -186,22 +192,24 @@ def test_step_functions_jobs_carry_the_same_environment_and_resources(aws):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     machine = json.loads(done.stdout[done.stdout.index("{"):])
-    states = {}
+    states, mapped = {}, set()
 
     def collect(state_map):
         for name, state in state_map.items():
-            if state.get("Type") == "Task" and "Parameters" in state:
+            if state.get("Type") == "Task" and "ContainerOverrides" in state.get("Parameters", {}):  # Batch jobs
                 states[name] = state["Parameters"]
             for branch in state.get("Branches", []):
                 collect(branch["States"])
-            if "Iterator" in state:
+            if "Iterator" in state:  # a foreach: a Map state over its steps
+                mapped.update(state["Iterator"]["States"])
                 collect(state["Iterator"]["States"])
 
     collect(machine["States"])
     assert set(states) == set(STEPS)
+    assert "sample_builtin_task" in mapped  # fanned out
     for name, params in states.items():
         overrides = params["ContainerOverrides"]
         job_env = {e["Name"]: e.get("Value", e.get("Value.$")) for e in overrides["Environment"]}  # .$: run-time values
         assert job_env["MLFLOW_TRACKING_URI"] == tracking.url and job_env["HF_HUB_OFFLINE"] == "1", name
         gpus = {r["Type"]: r["Value"] for r in overrides.get("ResourceRequirements", [])}.get("GPU")
-        assert (gpus == "1") == (name in ("preprocess", "train_reward_model", "reinforce", "evaluate")), name
+        assert (gpus == "1") == (name in ("sample_builtin_task", "train_reward_model", "reinforce", "evaluate")), name

@@ -74,6 +74,30 @@ def test_builtin_task_sampled_once_then_fetched_by_a_fresh_container(shared, tmp
     assert second["stats"].startswith(str(tmp_path / "second"))
 
 
+def test_builtin_task_fanned_out_gives_the_same_files_as_one_sampler(tmp_path, one_torch_thread):
+    """The flow's foreach: shards sample every n-th batch of the task; joined, they write exactly the files
+    one sampler writes (every batch is seeded by itself, not by the order it ran in)."""
+    task = BuiltinTaskConfig(n_preference_prompts=10, n_rl_prompts=2, n_eval_prompts=2, max_new_tokens=4,
+                             responses_per_prompt=3, batch_size=4, output_dir=str(tmp_path / "one"))
+    policy = PolicyConfig(model="tiny:llama")
+    one = builtin.sample_shard(task, policy)
+    assert len(one) == 3 * 3  # 3 samples per prompt x 3 length-sorted batches of 4, 4, 2 prompts
+    shards = [builtin.sample_shard(task, policy, i, 3) for i in range(3)]
+    assert all(shards) and sum(len(s) for s in shards) == len(one)
+    assert {job: texts for s in shards for job, texts in s.items()} == one
+    written = {k: open(v).read() for k, v in builtin.generate_builtin_task(task, policy).items() if k != "stats"}
+    task.output_dir = str(tmp_path / "joined")
+    joined = builtin.write_task(task, policy, {job: texts for s in shards for job, texts in s.items()})
+    assert {k: open(v).read() for k, v in joined.items() if k != "stats"} == written
+    assert builtin.cached_task(task, policy) == joined
+
+    # A shard that never came back: said, not written with holes.
+    task.output_dir = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="3 of 9 sampling jobs have no responses"):
+        builtin.write_task(task, policy, {job: texts for s in shards[:2] for job, texts in s.items()})
+    assert builtin.cached_task(task, policy) is None
+
+
 def test_dequantised_policy_is_fetched_instead_of_converted(shared, tmp_path, monkeypatch):
     """A fresh container (empty RLHF_LIGHTNING_CACHE) gets the converted GGUF policy from the shared cache;
     converting again would fail here (the file is not a real GGUF)."""

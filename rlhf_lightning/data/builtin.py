@@ -87,8 +87,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
     """What the files depend on: the task settings and the policy that wrote the responses — not where
-    they are stored (`output_dir`), so a relative and an absolute path share one cache."""
-    settings = {k: v for k, v in asdict(task).items() if k != "output_dir"}
+    they are stored (`output_dir`) nor how many tasks sampled them (`sampling_workers`): a relative and an
+    absolute path share one cache, and so do runs fanned out differently."""
+    settings = {k: v for k, v in asdict(task).items() if k not in ("output_dir", "sampling_workers")}
     if settings["responses_per_prompt"] == 2:  # files written before the option existed are the same: keep their key
         del settings["responses_per_prompt"]
     # The last entry is the sampling code's version: 2 since the inverse-CDF sampler and length-sorted
@@ -97,36 +98,85 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
     return hashlib.sha256(json.dumps([settings, policy.model, version], sort_keys=True).encode()).hexdigest()[:12]
 
 
-def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str]:
-    """Write the task's files (or reuse them when generated with the same settings) and return their
-    paths: {"preferences", "prompts", "eval_prompts", "stats"}."""
-    from rlhf_lightning.models.generation import chat_prompt, sample_texts
-    from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer, to_compute_device
+def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig) -> Path:
+    return Path(task.output_dir) / f"builtin-{cache_key(task, policy)}"
 
-    key = cache_key(task, policy)
-    out = Path(task.output_dir) / f"builtin-{key}"
+
+def _paths(out: Path) -> dict[str, str]:
     paths = {name: str(out / f"{name}.jsonl") for name in ("preferences", "prompts", "eval_prompts")}
     paths["stats"] = str(out / "stats.json")
-    if Path(paths["stats"]).exists():
+    return paths
+
+
+def cached_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str] | None:
+    """The paths of the task's files when they were written with these settings, here or (downloaded
+    now) in the shared cache; None when they must be sampled."""
+    out = _task_dir(task, policy)
+    paths = _paths(out)
+    if Path(paths["stats"]).exists():  # written last: its presence marks the files complete
         return paths
     out.parent.mkdir(parents=True, exist_ok=True)
     if cache.fetch(f"builtin/{out.name}", out):  # sampled by another container or run
         return paths
-    out.mkdir(parents=True, exist_ok=True)
+    return None
 
-    pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
+
+# One job: the responses of candidate index k for one length-sorted batch of prompts, keyed (k, the
+# batch's first position in the sorted order). Responses are {job: texts, in the batch's row order}.
+Job = tuple[int, int]
+
+
+def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, shards: int = 1) -> dict[Job, list[str]]:
+    """Sample the jobs of shard `shard` of `shards` (every shards-th of the task's jobs).
+
+    Each batch is seeded by its own job, not by the order the jobs ran in, so the responses are the same
+    texts however many shards (Metaflow foreach workers) they are split into."""
+    from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches, sample
+    from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer, to_compute_device
+    from rlhf_lightning.models.progress import progress
+
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: give 0 <= shard < shards")
+    pref_prompts = split_prompts(task)[0]
     tok = load_tokenizer(policy.model)
+    chats = [chat_prompt(tok, p) for p in pref_prompts]
+    batches = dict(length_sorted_batches(tok, chats, task.batch_size))
+    # K independent samples per prompt, the ones the annotator ranks (one seed per sample index, so the
+    # first K samples of a larger K are the same texts).
+    jobs = [(k, first) for k in range(task.responses_per_prompt) for first in batches][shard::shards]
+    if not jobs:
+        return {}
     # Sample from the unquantised base, on the GPU when there is one (thousands of responses).
     model = to_compute_device(load_base_causal_lm(PolicyConfig(model=policy.model)))
     model.eval()
-    chats = [chat_prompt(tok, p) for p in pref_prompts]
-    # K independent samples per prompt, the ones the annotator ranks (one seed per sample index, so the
-    # first K samples of a larger K are the same texts).
-    cand = [
-        sample_texts(model, tok, chats, max_new_tokens=task.max_new_tokens, temperature=task.temperature,
-                     batch_size=task.batch_size, seed=task.seed * 1000 + k, desc=f"builtin candidates {k}")
-        for k in range(task.responses_per_prompt)
-    ]
+    out = {}
+    for k, first in progress(jobs, desc=f"builtin candidates, shard {shard + 1}/{shards}", unit="batch"):
+        out[(k, first)] = sample(model, tok, [chats[r] for r in batches[first]], max_new_tokens=task.max_new_tokens,
+                                 temperature=task.temperature, seed=task.seed * 1000 + k + first).texts
+    return out
+
+
+def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Job, list[str]]) -> dict[str, str]:
+    """Label the sampled responses (every job of the task, from any number of shards) with the simulated
+    annotator, write the task's files, share them, and return their paths (as `generate_builtin_task`)."""
+    from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches
+    from rlhf_lightning.models.loading import load_tokenizer
+
+    out = _task_dir(task, policy)
+    paths = _paths(out)
+    pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
+    tok = load_tokenizer(policy.model)
+    batches = length_sorted_batches(tok, [chat_prompt(tok, p) for p in pref_prompts], task.batch_size)
+    missing = [(k, first) for k in range(task.responses_per_prompt) for first, _ in batches if (k, first) not in responses]
+    if missing:
+        raise ValueError(f"built-in task: {len(missing)} of {task.responses_per_prompt * len(batches)} sampling "
+                         f"jobs have no responses (first: candidate {missing[0][0]}, batch at {missing[0][1]})")
+    cand = [[""] * len(pref_prompts) for _ in range(task.responses_per_prompt)]
+    for k in range(task.responses_per_prompt):
+        for first, rows in batches:
+            for r, text in zip(rows, responses[(k, first)]):
+                cand[k][r] = text
+    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(task.seed)
     rows, golds, agree = [], [], 0
     for prompt, texts in zip(pref_prompts, zip(*cand)):
@@ -149,3 +199,10 @@ def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict
     Path(paths["stats"]).write_text(json.dumps(stats, indent=2))  # last: its presence marks the files complete
     cache.publish(f"builtin/{out.name}", out)
     return paths
+
+
+def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str]:
+    """Write the task's files (or reuse them when generated with the same settings) and return their
+    paths: {"preferences", "prompts", "eval_prompts", "stats"}. Sampled here in one shard; the flow fans
+    the sampling out over `data.builtin.sampling_workers` tasks (`sample_shard`, then `write_task`)."""
+    return cached_task(task, policy) or write_task(task, policy, sample_shard(task, policy))
