@@ -180,16 +180,16 @@ def test_collate_scores_each_response_once_and_pairs_match_scoring_each_side():
 
 
 def test_scores_come_back_in_the_order_given_whatever_the_batching():
-    """`score` batches the sequences sorted by length and trims each batch: every score must equal the
-    sequence scored alone, in the caller's order."""
+    """`score` batches the sequences sorted by length, trims each batch and sizes it by tokens: every score
+    must equal the sequence scored alone, in the caller's order."""
     module = RewardModel("tiny:bert", max_length=48)
     scorer = RewardScorer(module.model, module.tokenizer, 48)
     rng = random.Random(3)
     prompts = [f"Review a place number {i}." for i in range(11)]
     responses = [" ".join(rng.choice(GOOD + BAD) for _ in range(rng.randint(1, 12))) for _ in prompts]
     alone = torch.cat([scorer.score([p], [r]) for p, r in zip(prompts, responses)])
-    for batch_size in (1, 3, 64):
-        torch.testing.assert_close(scorer.score(prompts, responses, batch_size), alone, atol=1e-5, rtol=1e-5)
+    for batch_tokens in (1, 40, 8192):  # one row a batch, a few, all of them
+        torch.testing.assert_close(scorer.score(prompts, responses, batch_tokens), alone, atol=1e-5, rtol=1e-5)
     assert len(set(alone.tolist())) == len(prompts)  # distinct texts, distinct scores: the order is tested
 
 

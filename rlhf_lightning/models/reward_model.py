@@ -170,15 +170,16 @@ class RewardModel(L.LightningModule):
         r_chosen, r_rejected = self._pair_rewards(batch)
         loss = bradley_terry_loss(r_chosen, r_rejected)
         n = r_chosen.shape[0]
-        self.log("rm/train_loss", loss, prog_bar=True, batch_size=n)
-        self.log("rm/train_accuracy", (r_chosen > r_rejected).float().mean(), batch_size=n)
+        # Named as the stage's final figures (pipeline): one name per metric, the curve is its history.
+        self.log("reward_model/train_loss", loss, prog_bar=True, batch_size=n)
+        self.log("reward_model/train_accuracy", (r_chosen > r_rejected).float().mean(), batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         r_chosen, r_rejected = self._pair_rewards(batch)
         n = r_chosen.shape[0]
         for name, value in preference_metrics(r_chosen, r_rejected).items():
-            self.log(f"rm/eval_{name}", value, prog_bar=name == "accuracy", batch_size=n)
+            self.log(f"reward_model/eval_{name}", value, prog_bar=name == "accuracy", batch_size=n)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
@@ -230,30 +231,34 @@ class RewardScorer:
         return self
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+    def score(self, prompts: list[str], responses: list[str], batch_tokens: int = 8192) -> torch.Tensor:
         """Raw scores, float32 on the CPU, in the order given. Batches are cut from the sequences sorted by
-        length and trimmed to their longest: preference data mixes short and long texts, and padding every
-        batch to its longest of random members wasted up to half of the forward passes."""
+        length, each trimmed to its longest and holding at most `batch_tokens` positions (32 sequences of
+        256 tokens, 128 of 64): preference data mixes short and long texts, and batches of random members
+        padded to their longest wasted up to half of the forward passes, while a fixed number of rows per
+        batch would let long ones set the peak memory."""
         device = next(self.model.parameters()).device
         encoded = self.encoder(prompts, responses)  # (B, T), right-padded to the longest of all
         lengths = encoded["attention_mask"].sum(1)  # (B,)
         order = torch.argsort(lengths, descending=True, stable=True)
         out = torch.empty(len(prompts))
-        for i in range(0, len(order), batch_size):
-            rows = order[i : i + batch_size]
-            width = int(lengths[rows].max())
+        start = 0
+        while start < len(order):
+            width = int(lengths[order[start]])  # the longest left: it sets this batch's width
+            rows = order[start : start + max(1, batch_tokens // width)]
             batch = {k: v[rows, :width].to(device) for k, v in encoded.items()}
             out[rows] = self.model(**batch).logits.squeeze(-1).float().cpu()  # (b,)
+            start += len(rows)
         return out  # (B,)
 
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores on the scale of the training pairs: zero mean, unit std (keeps PPO's KL coef meaningful)."""
         return (scores - self.mean) / self.std
 
-    def score_pairs(self, rows: list[dict], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_pairs(self, rows: list[dict], batch_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected) of preference rows, scoring each distinct response once."""
         sequences, chosen, rejected = distinct_sequences(rows)
-        scores = self.score([p for p, _ in sequences], [r for _, r in sequences], batch_size)  # (U,)
+        scores = self.score([p for p, _ in sequences], [r for _, r in sequences], batch_tokens)  # (U,)
         return scores[chosen], scores[rejected]  # (B,), (B,)
 
 
@@ -281,6 +286,8 @@ class RewardModelResult:
     """Mean score of all chosen and rejected training responses."""
     reward_std: float
     """Their standard deviation."""
+    steps: int = 0
+    """Optimiser steps of the fit (the step the final figures belong to in the metric history)."""
 
 
 def build_trainer(cfg: TrainerConfig, name: str, callbacks: list | None = None, **kwargs) -> L.Trainer:
@@ -343,4 +350,4 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
         metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
     model_dir = out / "model"
     scorer.save(model_dir, metrics)
-    return RewardModelResult(str(model_dir), metrics, scorer.mean, scorer.std)
+    return RewardModelResult(str(model_dir), metrics, scorer.mean, scorer.std, trainer.global_step)
