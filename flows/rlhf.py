@@ -223,7 +223,8 @@ class RLHFFlow(FlowSpec):
         """Close the MLflow parent run and print the summary."""
         from rlhf_lightning import pipeline
 
-        pipeline.end(self.parent_run_id, self.model_version, self.evaluation)
+        pipeline.end(self.parent_run_id, self.model_version, self.evaluation, self.reward_model,
+                     run_id=str(current.run_id))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
   python -m rlhf_lightning train-reward-model --config configs/default.yaml
   python -m rlhf_lightning serve --model-uri models:/rlhf-policy@champion --port 5001
   python -m rlhf_lightning infer --model models:/rlhf-policy@champion --input prompts.jsonl --output out.jsonl
+  python -m rlhf_lightning promote --version 3 [--reason "..."]
   python -m rlhf_lightning rollback [--model-name rlhf-policy] [--to VERSION]
 
 Exit codes: 0 success, 1 the data or a check failed (the message says what and where), 2 usage error.
@@ -16,6 +17,9 @@ import argparse
 import os
 import sys
 import time
+
+# What `python flows/rlhf.py run` and `make run` use: `validate` checks against the same config.
+DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", nargs="+", required=True, metavar="FILE", help="RL prompt sources (overrides data.prompts)")
     s.add_argument("--eval-prompts", nargs="+", default=None, metavar="FILE",
                    help="held-out evaluation prompt sources (overrides data.eval_prompts)")
-    s.add_argument("--config", default=None, help="YAML config for the format, limits and policy tokenizer "
-                                                  "(default: the built-in defaults)")
+    s.add_argument("--config", default=None,
+                   help="YAML config for the format, limits and policy tokenizer (default: configs/default.yaml, "
+                        "what the flow runs with, when run from the repository; else the built-in defaults)")
     s.add_argument("--format", default=None, choices=["auto", "vertex", "trl", "hh", "mapping"],
                    help="record layout (overrides data.format)")
     s.add_argument("--strict", action="store_true", help="treat warnings as errors (sets data.strict)")
@@ -49,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rollback", help=text, description=text)
     s.add_argument("--model-name", default="rlhf-policy", help="registered model (default: %(default)s)")
     s.add_argument("--to", default=None, metavar="VERSION", help="version to make champion (default: the previous champion)")
+    text = ("make a registered version the champion by hand: it is deployed to serving.target, must serve its "
+            "registered weights and answer the inference template (serving.requests), and only then does "
+            "`champion` move (refused, with the failed checks, otherwise)")
+    s = sub.add_parser("promote", help=text, description=text)
+    s.add_argument("--version", required=True, help="the registered version to promote")
+    s.add_argument("--model-name", default="rlhf-policy", help="registered model (default: %(default)s)")
+    s.add_argument("--reason", default="", help="why, recorded in the version's champion.reason tag")
+    s.add_argument("--config", default=None, help="YAML config whose serving section (target, requests) the "
+                                                  "checks use (default: configs/default.yaml when run from the "
+                                                  "repository, else the built-in defaults)")
     s = sub.add_parser("serve", help="serve a registered model version with `mlflow models serve`")
     s.add_argument("--model-uri", default="models:/rlhf-policy@champion", help="default: %(default)s")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
@@ -62,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--endpoint", help="URL of a model server (`serve`), e.g. http://127.0.0.1:5001")
     s.add_argument("--input", required=True, help="JSONL input")
     s.add_argument("--output", required=True, help="JSONL output; if it exists, the run resumes after its rows")
+    again = s.add_mutually_exclusive_group()
+    again.add_argument("--retry-errors", action="store_true",
+                       help="first answer the output's error rows again, from their input lines as they are now "
+                            "(after you fixed them); the answered rows stay")
+    again.add_argument("--overwrite", action="store_true", help="start the output over instead of resuming it")
     s.add_argument("--batch-size", type=int, default=8, help="input lines per request (default: %(default)s)")
     s.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
@@ -75,12 +95,13 @@ def validate_command(args: argparse.Namespace) -> int:
     import dataclasses
     import tempfile
 
-    from rlhf_lightning.config import ConfigError, RLHFConfig, load_config
+    from rlhf_lightning.config import ConfigError
     from rlhf_lightning.data import preprocess as pre
     from rlhf_lightning.data import validate as val
 
     try:
-        cfg = load_config(args.config) if args.config else RLHFConfig()
+        config = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+        cfg = _load_default_config(config)
         overrides = {"preferences": args.preferences, "prompts": args.prompts, "strict": args.strict or cfg.data.strict}
         if args.eval_prompts is not None:
             overrides["eval_prompts"] = args.eval_prompts
@@ -99,7 +120,48 @@ def validate_command(args: argparse.Namespace) -> int:
     report = val.validate(data, cfg)
     path = report.write_json(args.report)
     print(val.summary(report, path))
+    print(f"config: {config or 'the built-in defaults (no configs/default.yaml here; name one with --config)'}")
     return 0 if report.ok else 1
+
+
+def _load_default_config(path: str | None):
+    """The config at `path`, else configs/default.yaml when it is here (what the flow uses), else the
+    dataclass defaults."""
+    from rlhf_lightning.config import RLHFConfig, load_config
+
+    path = path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    return load_config(path) if path else RLHFConfig()
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`serve`: check what can be checked in a second (the alias exists, the port is free) before loading
+    the model; stop the server's whole process group on Ctrl-C and on SIGTERM."""
+    import signal
+
+    from rlhf_lightning.registry import RegistryError, resolve_model_uri
+    from rlhf_lightning.serving import ModelServer, ServingError
+
+    try:
+        resolve_model_uri(args.model_uri)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    def stop(signum, frame):  # SIGTERM: the same clean stop as Ctrl-C (the server is in its own group)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with ModelServer(args.model_uri, host=args.host, port=args.port) as server:
+            print(f"serving {args.model_uri} at {server.url} — Ctrl-C to stop", flush=True)
+            server.serve_forever()
+    except KeyboardInterrupt:
+        pass  # stopped while starting: the context manager stopped the server group
+    except ServingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("stopped", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return batch_inference.main(args.model, args.endpoint, args.input, args.output, args.batch_size,
                                     {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                                     "top_p": args.top_p, "seed": args.seed})
+                                     "top_p": args.top_p, "seed": args.seed},
+                                    retry_errors=args.retry_errors, overwrite=args.overwrite)
     from rlhf_lightning.config import ConfigError, load_config
 
     if args.command == "rollback":
@@ -124,13 +187,23 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.model_name}@champion: version {before} -> {after}")
         return 0
-    if args.command == "serve":
-        from rlhf_lightning.serving import ModelServer
+    if args.command == "promote":
+        from rlhf_lightning.promotion import promote_version
+        from rlhf_lightning.registry import RegistryError
 
-        with ModelServer(args.model_uri, host=args.host, port=args.port) as server:
-            print(f"serving {args.model_uri} at {server.url} — Ctrl-C to stop", flush=True)
-            server.serve_forever()
-            return 0
+        try:
+            cfg = _load_default_config(args.config)
+            done = promote_version(args.model_name, args.version, cfg.serving, args.reason)
+        except (ConfigError, RegistryError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        checks = len(done.report.checks)
+        print(f"{done.name}@champion: version {done.previous or '(none)'} -> {done.version} "
+              f"({checks} serving checks passed)\nserve it: python -m rlhf_lightning serve "
+              f"--model-uri models:/{done.name}@champion")
+        return 0
+    if args.command == "serve":
+        return serve_command(args)
 
     from rlhf_lightning import pipeline
     from rlhf_lightning.data.formats import DataError

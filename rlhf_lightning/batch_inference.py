@@ -10,7 +10,8 @@ A malformed line or a row the model rejects becomes an error row; nothing is ski
 
 Resumable: the output's complete lines are the input lines already done; a rerun skips them and appends
 (a partial last line from a killed run is cut off first). Each batch is flushed and fsynced, so a kill
-loses at most the batch in flight.
+loses at most the batch in flight. `--retry-errors` answers the error rows of the output again, from their
+input lines as they are now (after fixing them); `--overwrite` starts the output over.
 """
 
 from __future__ import annotations
@@ -211,6 +212,10 @@ class Summary:
     """`line N: message` of the first few error rows, in line order."""
     truncated_bytes: int = 0
     """Size of the partial last line of an interrupted run, cut off before appending."""
+    retried: int = 0
+    """Error rows of the output answered again (`--retry-errors`)."""
+    fixed: int = 0
+    """Of those, the rows answered this time."""
 
     def note_error(self, line: int, message: str) -> None:
         self.errors += 1
@@ -221,6 +226,9 @@ class Summary:
         earlier = f" ({self.earlier_errors} in earlier rows)" if self.earlier_errors else ""
         lines = [f"infer: {self.skipped + self.written} of {self.total} rows in {output}: {self.written} written, "
                  f"{self.skipped} skipped as already done; {self.errors} errors{earlier}"]
+        if self.retried:
+            lines.append(f"  retried {self.retried} error rows: {self.fixed} answered now, "
+                         f"{self.retried - self.fixed} still errors")
         if self.truncated_bytes:
             lines.append(f"  (cut off a partial last line of {self.truncated_bytes} bytes left by an interrupted run)")
         if self.errors:
@@ -240,6 +248,17 @@ def _count_lines(path: Path) -> int:
     return n + (last != b"\n")
 
 
+def _output_row(raw: bytes, n: int, path: Path, fix: str) -> dict:
+    """Line `n` of an `infer` output, which must be its row `n`; else UsageError ending with `fix`."""
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        row = None
+    if not isinstance(row, dict) or row.get("line") != n:
+        raise UsageError(f"{path} line {n} is not row {n} of an `infer` output; {fix}")
+    return row
+
+
 def _resume(out: BinaryIO, path: Path, summary: Summary) -> int:
     """Count the output's complete rows into `summary.skipped` (checking each is row N of an `infer`
     output) and their errors; return where the complete rows end."""
@@ -248,13 +267,8 @@ def _resume(out: BinaryIO, path: Path, summary: Summary) -> int:
         if not raw.endswith(b"\n"):
             break  # a partial line: the batch in flight when an earlier run was killed
         n = summary.skipped + 1
-        try:
-            row = json.loads(raw)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict) or row.get("line") != n:
-            raise UsageError(f"{path} line {n} is not row {n} of an `infer` output; to resume, pass the output of "
-                             f"an earlier run over the same input, else a new --output path")
+        row = _output_row(raw, n, path, "to resume, pass the output of an earlier run over the same input, else a "
+                                        "new --output path")
         summary.skipped = n
         if "error" in row:
             summary.earlier_errors += 1
@@ -321,10 +335,62 @@ class _Answerer:
         return results
 
 
+def _answer_chunk(answerer: _Answerer, chunk: list[Row]) -> None:
+    # One request per kind: the model takes prompts or conversations, not both in one request.
+    for kind in ("prompt", "messages"):
+        group = [r for r in chunk if r.record is not None and kind in r.record]
+        if group:
+            answerer.answer(group)
+
+
+def _locked(out: BinaryIO, path: Path) -> None:
+    try:
+        # Two runs appending to one output would interleave and duplicate rows.
+        fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"{path} is being written by another `infer` run") from None
+
+
+def _retry_errors(answerer: _Answerer, input_path: Path, output_path: Path, batch_size: int,
+                  progress: bool) -> tuple[int, int]:
+    """Answer the output's error rows again from their input lines; replace them in a new copy of the
+    output that takes the old one's place only once complete. (retried, answered now)."""
+    if not output_path.exists():
+        return 0, 0
+    with open(output_path, "rb") as out:
+        _locked(out, output_path)
+        rows = [raw for raw in out.read().splitlines(keepends=True) if raw.endswith(b"\n")]
+        failed = set()
+        for n, raw in enumerate(rows, 1):
+            row = _output_row(raw, n, output_path, "--retry-errors needs the output of an earlier run over the same "
+                                                   "input")
+            if "error" in row:
+                failed.add(n)
+        todo = [(n, raw) for n, raw in _input_lines(input_path, 0) if n in failed]
+        fixed = 0
+        with tqdm(total=len(todo), unit="row", desc="retry", disable=not progress, file=sys.stderr) as bar:
+            it = iter(todo)
+            while chunk := [parse_line(n, raw) for n, raw in _take(it, batch_size)]:
+                _answer_chunk(answerer, chunk)
+                for row in chunk:
+                    rows[row.head["line"] - 1] = _dump(row.output())
+                    fixed += row.error is None
+                bar.update(len(chunk))
+        tmp = output_path.with_name(output_path.name + ".retry")
+        with open(tmp, "wb") as new:
+            new.write(b"".join(rows))
+            new.flush()
+            os.fsync(new.fileno())
+        os.replace(tmp, output_path)  # a kill before this keeps the old output whole
+    return len(todo), fixed
+
+
 def run(predictor: LocalModel | Endpoint, input_path: str | Path, output_path: str | Path, batch_size: int = 8,
-        params: dict[str, Any] | None = None, progress: bool = True) -> Summary:
+        params: dict[str, Any] | None = None, progress: bool = True, retry_errors: bool = False,
+        overwrite: bool = False) -> Summary:
     """Answer every line of `input_path` not yet in `output_path`, `batch_size` input lines at a time;
     append the rows in input order. `params` are sent as given (the model fills in its defaults).
+    `retry_errors`: first answer the output's error rows again; `overwrite`: start the output over.
 
     Raises UsageError (nothing to do per row) and EndpointUnreachable (stop; rows written so far are
     on disk); every other problem is an error row."""
@@ -335,17 +401,18 @@ def run(predictor: LocalModel | Endpoint, input_path: str | Path, output_path: s
         raise UsageError(f"input file {input_path} not found")
     if output_path.exists() and output_path.samefile(input_path):
         raise UsageError(f"--output {output_path} is the input file; give another path")
+    if retry_errors and overwrite:
+        raise UsageError("--retry-errors keeps the answered rows and --overwrite drops them: give one of them")
     total = _count_lines(input_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     answerer = _Answerer(predictor, params or {})
+    retried, fixed = _retry_errors(answerer, input_path, output_path, batch_size, progress) if retry_errors else (0, 0)
     with open(output_path, "a+b") as out:
-        try:
-            # Two runs appending to one output would interleave and duplicate rows.
-            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"{output_path} is being written by another `infer` run") from None
+        _locked(out, output_path)
+        if overwrite:
+            out.truncate(0)
         out.seek(0)
-        summary = Summary(total=total, skipped=0)
+        summary = Summary(total=total, skipped=0, retried=retried, fixed=fixed)
         end = _resume(out, output_path, summary)
         if summary.skipped > total:
             raise UsageError(f"{output_path} has {summary.skipped} rows but {input_path} only {total} lines; "
@@ -355,11 +422,7 @@ def run(predictor: LocalModel | Endpoint, input_path: str | Path, output_path: s
         with tqdm(total=total, initial=summary.skipped, unit="row", disable=not progress, file=sys.stderr) as bar:
             lines = _input_lines(input_path, summary.skipped)
             while chunk := [parse_line(n, raw) for n, raw in _take(lines, batch_size)]:
-                # One request per kind: the model takes prompts or conversations, not both in one request.
-                for kind in ("prompt", "messages"):
-                    group = [r for r in chunk if r.record is not None and kind in r.record]
-                    if group:
-                        answerer.answer(group)
+                _answer_chunk(answerer, chunk)
                 data = []
                 for row in chunk:
                     if row.error is not None:
@@ -385,7 +448,7 @@ def _dump(row: dict) -> bytes:
 
 
 def main(model: str | None, endpoint: str | None, input_path: str, output_path: str, batch_size: int,
-         params: dict[str, Any]) -> int:
+         params: dict[str, Any], retry_errors: bool = False, overwrite: bool = False) -> int:
     """The `infer` command: exit 0 when every row got an answer, 1 when some rows are errors or the
     endpoint stopped answering, 2 on usage errors, 130 on Ctrl-C. The summary goes to stdout, problems to stderr."""
     params = {k: v for k, v in params.items() if v is not None}  # only what the user set
@@ -393,7 +456,8 @@ def main(model: str | None, endpoint: str | None, input_path: str, output_path: 
         if not Path(input_path).is_file():  # before loading a model for nothing
             raise UsageError(f"input file {input_path} not found")
         predictor = LocalModel(model) if model is not None else Endpoint(endpoint)
-        summary = run(predictor, input_path, output_path, batch_size, params)
+        summary = run(predictor, input_path, output_path, batch_size, params, retry_errors=retry_errors,
+                      overwrite=overwrite)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -180,8 +180,8 @@ def compare(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int,
             wr, ci = win_rate(scores["policy"], scores[other], groups=prompts)
             m[f"{p}{judge_name}_win_rate"], m[f"{p}{judge_name}_win_rate_ci95"] = wr, ci
 
-    samples = []
-    for i in range(min(32, len(rows))):
+    samples = []  # every evaluated answer (side_by_side picks the ones to show)
+    for i in range(len(rows)):
         row = {"prompt": prompts[i]}
         for name, r in arms.items():
             row[name] = r.texts[i]
@@ -190,6 +190,45 @@ def compare(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int,
                 row[f"{name}_gold"] = golds[name][i]
         samples.append(row)
     return {f"{prefix}{k}": v for k, v in m.items()}, samples
+
+
+def side_by_side(samples: list[dict], n: int = 5) -> list[dict]:
+    """What the tuned policy now says next to what the reference said, for people to read: the `n`
+    answers where the policy gained most over the reference, the `n` where it lost most (by the gold
+    judge when there is one, else by the reward model), then the first `n` others as they came.
+    Rows: {case, prompt, reference, policy, then for each judge (gold when there is one, rm): <judge>
+    reference, <judge> policy, <judge> gain}."""
+    judges = ["gold", "rm"] if samples and "policy_gold" in samples[0] else ["rm"]
+    judge_name = judges[0]
+    gain = [s[f"policy_{judge_name}"] - s[f"reference_{judge_name}"] for s in samples]  # decides the order
+    order = sorted(range(len(samples)), key=lambda i: gain[i], reverse=True)
+    best = order[:n]
+    worst = [i for i in order[::-1][:n] if i not in best]
+    rest = [i for i in range(len(samples)) if i not in best and i not in worst][:n]
+    out = []
+    for case, picked in (("best", best), ("worst", worst), ("sample", rest)):
+        for i in picked:
+            s = samples[i]
+            row = {"case": case, "prompt": s["prompt"], "reference": s["reference"], "policy": s["policy"]}
+            for j in judges:
+                row |= {f"{j} reference": round(s[f"reference_{j}"], 3), f"{j} policy": round(s[f"policy_{j}"], 3),
+                        f"{j} gain": round(s[f"policy_{j}"] - s[f"reference_{j}"], 3)}
+            out.append(row)
+    return out
+
+
+def side_by_side_markdown(rows: list[dict]) -> str:
+    """`side_by_side` rows as a Markdown table (a Metaflow card); cells kept on one line."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- gates

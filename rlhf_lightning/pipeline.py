@@ -153,6 +153,7 @@ def validate(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, card=None)
     with tracking.stage_run(parent_run_id, "validate"):
         report = val.validate(data, cfg)
         path = report.write_json(os.path.join(workdir, "validation_report.json"))
+        print(val.summary(report, path))  # the console says what `validate` says, warnings included
         import mlflow
 
         mlflow.log_artifact(path, "validation")
@@ -189,7 +190,9 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data, workdir: str, 
         result = rm.train_reward_model(cfg, data.pref_train, data.pref_eval, workdir, logger=logger,
                                        callbacks=[callback], ckpt_path=resumed and resumed.path)
         metrics = {f"reward_model/{k}": v for k, v in result.metrics.items()}
-        tracking.log_metrics(metrics)
+        # At the fit's last step: the final figures are the latest values of the curves Lightning logged
+        # under the same names (a metric's latest value is the one at its highest step).
+        tracking.log_metrics(metrics, step=result.steps)
         import mlflow
 
         mlflow.log_artifacts(result.model_dir, "reward_model")
@@ -256,11 +259,18 @@ def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: 
         tracking.log_figure(fig, "ppo/training_curves.png")
         overopt = evaluation.overoptimisation_figure(result.history)
         tracking.log_figure(overopt, "ppo/overoptimisation.png")
-        _card_markdown(card, "# PPO\n\n" + _metrics_table(result.metrics))
+        _card_markdown(card, "# PPO\n\n" + _metrics_table(result.metrics) + "\n\n" + PPO_KL_NOTE)
         _card_figure(card, overopt)
         _card_figure(card, fig)
     return ModelBundle.pack(result.adapter_dir, metrics=result.metrics, mlflow_run_id=run.info.run_id,
                             extras={"history": result.history})
+
+
+PPO_KL_NOTE = (
+    "`ppo/kl` is KL(policy ‖ reference) in nats per sequence, estimated from each iteration's rollouts as "
+    "the sum over their tokens of log π(token) − log π_ref(token). The estimate is unbiased but noisy: while "
+    "the two models are close, and with few rollouts, one batch can read below zero. The evaluate stage "
+    "measures the KL on held-out prompts with more samples.")
 
 
 def _history_figure(history: list[dict]):
@@ -279,7 +289,7 @@ def _history_figure(history: list[dict]):
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys):
         ax.plot([h[key] for h in history])
-        ax.set_title(key)
+        ax.set_title(key + (" (estimate; can dip below 0)" if key == "ppo/kl" else ""), fontsize=9)
         ax.set_xlabel("iteration")
     fig.tight_layout()
     return fig
@@ -324,11 +334,17 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: dict, reward_model: M
         tracking.log_metrics(metrics)
         tracking.log_dict_artifact(result.samples, "evaluation/samples.json")
         import mlflow
+        import pandas as pd
 
+        shown = evaluation.side_by_side(result.samples)
+        mlflow.log_table(pd.DataFrame(shown), "evaluation/side_by_side.json")  # a table in the MLflow UI
         mlflow.set_tags({"gate.promote": str(result.promote), "gate.reason": result.reason,
                          "gate.champion": champion_note})
-        _card_markdown(card, f"# Evaluation\n\n{_metrics_table(metrics)}\n\n**Gate:** {result.reason}\n\n"
-                             f"Champion: {champion_note}")
+        _card_markdown(card, f"# Evaluation\n\n**Gate:** {result.reason}\n\nChampion: {champion_note}\n\n"
+                             "## What the policy says, beside the reference\n\nThe held-out answers the policy "
+                             "improved most and least, then a few as they came (all of them: MLflow artifact "
+                             f"`evaluation/samples.json`).\n\n{evaluation.side_by_side_markdown(shown)}\n\n"
+                             f"## Figures\n\n{_metrics_table(metrics)}")
     print(f"evaluation: {result.reason} ({champion_note})")
     return {"metrics": metrics, "promote": result.promote, "reason": result.reason, "champion": champion_note,
             "mlflow_run_id": run.info.run_id}
@@ -476,10 +492,58 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version, endpoint: dict
     return data, dataclasses.replace(model_version, aliases=aliases)
 
 
-def end(parent_run_id: str, model_version, evaluation: dict) -> None:
-    tracking.end_parent_run(parent_run_id)
+HEADLINE = ("eval/gold_win_rate", "eval/gold_win_rate_ci95", "eval/rm_win_rate", "eval/rm_win_rate_ci95", "eval/kl",
+            "eval/kl_per_token", "eval/gold_score", "eval/ref_gold_score", "gate/promote")
+
+
+def end(parent_run_id: str, model_version, evaluation: dict, reward_model: ModelBundle | None = None,
+        flow: str = "flows/rlhf.py", run_id: str | None = None) -> None:
+    """Put the headline on the parent run (metrics, the version and the gate's decision, a description
+    that says what happened and links the version), close it, and print what to open next."""
+    import mlflow
+
     m = evaluation["metrics"]
-    print(
-        f"done: {model_version.name} v{model_version.version} {model_version.aliases}; "
-        f"gold win rate {m.get('eval/gold_win_rate', float('nan')):.3f}, KL {m.get('eval/kl', float('nan')):.2f}"
-    )
+    headline = {k: v for k, v in m.items() if k in HEADLINE}
+    if reward_model is not None:
+        headline |= {k: v for k, v in reward_model.metrics.items()
+                     if k in ("reward_model/eval_accuracy", "reward_model/eval_accuracy_ci95")}
+    name, version = model_version.name, model_version.version
+    champion = "champion" in model_version.aliases
+
+    def figure(key: str, digits: int = 3) -> str:
+        value, ci = m.get(key), m.get(f"{key}_ci95")
+        return "n/a" if value is None else f"{value:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
+
+    rm_acc = (f"{reward_model.metrics['reward_model/eval_accuracy']:.3f}" if reward_model is not None else "n/a")
+    description = "\n".join([
+        f"**{name} [v{version}](#/models/{name}/versions/{version})** — aliases: {', '.join(model_version.aliases)}"
+        + (" (serving as champion)" if champion else " (not champion)"),
+        "",
+        f"- Gate: {evaluation['reason']}",
+        f"- Gold win rate vs reference: {figure('eval/gold_win_rate')}; learned-reward win rate: "
+        f"{figure('eval/rm_win_rate')}; KL to reference {figure('eval/kl', 2)} nats per answer",
+        f"- Reward model held-out accuracy: {rm_acc}",
+        f"- {evaluation['champion']}",
+        "",
+        "The stage runs below hold the detail: the evaluation's side-by-side answers "
+        "(`evaluate` → Artifacts → `evaluation/side_by_side.json`), PPO's curves, the data report.",
+    ])
+    tags = {"registered_model": name, "registered_version": str(version), "registered_model_uri": f"models:/{name}/{version}",
+            "gate.promote": str(evaluation["promote"]), "gate.reason": evaluation["reason"]}
+    tracking.summarise_parent_run(parent_run_id, headline, tags, description)
+    tracking.end_parent_run(parent_run_id)
+    experiment = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+    uri = f"models:/{name}@champion" if champion else f"models:/{name}/{version}"
+    lines = [
+        f"done: {name} v{version} {model_version.aliases}; gold win rate {figure('eval/gold_win_rate')}, "
+        f"KL {figure('eval/kl', 2)}",
+        f"  gate: {evaluation['reason']}",
+        "next:",
+        f"  see the runs:            {tracking.ui_link(experiment, parent_run_id)}",
+        f"  read the answers:        python {flow} card view {run_id + '/' if run_id else ''}evaluate",
+        f"  serve this version:      python -m rlhf_lightning serve --model-uri {uri}",
+    ]
+    if not champion:
+        lines.append(f"  make it the champion:    python -m rlhf_lightning promote --version {version}   "
+                     "(runs the serving checks first)")
+    print("\n".join(lines))

@@ -191,6 +191,33 @@ def current_champion(name: str, client: MlflowClient | None = None) -> str | Non
     return None if version is None else str(version)
 
 
+def resolve_model_uri(model_uri: str) -> str | None:
+    """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names now (None for other URIs:
+    runs:/, paths). Raises RegistryError saying what exists instead: the aliases that do, the command
+    that makes a champion."""
+    if not model_uri.startswith("models:/"):
+        return None
+    ref = model_uri.removeprefix("models:/")
+    name, alias = ref.split("@", 1) if "@" in ref else (ref.rsplit("/", 1)[0], None)
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        raise RegistryError(f"{model_uri}: no registered model {name!r} at {mlflow.get_registry_uri()} (run the flow "
+                            "first, or point MLFLOW_TRACKING_URI at the server that has it)") from None
+    if alias is None:
+        version = ref.rsplit("/", 1)[-1]
+        try:
+            return client.get_model_version(name, version).version
+        except mlflow.exceptions.MlflowException:
+            raise RegistryError(f"{model_uri}: {name} has no version {version!r}") from None
+    if alias in model.aliases:
+        return str(model.aliases[alias])
+    have = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
+    raise RegistryError(f"{model_uri}: {name} has no alias {alias!r} (its aliases: {have}); serve one of those, "
+                        f"or make a version champion: python -m rlhf_lightning promote --version N")
+
+
 def promote(name: str, version: str, reason: str) -> str | None:
     """Point `champion` at `version`; record on it the version it replaced (`champion.previous`, what
     :func:`rollback` returns to), when and why. Returns the previous champion's version (or None)."""
@@ -211,7 +238,8 @@ def rollback(name: str, to_version: str | None = None) -> tuple[str, str]:
     client = MlflowClient()
     current = current_champion(name, client)
     if current is None:
-        raise RegistryError(f"{name} has no 'champion' alias (or no such registered model): nothing to roll back")
+        raise RegistryError(f"{name} has no 'champion' alias (or no such registered model): nothing to roll back "
+                            f"(make a version champion with: python -m rlhf_lightning promote --version N)")
     if to_version is None:
         to_version = client.get_model_version(name, current).tags.get("champion.previous") or None
         if to_version is None:

@@ -8,6 +8,7 @@ and the pip requirements logged with the model are pinned to this environment an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -34,6 +35,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why `mlflow models serve` could not listen on host:port, found in a millisecond instead of after
+    the model has loaded; None when it can (or port 0: the server picks one)."""
+    if not port:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is in use (another server?): stop it, or pick another port "
+                        "(--port N; 0 = a free one)")
+            return f"cannot listen on {host}:{port}: {exc.strerror} (check the host and port)"
+    return None
 
 
 class ModelServer:
@@ -89,6 +107,9 @@ class ModelServer:
         """Launch the server process (returns at once; `wait_ready` waits for it)."""
         if self._proc is not None:
             raise ServingError(f"server for {self.model_uri} already started (pid {self._proc.pid})")
+        problem = port_problem(self.host, self.port)
+        if problem:
+            raise ServingError(problem)
         env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
                "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(), **self._env}
         env.pop("MLFLOW_RUN_ID", None)

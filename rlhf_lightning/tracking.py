@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -65,6 +66,9 @@ def start_parent_run(cfg: RLHFConfig, *, flow_name: str, run_id: str, tags: dict
             client.set_tag(parent_id, key, value)
     else:
         experiment = mlflow.set_experiment(cfg.registry.experiment)
+        if "mlflow.experimentKind" not in experiment.tags:
+            # MLflow 3 opens an untagged experiment on its GenAI overview ("Traces 0"); these are training runs.
+            client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
         parent_id = client.create_run(experiment.experiment_id, run_name=f"{flow_name}-{run_id}", tags=tags).info.run_id
     items = [(k, str(v)[:500]) for k, v in flatten(cfg).items()]
     for i in range(0, len(items), 100):  # MLflow caps a log_batch at 100 params
@@ -74,6 +78,25 @@ def start_parent_run(cfg: RLHFConfig, *, flow_name: str, run_id: str, tags: dict
 
 def end_parent_run(parent_run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(parent_run_id, status=status)
+
+
+def summarise_parent_run(parent_run_id: str, metrics: dict[str, float], tags: dict[str, str], description: str) -> None:
+    """The run a person opens first carries the headline: `metrics` and `tags` (the stage runs keep the
+    detail), and `description` (Markdown) as the run's description in the MLflow UI."""
+    client = MlflowClient()
+    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                             for k, v in metrics.items()],
+                     tags=[mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in
+                           {**tags, "mlflow.note.content": description}.items()])
+
+
+def ui_link(experiment_id: str, run_id: str | None = None) -> str:
+    """Where to look at a run: its page on a tracking server, or the command that starts the UI on a
+    local store (and where to click)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
 
 
 # The Metaflow task this process runs ({run_id, pathspec, attempt}), set by the flow around each step.

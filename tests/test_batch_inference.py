@@ -131,6 +131,40 @@ def test_resume_skips_done_rows_keeps_them_and_cuts_a_half_written_line(local_mo
     assert read_rows(out) == rows
 
 
+def test_retry_errors_answers_fixed_lines_in_place_and_overwrite_starts_over(local_model, tmp_path):
+    lines = [b'{"id": 1, "prompt": "Tell me about item 1."}', b'{"id": 2, "prompt": ',
+             b'{"id": 3, "prompt": "Tell me about item 3."}', b'{"id": 4, "text": "no prompt"}']
+    inp = write_input(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    model = Recording(local_model)
+    first = bi.run(model, inp, out, batch_size=2, params=PARAMS, progress=False)
+    assert (first.written, first.errors) == (4, 2)
+    before = read_rows(out)
+
+    # The user fixes line 2 (line 4 stays bad) and reruns: a plain rerun has nothing to do...
+    lines[1] = b'{"id": 2, "prompt": "Tell me about item 2."}'
+    write_input(inp, lines)
+    model.asked.clear()
+    assert bi.run(model, inp, out, params=PARAMS, progress=False).written == 0 and model.asked == []
+    # ...--retry-errors asks again for exactly the error rows, from the input as it is now.
+    again = bi.run(model, inp, out, batch_size=2, params=PARAMS, progress=False, retry_errors=True)
+    assert [r["prompt"] for r in model.asked] == ["Tell me about item 2."]  # line 4 fails the client's checks again
+    assert (again.retried, again.fixed, again.errors, again.written) == (2, 1, 1, 0)
+    assert "retried 2 error rows: 1 answered now, 1 still errors" in again.text(out)
+    rows = read_rows(out)
+    assert [r["line"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0] == before[0] and rows[2] == before[2]  # answered rows untouched
+    assert "response" in rows[1] and "needs 'prompt'" in rows[3]["error"]
+    assert not list(tmp_path.glob("*.retry"))
+
+    model.asked.clear()
+    fresh = bi.run(model, inp, out, batch_size=4, params=PARAMS, progress=False, overwrite=True)
+    assert (fresh.skipped, fresh.written, fresh.errors) == (0, 4, 1) and len(model.asked) == 3
+    assert [r["line"] for r in read_rows(out)] == [1, 2, 3, 4]
+    with pytest.raises(bi.UsageError, match="give one of them"):
+        bi.run(model, inp, out, progress=False, retry_errors=True, overwrite=True)
+
+
 def test_resume_refuses_an_output_it_did_not_write(local_model, tmp_path):
     inp = write_input(tmp_path / "in.jsonl", [b'{"prompt": "Hi"}'] * 2)
     out = tmp_path / "out.jsonl"

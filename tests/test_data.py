@@ -250,18 +250,43 @@ def test_validate_reports_every_problem_with_its_location(prepared_user_files, t
     extra = cfg.data.preferences[1]
     assert f"{extra}:2: record: duplicate (same text) of {extra}:1: dropped" in messages
     assert "data.target_length=16" in messages and "data.prompt_length=32" in messages
+    # The cut rows are named: the long prompt (extra.csv record 3), the long responses (3, and 4 whose cut
+    # made a tie).
+    (cut_prompt,) = [w for w in report.warnings if w.kind == "truncated_prompt"]
+    assert cut_prompt.message.endswith(f"; at {extra}:3")
+    (cut_response,) = [w for w in report.warnings if w.kind == "truncated_response"]
+    assert f"; at {extra}:3, {extra}:4" in cut_response.message
+    assert "MOST ROWS WERE CUT" not in messages  # 2 of 8 pairs
     assert "also in" in messages  # "Review a quiet museum." is a preference prompt and an RL/eval prompt
 
     path = report.write_json(tmp_path / "report" / "validation.json")
     saved = json.loads(Path(path).read_text())
     assert saved["ok"] is False and len(saved["errors"]) == len(report.errors)
     assert saved["stats"]["rows"]["pref_train"] == len(data.pref_train)
+    assert saved["stats"]["cut_rows"]["preferences.changed.truncated_prompt"] == [f"{extra}:3"]
     with pytest.raises(DataValidationError) as exc:
         report.raise_if_errors(path)
     text = str(exc.value)
     assert f"{where}:2: record: malformed JSON" in text and f"full report: {path}" in text
     assert len(text.splitlines()) <= 1 + 10 + 2  # header, first 10, "... and N more", path
     assert "| pref_train |" in report.markdown()
+
+
+def test_most_rows_cut_is_said_first_and_loudly(tmp_path):
+    from rlhf_lightning.data.validate import summary
+
+    rows = [{"prompt": f"Review place {i}.", "chosen": "good " * 30, "rejected": "bad " * 30} for i in range(9)]
+    rows.append({"prompt": "Review place 9.", "chosen": "Fine.", "rejected": "Bad."})
+    path = write_records(tmp_path / "long.jsonl", rows)
+    cfg = tiny_cfg(preferences=[str(path)], prompts=[str(path)], target_length=8)
+    report = validate(preprocess(cfg, str(tmp_path / "out")), cfg)
+    text = summary(report, "report.json")
+    loud = [line for line in text.splitlines() if line.startswith("  !! ")]
+    assert loud == [f"  !! MOST ROWS WERE CUT (90% of the preferences): 9 pair(s) had a response longer than "
+                    f"data.target_length=8 tokens, cut keeping its start (raise data.target_length to keep them "
+                    f"whole); at {path}:1, {path}:2, {path}:3, {path}:4, {path}:5 and 4 more (the report's "
+                    "stats.cut_rows has them all)"]
+    assert text.index("!! MOST ROWS") < text.index("warnings (")  # before the list many warnings may push it out of
 
 
 def test_strict_turns_warnings_into_errors(prepared_user_files):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -30,6 +31,13 @@ def test_validate_command_exit_codes_and_report(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("data ok: 0 error(s)") and f"{good}: 6 trl" in ok.stdout
     assert json.loads((tmp_path / "ok.json").read_text())["ok"] is True
+    assert ok.stdout.rstrip().endswith(f"config: {cfg}")
+    # Without --config, from the repository: the flow's own default config, not the dataclass defaults.
+    default = run("--preferences", str(good), "--prompts", str(prompts), "--report", str(tmp_path / "d.json"), cwd=REPO)
+    assert default.returncode == 0 and default.stdout.rstrip().endswith("config: configs/default.yaml")
+    elsewhere = run("--preferences", str(good), "--prompts", str(prompts), "--report", str(tmp_path / "e.json"),
+                    cwd=tmp_path)
+    assert "config: the built-in defaults (no configs/default.yaml here" in elsewhere.stdout
 
     # Bad rows, a missing file and an empty file in one call: every problem located, the report written.
     empty = tmp_path / "empty.jsonl"

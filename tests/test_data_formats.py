@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from datafiles import write_records
@@ -139,6 +140,72 @@ def test_bad_records_of_every_class_are_located_and_valid_rows_kept(tmp_path):
     assert locs(read_preferences([str(trl)])) == [
         ("1", "prompt[0].role", "invalid_role"), ("2", "prompt[1]", "invalid_role"), ("2", "prompt[1]", "invalid_role"),
         ("3", "chosen", "invalid_role"), ("4", "rejected", "missing_field")]
+
+
+def test_openai_messages_prompts_read_like_vertex_ones(tmp_path):
+    """{"messages": [{"role", "content"}]}: the shape `serve`, `infer` and OpenAI's chat format use."""
+    path = write_records(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "Hey."}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, *TURNS]},
+        {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
+    ])
+    result = read_prompts([str(path)])
+    assert [(r["prompt"], r["messages"]) for r in result.rows] == [
+        ("Hey.", None), ("System: Be brief.\n\n" + CANON[1]["prompt"], [{"role": "system", "content": "Be brief."}, *TURNS])]
+    # A conversation that ends with the answer is not a prompt: said once, at its line.
+    assert locs(result) == [("3", "messages[1]", "invalid_role")]
+    assert "the last turn of a prompt must be the user's" in str(result.problems[0])
+
+
+def test_semicolon_and_tab_csv_files_are_sniffed(tmp_path):
+    rows = [{"prompt": "Review a cafe; briefly.", "chosen": "Lovely, warm.", "rejected": "Cold."},
+            {"prompt": "Review a park.", "chosen": "Green.", "rejected": "Dirty; noisy."}]
+    for sep, name in ((";", "semi.csv"), ("\t", "tab.csv"), (",", "comma.csv")):
+        path = tmp_path / name
+        pd.DataFrame(rows).to_csv(path, index=False, sep=sep)
+        result = read_preferences([str(path)])
+        assert result.problems == [], name
+        assert [(r["prompt"], r["chosen"], r["rejected"]) for r in result.rows] == \
+            [(r["prompt"], r["chosen"], r["rejected"]) for r in rows], name
+    assert formats.csv_delimiter("prompt;chosen;rejected") == ";"
+    assert formats.csv_delimiter("prompt") == ","  # one column: nothing to sniff, the default
+
+
+def test_a_json_array_saved_as_jsonl_is_one_error(tmp_path):
+    records = trl_records()[:1] * 3
+    for text in (json.dumps(records), json.dumps(records, indent=2)):
+        path = tmp_path / "array.jsonl"
+        path.write_text(text)
+        result = read_preferences([str(path)])
+        assert len(result.problems) == 1 and result.rows == []
+        problem = result.problems[0]
+        assert problem.location == f"{path}:1" and problem.kind == "json_array_in_jsonl"
+        assert "one JSON array, not JSON Lines (rename the file to .json" in problem.message
+
+
+def test_a_misspelt_key_is_named_with_the_key_it_misspells(tmp_path):
+    good = trl_records()[0]
+    path = write_records(tmp_path / "typo.jsonl", [
+        good,
+        {"Prompt": "Review a park.", "chosen": "Green.", "rejected": "Dirty."},      # 2: read as HH before
+        {"prompt": "Review a zoo.", "chosen": "Fun.", "rejectd": "Smelly."},         # 3
+        {"prompt": "Review a bar.", "chosen": "Cosy.", "rejected": "Loud.", "Id": 7},  # 4: an extra key is fine
+    ])
+    result = read_preferences([str(path)])
+    assert locs(result) == [("2", "Prompt", "misspelt_key"), ("3", "rejectd", "misspelt_key")]
+    assert "unknown key 'Prompt': did you mean 'prompt'? (keys are case-sensitive" in str(result.problems[0])
+    assert [r["source"] for r in result.rows] == [f"{path}:1", f"{path}:4"]
+    # The first record decides nothing when it is the misspelt one.
+    first = write_records(tmp_path / "first.jsonl", [{"Prompt": "a", "chosen": "b", "rejected": "c"}, good])
+    assert locs(read_preferences([str(first)])) == [("1", "Prompt", "misspelt_key")]
+    # Columns too.
+    csv = tmp_path / "typo.csv"
+    pd.DataFrame([{"Prompt": "a", "chosen": "b", "rejected": "c"}]).to_csv(csv, index=False)
+    (problem,) = read_preferences([str(csv)]).problems
+    assert "did you mean 'prompt'" in problem.message
+    csv.write_text("Prompt,Chosen,rejected\na,b,c\n")  # no format at all: the file-level error says it
+    (problem,) = read_preferences([str(csv)]).problems
+    assert "did you mean 'prompt' for 'Prompt'?" in problem.message and problem.kind == "no_format"
 
 
 def test_bom_one_megabyte_lines_and_explicit_format(tmp_path):

@@ -157,3 +157,21 @@ def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_
     assert len(fig.axes) == 3  # scores + KL twin axis, win rates
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_side_by_side_shows_the_best_and_worst_answers_then_others():
+    from rlhf_lightning.evaluation import side_by_side, side_by_side_markdown
+
+    samples = [{"prompt": f"p{i}", "policy": f"pol{i}", "reference": f"ref{i}", "policy_rm": 0.0, "reference_rm": 0.0,
+                "policy_gold": g, "reference_gold": 0.0} for i, g in enumerate([0.5, -0.9, 0.1, 0.9, -0.2, 0.0, 0.3])]
+    rows = side_by_side(samples, n=2)
+    assert [(r["case"], r["prompt"]) for r in rows] == [("best", "p3"), ("best", "p0"), ("worst", "p1"),
+                                                         ("worst", "p4"), ("sample", "p2"), ("sample", "p5")]
+    assert rows[0] == {"case": "best", "prompt": "p3", "reference": "ref3", "policy": "pol3", "gold reference": 0.0,
+                       "gold policy": 0.9, "gold gain": 0.9, "rm reference": 0.0, "rm policy": 0.0, "rm gain": 0.0}
+    # Without a gold judge the reward model ranks them; every sample shown at most once.
+    no_gold = [{k: v for k, v in s.items() if "gold" not in k} | {"policy_rm": -i} for i, s in enumerate(samples)]
+    rows = side_by_side(no_gold, n=5)
+    assert rows[0]["prompt"] == "p0" and "rm gain" in rows[0] and len({r["prompt"] for r in rows}) == len(rows) == 7
+    table = side_by_side_markdown([{"case": "best", "prompt": "a|b\nc"}])
+    assert table.splitlines() == ["| case | prompt |", "|---|---|", "| best | a\\|b c |"]

@@ -181,6 +181,38 @@ def test_mlflow_records(flow_run):
     assert {"pref_train", "pref_eval", "rl_prompts", "eval_prompts"} <= names
     files = [f.path for f in client.list_artifacts(by_stage["validate"].info.run_id, "validation")]
     assert "validation/validation_report.json" in files
+    # The side-by-side answers, as a table the UI shows.
+    shown = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=by_stage["evaluate"].info.run_id, artifact_path="evaluation/side_by_side.json")).read_text())
+    assert shown["columns"][:4] == ["case", "prompt", "reference", "policy"] and shown["data"]
+
+    # The parent run a person opens first: the headline figures, the version and the decision, linked.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs
+    ev = run["evaluate"].task.data.evaluation
+    for key in ("eval/gold_win_rate", "eval/gold_win_rate_ci95", "eval/rm_win_rate", "eval/kl", "gate/promote",
+                "reward_model/eval_accuracy", "reward_model/eval_accuracy_ci95"):
+        assert key in parent.data.metrics, key
+    assert parent.data.metrics["eval/gold_win_rate"] == pytest.approx(ev["metrics"]["eval/gold_win_rate"])
+    version = run["register"].task.data.model_version.version
+    assert parent.data.tags["registered_version"] == version and parent.data.tags["gate.reason"] == ev["reason"]
+    assert f"[v{version}](#/models/rlhf-policy/versions/{version})" in parent.data.tags["mlflow.note.content"]
+    # One name per metric: the reward model's curves and final figures share theirs.
+    rm_names = set(by_stage["train_reward_model"].data.metrics)
+    assert not [k for k in rm_names if k.startswith("rm/")] and "reward_model/train_loss" in rm_names
+
+
+def test_the_run_says_what_to_open_next_and_prints_the_validation_summary(flow_run):
+    run, _, _, faults = flow_run
+    out = faults["output"]
+    version = run["register"].task.data.model_version.version
+    assert "next:" in out and f"read the answers:        python flows/rlhf.py card view {run.id}/evaluate" in out
+    assert "see the runs:            mlflow ui --backend-store-uri sqlite:///" in out
+    assert f"serve this version:      python -m rlhf_lightning serve --model-uri models:/rlhf-policy" in out
+    if "champion" not in run["end"].task.data.model_version.aliases:
+        assert f"make it the champion:    python -m rlhf_lightning promote --version {version}" in out
+    assert "data ok: 0 error(s)" in out  # the validate step's console summary
+    for noise in ("Failed to load CPU gemm_4bit_forward", "💡 Tip:"):
+        assert noise not in out, noise
 
 
 def test_registered_version_aliases_follow_the_gate_and_the_checks(flow_run):

@@ -12,7 +12,8 @@ Three layers, so that new sources slot in without touching the others:
 3. Schemas (:data:`PARSERS`): one record -> one canonical row, or the list of what is wrong with it.
 
    - ``vertex``: preferences ``{input_text | messages, candidate_0, candidate_1, choice}``, prompts
-     ``{input_text | messages}``; ``messages`` is a list of ``{author: user|model, content}``, an optional
+     ``{input_text | messages}``; ``messages`` is a list of ``{author: user|model, content}`` or, as
+     OpenAI's chat format writes it, ``{role: system|user|assistant, content}``; an optional
      ``context`` becomes a system message.
    - ``trl``: ``{prompt, chosen, rejected}``, each text or (conversational) a list of ``{role, content}``
      (``chosen``/``rejected``: one assistant message); prompts ``{prompt}``.
@@ -39,6 +40,8 @@ file (and line where known): the other sources are still read.
 from __future__ import annotations
 
 import codecs
+import csv
+import difflib
 import fnmatch
 import glob
 import gzip
@@ -47,7 +50,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -272,7 +275,7 @@ def _columns(data: pa.Table | pd.DataFrame) -> tuple[list[str], Iterator[tuple[i
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict | Issue]]:
-    lineno = 0
+    lineno, seen = 0, False  # seen: a non-blank line was read
     with _open(path) as f:
         try:
             # Line by line: a bad line is one Issue, not the end of the file, and big files stream.
@@ -289,6 +292,11 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict | Issue]]:
                 text = text.rstrip("\r\n")  # so a column in an error counts on this line
                 if not text.strip():
                     continue  # blank lines separate nothing in JSONL and are not records
+                if text.lstrip().startswith("[") and not seen:
+                    # One error for the file, not one "malformed JSON" per line of a pretty-printed array.
+                    raise DataError("starts with '[': one JSON array, not JSON Lines (rename the file to .json, "
+                                    "or write one JSON object per line)", loc, "json_array_in_jsonl")
+                seen = True
                 try:
                     yield lineno, json.loads(text)
                 except json.JSONDecodeError as exc:
@@ -322,15 +330,27 @@ def _parquet_table(path: str) -> pa.Table:
                         path) from None
 
 
+CSV_DELIMITERS = (",", ";", "\t", "|")
+
+
+def csv_delimiter(header: str) -> str:
+    """The delimiter of a CSV file, from its header row: the candidate that splits it into the most
+    columns (a comma on ties). Spreadsheets in many locales save with ';', and a ';' file read with ','
+    is one column whose name is the whole header."""
+    counts = {d: len(next(csv.reader([header], delimiter=d), [])) for d in CSV_DELIMITERS}
+    return max(CSV_DELIMITERS, key=lambda d: (counts[d], d == ","))
+
+
 def _csv_frame(path: str) -> pd.DataFrame:
     data = _read_bytes(path).removeprefix(codecs.BOM_UTF8)
+    header = data[:65536].split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
     try:
         # Every cell as text, no NA guessing: pandas would otherwise turn the text "NA", "null" or
         # "None" into missing values and "007" into 7, silently changing the data. Bad bytes survive
         # as in _decode, so that only their record is reported; dtype=object keeps them plain Python
         # strings (pandas' Arrow-backed strings reject them).
-        return pd.read_csv(io.BytesIO(data), dtype=object, keep_default_na=False, na_filter=False,
-                           encoding="utf-8", encoding_errors="surrogateescape")
+        return pd.read_csv(io.BytesIO(data), sep=csv_delimiter(header), dtype=object, keep_default_na=False,
+                           na_filter=False, encoding="utf-8", encoding_errors="surrogateescape")
     except pd.errors.EmptyDataError:
         raise DataError("empty CSV file (expected a header row naming the columns, then one row per record)",
                         path, "empty_file") from None
@@ -390,6 +410,35 @@ EXPECTED_KEYS = {
                    "rejected} or HH {chosen, rejected}",
     "prompts": "Vertex {input_text|messages}, TRL {prompt} or HH {chosen, rejected}",
 }
+
+
+KNOWN_KEYS = ("prompt", "chosen", "rejected", "input_text", "messages", "candidate_0", "candidate_1", "choice",
+              "context")
+
+
+def misspelt_keys(keys: Iterable[str]) -> dict[str, str]:
+    """{key: the known key it most likely misspells} for each key that is not a known one but differs from
+    one only in case or by a letter or two, while that known key is absent (`Prompt`, `promt`, `candidate0`)."""
+    keys = [str(k) for k in keys]
+    out = {}
+    for key in keys:
+        if key in KNOWN_KEYS:
+            continue
+        lower = key.strip().lower()
+        match = [k for k in KNOWN_KEYS if k == lower] or difflib.get_close_matches(lower, KNOWN_KEYS, n=1, cutoff=0.8)
+        if match and match[0] not in keys:
+            out[key] = match[0]
+    return out
+
+
+def _typo_issues(loc: str, typos: dict[str, str]) -> list[Issue]:
+    return [Issue(loc, key, f"unknown key {key!r}: did you mean {known!r}? (keys are case-sensitive: rename it)",
+                  "misspelt_key") for key, known in typos.items()]
+
+
+def _typo_hint(columns: list[str]) -> str:
+    typos = misspelt_keys(columns)
+    return "".join(f"; did you mean {known!r} for {key!r}? (names are case-sensitive)" for key, known in typos.items())
 
 
 def required_columns(fmt: str, role: str, mapping: FieldMapping) -> list[tuple[str, ...]]:
@@ -533,7 +582,13 @@ def _vertex_prompt_messages(record: dict, loc: str, problems: list[Issue]) -> li
         return None
     n = len(problems)
     if has_messages:
-        messages = _prompt_value(record, "messages", loc, problems, "author", VERTEX_AUTHORS)
+        # Vertex's {author: user|model} turns, or the {role: system|user|assistant} turns of OpenAI's and
+        # TRL's chat format (what `serve` and `infer` take): a file holds whichever its exporter wrote.
+        value = record["messages"]
+        openai = isinstance(value, list) and any(isinstance(m, dict) and "role" in m and "author" not in m
+                                                 for m in value)
+        messages = _prompt_value(record, "messages", loc, problems, *(("role", None) if openai else
+                                                                       ("author", VERTEX_AUTHORS)))
     else:
         text = _text(record, "input_text", loc, problems, "input_text (or messages) holds the prompt")
         messages = None if text is None else [{"role": "user", "content": text}]
@@ -699,13 +754,14 @@ def _columnar_format(path: str, columns: list[str], fmt: str, role: str, mapping
     if fmt == "auto":
         found = detect(set(columns), role)
         if found is None:
-            raise DataError(f"columns {columns} match no known format (expected {EXPECTED_KEYS[role]}; or set "
-                            "data.format: mapping and data.field_mapping)", path, "no_format")
+            raise DataError(f"columns {columns} match no known format{_typo_hint(columns)} (expected "
+                            f"{EXPECTED_KEYS[role]}; or set data.format: mapping and data.field_mapping)", path,
+                            "no_format")
         fmt = found
     missing = [" or ".join(alts) for alts in required_columns(fmt, role, mapping) if not set(alts) & set(columns)]
     if missing:
-        raise DataError(f"column(s) {missing} missing for the {NAMES[fmt]} format; found {columns} (rename the "
-                        "columns, or set data.format / data.field_mapping)", path, "missing_column")
+        raise DataError(f"column(s) {missing} missing for the {NAMES[fmt]} format; found {columns}{_typo_hint(columns)} "
+                        "(rename the columns, or set data.format / data.field_mapping)", path, "missing_column")
     return fmt
 
 
@@ -732,24 +788,33 @@ def _read_file(path: str, role: str, fmt: str, mapping: FieldMapping, result: Re
             result.problems.extend(_not_an_object(record, loc)[1])
             continue
         this = file_fmt
+        # A misspelt key (`Prompt`) is the likely cause of whatever goes wrong with its record: say that
+        # instead of "no known format", "a HH record in a TRL file" or "prompt missing".
+        typos = misspelt_keys(record) if fmt != "mapping" else {}
         if columns is None and fmt == "auto":
             this = detect(set(record), role)
             if this is None:
                 counts["none"] += 1
-                result.problems.append(Issue(loc, "record", f"keys {sorted(record)} match no known format (expected "
-                                                            f"{EXPECTED_KEYS[role]}; or set data.format: mapping "
-                                                            "and data.field_mapping)", "no_format"))
+                result.problems.extend(_typo_issues(loc, typos) or [
+                    Issue(loc, "record", f"keys {sorted(record)} match no known format (expected "
+                                         f"{EXPECTED_KEYS[role]}; or set data.format: mapping and "
+                                         "data.field_mapping)", "no_format")])
                 continue
-            if file_fmt is None:
-                file_fmt, first_at = this, number
-            elif this != file_fmt:
+            if file_fmt is not None and this != file_fmt:
                 counts[this] += 1
-                result.problems.append(Issue(loc, "record", f"a {NAMES[this]} record in a file read as {NAMES[file_fmt]} "
-                                                            f"(from record {first_at}): one format per file (split "
-                                                            "the file, or convert this record)", "mixed_formats"))
+                result.problems.extend(_typo_issues(loc, typos) or [
+                    Issue(loc, "record", f"a {NAMES[this]} record in a file read as {NAMES[file_fmt]} (from record "
+                                         f"{first_at}): one format per file (split the file, or convert this "
+                                         "record)", "mixed_formats")])
                 continue
-        counts[this] += 1
         row, problems, label = PARSERS[this, role](record, loc, kind in ("csv",), mapping)
+        if problems and typos:
+            counts["none"] += 1
+            result.problems.extend(_typo_issues(loc, typos))
+            continue  # nor does it decide the file's format
+        if file_fmt is None:
+            file_fmt, first_at = this, number
+        counts[this] += 1
         result.problems.extend(problems)
         if row is not None:
             result.rows.append(row)

@@ -90,6 +90,9 @@ class PreparedData:
     token_lengths: dict[str, list[int]] = field(default_factory=dict)
     """Policy-token lengths before truncation, per `<role>.<field>` (prompts counted with the chat
     template): for length statistics and histograms."""
+    where: dict[str, list[str]] = field(default_factory=dict)
+    """The sources (``path:number``) of the rows behind the truncation counts, per `<role>.<count>`
+    (``preferences.changed.truncated_response``, ...): validation names them."""
 
     SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
 
@@ -236,15 +239,20 @@ def resolve_sources(cfg: RLHFConfig) -> dict[str, list[str]]:
 class _Counts:
     """Counters of one role, with every known reason present (zeros included: stable MLflow metrics)."""
 
-    def __init__(self, counts: Counter, role: str, drop_reasons: tuple[str, ...], change_reasons: tuple[str, ...]):
+    def __init__(self, counts: Counter, role: str, drop_reasons: tuple[str, ...], change_reasons: tuple[str, ...],
+                 where: dict[str, list[str]] | None = None):
         self.counts, self.role = counts, role
+        self.where = where if where is not None else {}
         for reason in drop_reasons:
             counts[f"{role}.dropped.{reason}"] += 0
         for reason in change_reasons:
             counts[f"{role}.changed.{reason}"] += 0
 
-    def add(self, kind: str, n: int = 1) -> None:
+    def add(self, kind: str, n: int = 1, source: str | None = None) -> None:
+        """Count `n` rows; with `source`, also note where the row came from (validation names the rows)."""
         self.counts[f"{self.role}.{kind}"] += n
+        if source is not None and n:
+            self.where.setdefault(f"{self.role}.{kind}", []).append(source)
 
 
 def _clean_rows(rows: list[dict], fields: tuple[str, ...], c: _Counts) -> list[dict]:
@@ -350,11 +358,13 @@ def _conversation(row: dict) -> list[dict]:
 
 
 def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts: Counter,
-                        lengths: dict[str, list[int]], notes: list[Issue]) -> list[dict]:
-    """Read preference rows -> clean, deduplicated, cut rows (steps 2-4 of the module docstring)."""
+                        lengths: dict[str, list[int]], notes: list[Issue],
+                        where: dict[str, list[str]] | None = None) -> list[dict]:
+    """Read preference rows -> clean, deduplicated, cut rows (steps 2-4 of the module docstring). `where`
+    gets the sources of the rows cut or dropped by the cut, per `preferences.<count>`."""
     fields = ("prompt", "chosen", "rejected")
     c = _Counts(counts, "preferences", DROP_REASONS + ("tie_after_truncation",),
-                tuple(r for r, _ in CLEAN_STEPS) + ("truncated_prompt", "truncated_response"))
+                tuple(r for r, _ in CLEAN_STEPS) + ("truncated_prompt", "truncated_response"), where)
     c.add("read", result.records)
     c.add("dropped.invalid", result.invalid)
     for label in (0, 1):
@@ -372,10 +382,10 @@ def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts
     out = []
     for row, conv, ch, rj in zip(rows, convs, chosen, rejected):
         prompt = formats.prompt_fields(conv)
-        c.add("changed.truncated_prompt", int(prompt["prompt"] != row["prompt"]))
-        c.add("changed.truncated_response", int(ch != row["chosen"] or rj != row["rejected"]))
+        c.add("changed.truncated_prompt", int(prompt["prompt"] != row["prompt"]), row["source"])
+        c.add("changed.truncated_response", int(ch != row["chosen"] or rj != row["rejected"]), row["source"])
         if ch == rj and row["chosen"] != row["rejected"]:
-            c.add("dropped.tie_after_truncation")
+            c.add("dropped.tie_after_truncation", 1, row["source"])
             continue
         out.append({**row, **prompt, "chosen": ch, "rejected": rj})
     out = _dedupe(out, fields, c, "duplicate_after_truncation", None)
@@ -384,9 +394,11 @@ def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts
 
 
 def prepare_prompts(role: str, result: formats.ReadResult, tok, cfg: RLHFConfig, counts: Counter,
-                    lengths: dict[str, list[int]], notes: list[Issue]) -> list[dict]:
-    """Read prompt rows -> clean, deduplicated rows with `prompt_chat` (steps 2-4 of the module docstring)."""
-    c = _Counts(counts, role, DROP_REASONS, tuple(r for r, _ in CLEAN_STEPS) + ("truncated_prompt",))
+                    lengths: dict[str, list[int]], notes: list[Issue],
+                    where: dict[str, list[str]] | None = None) -> list[dict]:
+    """Read prompt rows -> clean, deduplicated rows with `prompt_chat` (steps 2-4 of the module docstring);
+    `where` as in `prepare_preferences`."""
+    c = _Counts(counts, role, DROP_REASONS, tuple(r for r, _ in CLEAN_STEPS) + ("truncated_prompt",), where)
     c.add("read", result.records)
     c.add("dropped.invalid", result.invalid)
     rows = _clean_rows(result.rows, ("prompt",), c)
@@ -399,7 +411,7 @@ def prepare_prompts(role: str, result: formats.ReadResult, tok, cfg: RLHFConfig,
     out = []
     for row, conv, chat in zip(rows, convs, chats):
         prompt = formats.prompt_fields(conv)
-        c.add("changed.truncated_prompt", int(prompt["prompt"] != row["prompt"]))
+        c.add("changed.truncated_prompt", int(prompt["prompt"] != row["prompt"]), row["source"])
         out.append({"prompt": prompt["prompt"], "prompt_chat": chat, "source": row["source"],
                     "messages": prompt["messages"]})
     out = _dedupe(out, ("prompt",), c, "duplicate_after_truncation", None)
@@ -435,12 +447,13 @@ def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
     read_eval = formats.read_prompts(sources["eval_prompts"], "data.eval_prompts", fmt, mapping) \
         if sources["eval_prompts"] else None
     notes: list[Issue] = []
+    where: dict[str, list[str]] = {}
 
-    pref_train, pref_eval = split_by_prompt(prepare_preferences(read_prefs, tok, cfg, counts, lengths, notes),
+    pref_train, pref_eval = split_by_prompt(prepare_preferences(read_prefs, tok, cfg, counts, lengths, notes, where),
                                             d.eval_fraction, d.seed)
-    rl_prompts = prepare_prompts("prompts", read_rl, tok, cfg, counts, lengths, notes)
+    rl_prompts = prepare_prompts("prompts", read_rl, tok, cfg, counts, lengths, notes, where)
     if read_eval is not None:
-        eval_prompts = prepare_prompts("eval_prompts", read_eval, tok, cfg, counts, lengths, notes)
+        eval_prompts = prepare_prompts("eval_prompts", read_eval, tok, cfg, counts, lengths, notes, where)
     else:  # no held-out prompt file: hold out a fraction of the RL prompts
         rl_prompts, eval_prompts = split_by_prompt(rl_prompts, d.eval_fraction, d.seed)
 
@@ -459,7 +472,7 @@ def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
         counts=dict(sorted(counts.items())), files=files,
         sources={"preferences": read_prefs.files, "prompts": read_rl.files,
                  "eval_prompts": read_eval.files if read_eval else []},
-        problems=problems, token_lengths=lengths, notes=notes,
+        problems=problems, token_lengths=lengths, notes=notes, where=where,
         formats={"preferences": read_prefs.formats, "prompts": read_rl.formats,
                  "eval_prompts": read_eval.formats if read_eval else {}},
     )

@@ -36,6 +36,8 @@ from rlhf_lightning.data.preprocess import PreparedData, row_problems
 SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
 ROLES = ("preferences", "prompts", "eval_prompts")
 SHOWN = 10  # problems listed in exception messages and the card; the JSON report has them all
+SHOWN_ROWS = 5  # rows named in a warning about many rows
+LOUD = "MOST ROWS WERE CUT"  # heads the truncation warnings that concern more than half of a role's rows
 
 # Why a prompt shared between two sets matters, per pair of sets.
 LEAKS = {
@@ -168,6 +170,8 @@ def summary(report: ValidationReport, path: str) -> str:
         for file, n in files.items():
             lines.append(f"  {role}: {file}: " + (", ".join(f"{v} {k}" for k, v in n.items()) or "nothing read"))
     lines.append("  rows: " + ", ".join(f"{name} {n}" for name, n in st["rows"].items()))
+    # First, whatever many warnings would hide: the data being mostly cut changes what training sees.
+    lines += [f"  !! {issue.message}" for issue in report.warnings if issue.message.startswith(LOUD)]
     for title, issues in (("errors", report.errors), ("warnings", report.warnings)):
         if issues:
             kinds = ", ".join(f"{k} {v}" for k, v in st[f"{title}_by_kind"].items())
@@ -237,8 +241,18 @@ def check_counts(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
     for role in ROLES:
         for key, message in messages.items():
             n = c.get(f"{role}.{key}", 0)
-            if n:
-                out.append(Issue(_role_where(data, role), "", message.format(n=n), key.split(".")[1]))
+            if not n:
+                continue
+            rows = data.where.get(f"{role}.{key}", [])
+            text = message.format(n=n)
+            if rows:
+                more = f" and {len(rows) - SHOWN_ROWS} more (the report's stats.cut_rows has them all)" \
+                    if len(rows) > SHOWN_ROWS else ""
+                text += f"; at {', '.join(rows[:SHOWN_ROWS])}{more}"
+            share = n / max(c.get(f"{role}.kept", 0) + c.get(f"{role}.dropped.tie_after_truncation", 0), 1)
+            if share > 0.5 and key.startswith("changed."):
+                text = f"{LOUD} ({min(share, 1):.0%} of the {role}): {text}"
+            out.append(Issue(_role_where(data, role), "", text, key.split(".")[1]))
     return out
 
 
@@ -320,6 +334,7 @@ def validate(data: PreparedData, cfg: RLHFConfig) -> ValidationReport:
         "token_lengths": {name: _quantiles(values) for name, values in data.token_lengths.items()},
         "sources": data.sources,
         "formats": data.formats,
+        "cut_rows": data.where,
     }
     return ValidationReport(errors=errors, warnings=warnings, stats=stats, lengths=data.token_lengths,
                             limits={"prompt": cfg.data.prompt_length, "response": cfg.data.target_length})
