@@ -109,12 +109,12 @@ def test_serve_checks_its_port_first_and_stops_its_server_on_sigterm(env):
         while not answers(url):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.5)
-        start = time.monotonic()
         busy = cli(env, "serve", "--port", str(port), timeout=60)
-        assert busy.returncode == 1 and time.monotonic() - start < 15  # before loading any model
-        assert busy.stderr.strip().splitlines()[-1] == (
+        assert busy.returncode == 1 and "Traceback" not in busy.stderr
+        # This message comes from the check before the server process starts: no model was loaded.
+        assert busy.stderr.strip().splitlines() == [(
             f"error: port {port} on 127.0.0.1 is in use (another server?): stop it, or pick another port "
-            "(--port N; 0 = a free one)")
+            "(--port N; 0 = a free one)")]
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=60)
         assert first.returncode == 0, err
