@@ -9,7 +9,7 @@ export METAFLOW_USER ?= rlhf
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run run-tiny test clean
+.PHONY: setup run run-tiny test ui clean
 
 # scripts/install.sh is the one install list, shared with the Dockerfile (the remote steps' image).
 $(VENV)/.installed: pyproject.toml requirements-models.txt scripts/install.sh
@@ -28,6 +28,10 @@ run-tiny: run  ## the whole pipeline on tiny models (~3 min)
 
 test: setup  ## the test suite (unit tests, a real flow run on tiny models, a real served model)
 	$(PY) -m pytest -q tests
+
+ui: setup  ## the MLflow UI on the local tracking DB, opened on its training runs
+	@echo "open http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning  (rlhf-lightning's runs)"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf .metaflow mlruns mlflow.db outputs .rlhf_cache

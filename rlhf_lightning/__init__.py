@@ -1,6 +1,7 @@
 """rlhf-lightning: preference data -> reward model -> PPO LoRA policy -> evaluation -> registry -> endpoint."""
 
 import logging
+import warnings
 
 # Metaflow packages only .py files beside the flow file unless the library asks to be included.
 METAFLOW_PACKAGE_POLICY = "include"
@@ -27,3 +28,5 @@ class _DropLines(logging.Filter):
 # - Lightning's advertisements for its cloud products ("Tip: ... litlogger / litmodels").
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropLines("Failed to load CPU gemm_4bit_forward"))
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLines("💡 Tip:"))
+# transformers 5 deprecates a property that peft still reads whenever it wraps or loads an adapter.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -67,7 +67,8 @@ def start_parent_run(cfg: RLHFConfig, *, flow_name: str, run_id: str, tags: dict
     else:
         experiment = mlflow.set_experiment(cfg.registry.experiment)
         if "mlflow.experimentKind" not in experiment.tags:
-            # MLflow 3 opens an untagged experiment on its GenAI overview ("Traces 0"); these are training runs.
+            # What kind of experiment this is for MLflow 3's UI (training runs, not GenAI traces). Which page a
+            # browser opens on is the UI's own mode, though: the links the run prints ask for the runs (ui_link).
             client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "custom_model_development")
         parent_id = client.create_run(experiment.experiment_id, run_name=f"{flow_name}-{run_id}", tags=tags).info.run_id
     items = [(k, str(v)[:500]) for k, v in flatten(cfg).items()]
@@ -93,10 +94,12 @@ def summarise_parent_run(parent_run_id: str, metrics: dict[str, float], tags: di
 def ui_link(experiment_id: str, run_id: str | None = None) -> str:
     """Where to look at a run: its page on a tracking server, or the command that starts the UI on a
     local store (and where to click)."""
+    # MLflow 3's UI opens in its GenAI mode (traces) unless the link asks for its model-training mode.
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000/{page})"
 
 
 # The Metaflow task this process runs ({run_id, pathspec, attempt}), set by the flow around each step.

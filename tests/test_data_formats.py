@@ -195,6 +195,7 @@ def test_a_misspelt_key_is_named_with_the_key_it_misspells(tmp_path):
     assert locs(result) == [("2", "Prompt", "misspelt_key"), ("3", "rejectd", "misspelt_key")]
     assert "unknown key 'Prompt': did you mean 'prompt'? (keys are case-sensitive" in str(result.problems[0])
     assert [r["source"] for r in result.rows] == [f"{path}:1", f"{path}:4"]
+    assert result.formats == {str(path): {"trl": 2, "none": 2}}  # not "1 hh": it is a TRL record misspelt
     # The first record decides nothing when it is the misspelt one.
     first = write_records(tmp_path / "first.jsonl", [{"Prompt": "a", "chosen": "b", "rejected": "c"}, good])
     assert locs(read_preferences([str(first)])) == [("1", "Prompt", "misspelt_key")]

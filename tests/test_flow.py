@@ -187,7 +187,7 @@ def test_mlflow_records(flow_run):
     assert shown["columns"][:4] == ["case", "prompt", "reference", "policy"] and shown["data"]
 
     # The parent run a person opens first: the headline figures, the version and the decision, linked.
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # training runs, not GenAI traces
     ev = run["evaluate"].task.data.evaluation
     for key in ("eval/gold_win_rate", "eval/gold_win_rate_ci95", "eval/rm_win_rate", "eval/kl", "gate/promote",
                 "reward_model/eval_accuracy", "reward_model/eval_accuracy_ci95"):
@@ -207,6 +207,8 @@ def test_the_run_says_what_to_open_next_and_prints_the_validation_summary(flow_r
     version = run["register"].task.data.model_version.version
     assert "next:" in out and f"read the answers:        python flows/rlhf.py card view {run.id}/evaluate" in out
     assert "see the runs:            mlflow ui --backend-store-uri sqlite:///" in out
+    # The link opens the runs: MLflow 3's UI would otherwise open on its GenAI traces page.
+    assert "#/experiments/1/runs/" in out and "?workflowType=machine_learning)" in out
     assert f"serve this version:      python -m rlhf_lightning serve --model-uri models:/rlhf-policy" in out
     if "champion" not in run["end"].task.data.model_version.aliases:
         assert f"make it the champion:    python -m rlhf_lightning promote --version {version}" in out

@@ -801,7 +801,7 @@ def _read_file(path: str, role: str, fmt: str, mapping: FieldMapping, result: Re
                                          "data.field_mapping)", "no_format")])
                 continue
             if file_fmt is not None and this != file_fmt:
-                counts[this] += 1
+                counts["none" if typos else this] += 1
                 result.problems.extend(_typo_issues(loc, typos) or [
                     Issue(loc, "record", f"a {NAMES[this]} record in a file read as {NAMES[file_fmt]} (from record "
                                          f"{first_at}): one format per file (split the file, or convert this "
