@@ -100,8 +100,7 @@ def validate_command(args: argparse.Namespace) -> int:
     from rlhf_lightning.data import validate as val
 
     try:
-        config = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-        cfg = _load_default_config(config)
+        cfg, config = _load_default_config(args.config)
         overrides = {"preferences": args.preferences, "prompts": args.prompts, "strict": args.strict or cfg.data.strict}
         if args.eval_prompts is not None:
             overrides["eval_prompts"] = args.eval_prompts
@@ -125,12 +124,12 @@ def validate_command(args: argparse.Namespace) -> int:
 
 
 def _load_default_config(path: str | None):
-    """The config at `path`, else configs/default.yaml when it is here (what the flow uses), else the
-    dataclass defaults."""
+    """(config, the file it came from or None) of `path`, else configs/default.yaml when it is here (what
+    the flow uses), else the dataclass defaults."""
     from rlhf_lightning.config import RLHFConfig, load_config
 
     path = path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    return load_config(path) if path else RLHFConfig()
+    return (load_config(path) if path else RLHFConfig()), path
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_lightning.registry import RegistryError
 
         try:
-            cfg = _load_default_config(args.config)
+            cfg, _ = _load_default_config(args.config)
             done = promote_version(args.model_name, args.version, cfg.serving, args.reason)
         except (ConfigError, RegistryError) as exc:
             print(f"error: {exc}", file=sys.stderr)

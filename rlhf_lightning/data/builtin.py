@@ -131,9 +131,8 @@ def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, 
 
     Each batch is seeded by its own job, not by the order the jobs ran in, so the responses are the same
     texts however many shards (Metaflow foreach workers) they are split into."""
-    from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches, sample
+    from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches, sample_texts
     from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer, to_compute_device
-    from rlhf_lightning.models.progress import progress
 
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} of {shards}: give 0 <= shard < shards")
@@ -150,9 +149,14 @@ def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, 
     model = to_compute_device(load_base_causal_lm(PolicyConfig(model=policy.model)))
     model.eval()
     out = {}
-    for k, first in progress(jobs, desc=f"builtin candidates, shard {shard + 1}/{shards}", unit="batch"):
-        out[(k, first)] = sample(model, tok, [chats[r] for r in batches[first]], max_new_tokens=task.max_new_tokens,
-                                 temperature=task.temperature, seed=task.seed * 1000 + k + first).texts
+    for k in range(task.responses_per_prompt):
+        mine = [(first, batches[first]) for kk, first in jobs if kk == k]
+        if not mine:
+            continue
+        texts = sample_texts(model, tok, chats, max_new_tokens=task.max_new_tokens, temperature=task.temperature,
+                             batch_size=task.batch_size, seed=task.seed * 1000 + k, batches=mine,
+                             desc=f"builtin candidates {k}, shard {shard + 1}/{shards}")
+        out |= {(k, first): [texts[r] for r in rows] for first, rows in mine}
     return out
 
 

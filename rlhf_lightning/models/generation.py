@@ -91,12 +91,16 @@ def length_sorted_batches(tokenizer, texts: list[str], batch_size: int) -> list[
 
 
 def sample_texts(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, temperature: float,
-                 batch_size: int, seed: int, desc: str = "generate") -> list[str]:
+                 batch_size: int, seed: int, desc: str = "generate",
+                 batches: list[tuple[int, list[int]]] | None = None) -> list[str]:
     """Responses for many prompts (in their order), in batches, with a progress bar; seeded per batch so
     that two models given the same seed see the same random stream. Batches are cut from the prompts
-    sorted by token length (`length_sorted_batches`)."""
+    sorted by token length (`length_sorted_batches`); `batches`: only these of them (a shard's share;
+    the other prompts get "")."""
     out: list[str] = [""] * len(chat_prompts)
-    for i, rows in progress(length_sorted_batches(tokenizer, chat_prompts, batch_size), desc=desc, unit="batch"):
+    if batches is None:
+        batches = length_sorted_batches(tokenizer, chat_prompts, batch_size)
+    for i, rows in progress(batches, desc=desc, unit="batch"):
         texts = sample(model, tokenizer, [chat_prompts[r] for r in rows], max_new_tokens=max_new_tokens,
                        temperature=temperature, seed=seed + i).texts
         for r, text in zip(rows, texts):
