@@ -64,7 +64,7 @@ def main() -> int:
 
     from rlhf_lightning.config import load_config
     from rlhf_lightning.data import preprocess as pre
-    from rlhf_lightning.evaluation import has_gold_judge
+    from rlhf_lightning.judge import has_gold_judge
     from rlhf_lightning.models import reward_model as rm
 
     cfg = load_config(args.config)

@@ -22,6 +22,8 @@ from metaflow import environment, user_step_decorator
 from metaflow.packaging_sys import ContentType
 from metaflow.user_decorators.user_flow_decorator import FlowMutator
 
+from rlhf_lightning.config import SOURCE_ROLES
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Read by the pipeline in every step. Secrets (MLFLOW_TRACKING_TOKEN/PASSWORD, HF_TOKEN) are not
@@ -55,9 +57,6 @@ def packaged_configs() -> list[tuple[str, str]]:
     return [(str(p), f"configs/{p.name}") for p in sorted((REPO / "configs").glob("*.yaml"))]
 
 
-DATA_KEYS = ("preferences", "prompts", "eval_prompts")
-
-
 def _local(source: str) -> bool:
     return not source.startswith(("s3://", "hf:"))
 
@@ -77,7 +76,7 @@ def packaged_data(data_config: dict) -> list[tuple[str, str]]:
     """(path, name in the code package) of every local file the config's data sources name, as found
     from the launch directory (relative paths start there, as in a local run)."""
     files = []
-    for key in DATA_KEYS:
+    for key in SOURCE_ROLES:
         for source in filter(_local, data_config.get(key, [])):
             base, named = packaged_source(source)
             root = os.path.dirname(named)
@@ -97,7 +96,7 @@ def resolve_data_sources(data_config: dict) -> dict:
         packaged = packaged_source(source)[1]
         return packaged if glob.glob(packaged, recursive=True) else source  # else: preprocess reports it
 
-    return {**data_config, **{key: [resolve(s) for s in data_config.get(key, [])] for key in DATA_KEYS}}
+    return {**data_config, **{key: [resolve(s) for s in data_config.get(key, [])] for key in SOURCE_ROLES}}
 
 
 def datastore_cache() -> dict[str, str]:

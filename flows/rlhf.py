@@ -14,6 +14,7 @@ except ImportError:
     # package as the library's distribution, with empty metadata that breaks `import mlflow` remotely.
     sys.path.insert(0, REPO)
 
+from cards import StepCard  # noqa: E402  (flows/cards.py)
 from faults import checkpoint_plan  # noqa: E402  (flows/faults.py)
 from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
 from rlhf_lightning.config import parse_yaml_config  # noqa: E402
@@ -132,7 +133,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lightning import pipeline
 
         self.validation = pipeline.validate(self._config(), self.parent_run_id, self.data,
-                                            self._workdir("validate"), card=current.card)
+                                            self._workdir("validate"), card=StepCard(current.card))
         self.next(self.train_reward_model, self.prepare_prompts)
 
     @card(type="blank")
@@ -144,7 +145,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lightning import pipeline
 
         self.reward_model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,
-                                                        self._workdir("reward_model"), card=current.card,
+                                                        self._workdir("reward_model"), card=StepCard(current.card),
                                                         checkpoints=checkpoint_plan(self))
         self.next(self.join)
 
@@ -171,7 +172,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lightning import pipeline
 
         self.policy = pipeline.reinforce(self._config(), self.parent_run_id, self.prompts, self.reward_model,
-                                         self._workdir("reinforce"), card=current.card,
+                                         self._workdir("reinforce"), card=StepCard(current.card),
                                          checkpoints=checkpoint_plan(self))
         self.next(self.evaluate)
 
@@ -184,7 +185,7 @@ class RLHFFlow(FlowSpec):
         from rlhf_lightning import pipeline
 
         self.evaluation = pipeline.evaluate(self._config(), self.parent_run_id, self.prompts, self.reward_model,
-                                            self.policy, self._workdir("evaluate"), card=current.card)
+                                            self.policy, self._workdir("evaluate"), card=StepCard(current.card))
         self.next(self.register)
 
     @step
@@ -214,8 +215,8 @@ class RLHFFlow(FlowSpec):
         deployments client; then move `champion` if the gate promoted this version."""
         from rlhf_lightning import pipeline
 
-        self.inference_report, self.model_version = pipeline.inference(
-            self._config(), self.parent_run_id, self.model_version, self.endpoint, self.evaluation, card=current.card)
+        self.served, self.model_version = pipeline.inference(
+            self._config(), self.parent_run_id, self.model_version, self.endpoint, self.evaluation, card=StepCard(current.card))
         self.next(self.end)
 
     @step

@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-# What `python flows/rlhf.py run` and `make run` use: `validate` checks against the same config.
-DEFAULT_CONFIG = "configs/default.yaml"
+from rlhf_lightning.config import FORMATS, ConfigError, RLHFConfig, load_config
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-prompts", nargs="+", default=None, metavar="FILE",
                    help="held-out evaluation prompt sources (overrides data.eval_prompts)")
     s.add_argument("--config", default=None,
-                   help="YAML config for the format, limits and policy tokenizer (default: configs/default.yaml, "
-                        "what the flow runs with, when run from the repository; else the built-in defaults)")
-    s.add_argument("--format", default=None, choices=["auto", "vertex", "trl", "hh", "mapping"],
+                   help="YAML config for the format, limits and policy tokenizer (default: the default run's, "
+                        "what configs/default.yaml and the flow use)")
+    s.add_argument("--format", default=None, choices=FORMATS,
                    help="record layout (overrides data.format)")
     s.add_argument("--strict", action="store_true", help="treat warnings as errors (sets data.strict)")
     s.add_argument("--report", default="outputs/validate/validation_report.json",
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         ("train-reward-model", "preprocess, validate and train the reward model; print held-out accuracy"),
     ):
         s = sub.add_parser(name, help=text, description=text)
-        s.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+        s.add_argument("--config", default=None, help="YAML config (default: the default run's)")
         s.add_argument("--out", default="outputs/cli", help="output directory (default: %(default)s)")
     text = ("move the `champion` alias back to the version the current champion replaced (or to --to); "
             "a server started from models:/NAME@champion picks the change up when restarted")
@@ -62,8 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", default="rlhf-policy", help="registered model (default: %(default)s)")
     s.add_argument("--reason", default="", help="why, recorded in the version's champion.reason tag")
     s.add_argument("--config", default=None, help="YAML config whose serving section (target, requests) the "
-                                                  "checks use (default: configs/default.yaml when run from the "
-                                                  "repository, else the built-in defaults)")
+                                                  "checks use (default: the default run's)")
     s = sub.add_parser("serve", help="serve a registered model version with `mlflow models serve`")
     s.add_argument("--model-uri", default="models:/rlhf-policy@champion", help="default: %(default)s")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
@@ -95,12 +94,11 @@ def validate_command(args: argparse.Namespace) -> int:
     import dataclasses
     import tempfile
 
-    from rlhf_lightning.config import ConfigError
     from rlhf_lightning.data import preprocess as pre
     from rlhf_lightning.data import validate as val
 
     try:
-        cfg, config = _load_default_config(args.config)
+        cfg, config = _load_config(args.config), args.config
         overrides = {"preferences": args.preferences, "prompts": args.prompts, "strict": args.strict or cfg.data.strict}
         if args.eval_prompts is not None:
             overrides["eval_prompts"] = args.eval_prompts
@@ -119,17 +117,14 @@ def validate_command(args: argparse.Namespace) -> int:
     report = val.validate(data, cfg)
     path = report.write_json(args.report)
     print(val.summary(report, path))
-    print(f"config: {config or 'the built-in defaults (no configs/default.yaml here; name one with --config)'}")
+    print(f"config: {config or 'the default run (name another with --config)'}")
     return 0 if report.ok else 1
 
 
-def _load_default_config(path: str | None):
-    """(config, the file it came from or None) of `path`, else configs/default.yaml when it is here (what
-    the flow uses), else the dataclass defaults."""
-    from rlhf_lightning.config import RLHFConfig, load_config
-
-    path = path or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    return (load_config(path) if path else RLHFConfig()), path
+def _load_config(path: str | None) -> RLHFConfig:
+    """The YAML file `path`, else the default run's config (the dataclass defaults, which
+    configs/default.yaml repeats)."""
+    return load_config(path) if path else RLHFConfig()
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -174,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
                                     {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                      "top_p": args.top_p, "seed": args.seed},
                                     retry_errors=args.retry_errors, overwrite=args.overwrite)
-    from rlhf_lightning.config import ConfigError, load_config
 
     if args.command == "rollback":
         from rlhf_lightning.registry import RegistryError, rollback
@@ -191,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_lightning.registry import RegistryError
 
         try:
-            cfg, _ = _load_default_config(args.config)
+            cfg = _load_config(args.config)
             done = promote_version(args.model_name, args.version, cfg.serving, args.reason)
         except (ConfigError, RegistryError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -206,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_lightning import pipeline
     from rlhf_lightning.data.formats import DataError
-    from rlhf_lightning.evaluation import GateError
+    from rlhf_lightning.gates import GateError
     from rlhf_lightning.data.validate import DataValidationError
 
     try:
-        cfg = load_config(args.config)
+        cfg = _load_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

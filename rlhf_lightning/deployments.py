@@ -31,6 +31,8 @@ from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
+from rlhf_lightning.config import ServingConfig
+from rlhf_lightning.registry import RegistryError, resolve_model_uri
 from rlhf_lightning.serving import ModelServer, predict_records
 
 TARGET = "rlhf-local"
@@ -49,17 +51,17 @@ def _settings(config: dict | None) -> dict[str, Any]:
             "startup_timeout": float(merged["startup_timeout"])}
 
 
-def _registered_version(client: MlflowClient, model_uri: str) -> tuple[str, str]:
+def _registered_version(model_uri: str) -> tuple[str, str]:
     """(name, version) of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI, resolved now."""
-    if not model_uri.startswith("models:/"):
+    try:
+        version = resolve_model_uri(model_uri)
+    except RegistryError as exc:
+        raise MlflowException(str(exc), RESOURCE_DOES_NOT_EXIST) from None
+    if version is None:
         raise MlflowException(f"{TARGET} deploys registered models (models:/NAME/VERSION or models:/NAME@ALIAS), "
                               f"got {model_uri!r}; register it first", INVALID_PARAMETER_VALUE)
     ref = model_uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, client.get_model_version_by_alias(name, alias).version
-    name, _, version = ref.partition("/")
-    return name, client.get_model_version(name, version).version
+    return (ref.split("@", 1)[0] if "@" in ref else ref.rsplit("/", 1)[0]), version
 
 
 class LocalDeploymentClient(BaseDeploymentClient):
@@ -86,7 +88,7 @@ class LocalDeploymentClient(BaseDeploymentClient):
 
     def _write(self, name: str, model_uri: str, config: dict | None, old: dict | None = None) -> dict:
         """Load-check and record `name` -> `model_uri`; `old` is the record it replaces, if any."""
-        model, version = _registered_version(self._registry, model_uri)
+        model, version = _registered_version(model_uri)
         settings = _settings(config)
         # Load check: the version must start and answer /ping before it is recorded as deployed.
         with ModelServer(f"models:/{model}/{version}", **settings):
@@ -177,6 +179,25 @@ def get_client(target: str) -> BaseDeploymentClient:
     if TARGET not in plugin_store.registry:
         plugin_store.register(TARGET, __name__)
     return get_deploy_client(target)
+
+
+def deployment_config(serving: ServingConfig) -> dict[str, Any]:
+    """The deployment config `serving` gives its target: rlhf-local's host, port and startup timeout, then
+    `serving.target_config` (another target's own keys, or rlhf-local ones that override)."""
+    local = ({"host": serving.host, "port": serving.port, "startup_timeout": serving.startup_timeout}
+             if serving.target == TARGET else {})
+    return {**local, **serving.target_config}
+
+
+def create_or_update(client: BaseDeploymentClient, name: str, model_uri: str, config: dict[str, Any]) -> bool:
+    """Deploy `model_uri` as `name`: create the deployment, or update it when it exists (True then)."""
+    try:
+        client.get_deployment(name)
+    except MlflowException:
+        client.create_deployment(name, model_uri, config=config)
+        return False
+    client.update_deployment(name, model_uri=model_uri, config=config)
+    return True
 
 
 def run_local(name, model_uri, flavor=None, config=None):

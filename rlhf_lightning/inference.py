@@ -136,3 +136,14 @@ def check_registered_version(client: MlflowClient, name: str, alias: str, expect
         return Check(f"alias.{alias}", False, f"{name}@{alias} not found: {exc.message}")
     return Check(f"alias.{alias}", str(version) == str(expected_version),
                  f"{name}@{alias} -> version {version}, expected {expected_version}")
+
+
+def serving_checks(client: BaseDeploymentClient, deployment: str, model_uri: str, requests: list[InferenceRequest],
+                   expected_sha256: str, alias: tuple[str, str, str] | None = None) -> InferenceReport:
+    """Every check a version passes before `champion` may point at it, as the flow's inference stage and
+    the promote command both run them: `alias` = (name, alias, version) still names the deployed version,
+    the deployment serves `model_uri`, and the inference template is answered with the registered weights."""
+    report = run_inference_template(client, deployment, requests, expected_sha256)
+    first = [check_registered_version(MlflowClient(), *alias)] if alias else []
+    report.checks[:0] = first + [check_deployment(client, deployment, model_uri)]
+    return report

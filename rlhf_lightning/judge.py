@@ -14,6 +14,10 @@ import math
 import random
 import re
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlhf_lightning.config import RLHFConfig
 
 _WORD = re.compile(r"[A-Za-z']+")
 
@@ -90,3 +94,8 @@ def ranking_pairs(order: list[int]) -> list[tuple[int, int, int]]:
     the K(K-1)/2 preference rows one ranking of K responses gives."""
     place = {idx: pos for pos, idx in enumerate(order)}
     return [(i, j, 0 if place[i] < place[j] else 1) for i in range(len(order)) for j in range(i + 1, len(order))]
+
+
+def has_gold_judge(cfg: RLHFConfig) -> bool:
+    """The gold judge is the built-in task's annotator: a run on the user's own data has none."""
+    return not cfg.data.preferences

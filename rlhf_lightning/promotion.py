@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from rlhf_lightning import inference as inf
 from rlhf_lightning import registry
 from rlhf_lightning.config import ServingConfig
-from rlhf_lightning.deployments import LocalDeploymentClient, get_client
+from rlhf_lightning.deployments import LocalDeploymentClient, create_or_update, deployment_config, get_client
 from rlhf_lightning.registry import RegistryError
 from rlhf_lightning.serving import ServingError
 
@@ -55,21 +55,13 @@ def promote_version(name: str, version: str, serving: ServingConfig, reason: str
     uri, deployment = f"models:/{name}/{version}", f"{name}-promote-check"
     client = get_client(serving.target)
     local = isinstance(client, LocalDeploymentClient)
-    config = {"host": serving.host, "port": serving.port, "startup_timeout": serving.startup_timeout} if local \
-        else dict(serving.target_config)
     try:
-        try:
-            try:
-                client.get_deployment(deployment)  # left by a promote that was killed
-            except MlflowException:
-                client.create_deployment(deployment, uri, config=config)
-            else:
-                client.update_deployment(deployment, model_uri=uri, config=config)
+        try:  # updated when a promote that was killed left it behind
+            create_or_update(client, deployment, uri, deployment_config(serving))
         except (MlflowException, ServingError) as exc:
             raise RegistryError(f"{name} v{version} could not be deployed to {serving.target}, champion not "
                                 f"moved: {exc}") from None
-        report = inf.run_inference_template(client, deployment, serving.requests, expected)
-        report.checks.insert(0, inf.check_deployment(client, deployment, uri))
+        report = inf.serving_checks(client, deployment, uri, serving.requests, expected)
     finally:
         if local:
             client.close()

@@ -191,6 +191,27 @@ def current_champion(name: str, client: MlflowClient | None = None) -> str | Non
     return None if version is None else str(version)
 
 
+def version_aliases(name: str, version: str) -> list[str]:
+    """The aliases that point at `name` version `version` now, sorted."""
+    return sorted(MlflowClient().get_model_version(name, str(version)).aliases)
+
+
+def champion_adapter(name: str, base_model: str, dst_dir: str) -> tuple[tuple[str, str] | None, str]:
+    """((adapter dir, label), note) of `name@champion` with only its adapter downloaded into `dst_dir`,
+    to compare a new policy with; None and the reason when there is none to compare with (none yet, or
+    trained on another base model than `base_model`)."""
+    client = MlflowClient()
+    version = current_champion(name, client)
+    if version is None:
+        return None, f"no {name}@{CHAMPION_ALIAS} registered yet"
+    base = client.get_model_version(name, version).tags.get("base_model")
+    if base != base_model:
+        return None, f"{name}@{CHAMPION_ALIAS} is v{version} on base {base!r}, not {base_model!r}: not comparable"
+    adapter = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts/adapter",
+                                                  dst_path=str(Path(dst_dir) / f"champion-v{version}"))
+    return (adapter, f"v{version}"), f"compared with {name}@{CHAMPION_ALIAS} (v{version})"
+
+
 def resolve_model_uri(model_uri: str) -> str | None:
     """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names now (None for other URIs:
     runs:/, paths). Raises RegistryError saying what exists instead: the aliases that do, the command

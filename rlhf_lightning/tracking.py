@@ -8,7 +8,6 @@ child processes, so it is removed before any run is started here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -238,8 +237,27 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def write_json(data: Any, path: str | Path) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str))
-    return str(path)
+def log_artifact(path: str, artifact_path: str | None = None) -> None:
+    """Log one file of this machine's disk as an artifact of the active run."""
+    mlflow.log_artifact(path, artifact_path)
+
+
+def log_artifacts(directory: str, artifact_path: str) -> None:
+    """Log a directory (a model, an adapter) as artifacts of the active run."""
+    mlflow.log_artifacts(directory, artifact_path)
+
+
+def log_table(rows: list[dict], name: str) -> None:
+    """Log rows as an MLflow table artifact of the active run (shown as a table in the UI)."""
+    import pandas as pd
+
+    mlflow.log_table(pd.DataFrame(rows), name)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tag the active run (values as text)."""
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def experiment_of(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.experiment_id

@@ -146,9 +146,9 @@ import json
 from metaflow import Run, namespace
 namespace(None)
 run = Run("RLHFFlow/{run_id}")
-report = run["inference"].task.data.inference_report
+report = run["inference"].task.data.served.report
 print(json.dumps({{"ok": report["ok"], "checks": [[c["name"], c["ok"]] for c in report["checks"]],
-                   "endpoint": run["deploy"].task.data.endpoint, "successful": run.successful,
+                   "endpoint": vars(run["deploy"].task.data.endpoint), "successful": run.successful,
                    "shards": sorted([len(t.data.responses), t.index] for t in run["sample_builtin_task"]),
                    "pairs": len(run["preprocess"].task.data.data.pref_train)}}))
 """)

@@ -57,8 +57,8 @@ def test_no_shared_cache_means_local_only(monkeypatch, tmp_path):
 
 
 def test_builtin_task_sampled_once_then_fetched_by_a_fresh_container(shared, tmp_path, monkeypatch, one_torch_thread):
-    task = BuiltinTaskConfig(n_preference_prompts=4, n_rl_prompts=2, n_eval_prompts=2, max_new_tokens=4,
-                             output_dir=str(tmp_path / "first" / ".rlhf_cache"))
+    task = BuiltinTaskConfig(n_preference_prompts=4, responses_per_prompt=2, n_rl_prompts=2, n_eval_prompts=2,
+                             max_new_tokens=4, output_dir=str(tmp_path / "first" / ".rlhf_cache"))
     policy = PolicyConfig(model="tiny:llama")
     first = builtin.generate_builtin_task(task, policy)
     written = {k: open(v).read() for k, v in first.items()}

@@ -2,15 +2,34 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_lightning.config import ConfigError, flatten, from_dict, load_config
+from rlhf_lightning.config import RLHFConfig, ConfigError, flatten, from_dict, load_config, parse_yaml_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml"])
-def test_shipped_configs_load(name):
-    cfg = load_config(REPO / "configs" / name)
-    assert cfg.ppo.rollout_batch_size % cfg.ppo.minibatch_size == 0
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_are_found():
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "tiny.yaml", "hh-harmless.yaml",
+                                         "reward-model-policy-backbone.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_says_something(path):
+    """Each file in configs/ loads, and each key it sets is a real key (the loader rejects unknown ones) that
+    it sets to what it means: a file whose keys all repeat the defaults would mislead its reader, except
+    default.yaml, whose point is to show them."""
+    cfg = load_config(path)
+    if path.name != "default.yaml":
+        assert flatten(cfg) != flatten(RLHFConfig()), f"{path.name} only repeats the defaults"
+
+
+def test_the_dataclass_defaults_are_the_default_run():
+    """One set of defaults: what `RLHFConfig()` builds (Python, `validate` without --config) is exactly what
+    configs/default.yaml, the file `make run` and the flow use, loads."""
+    assert flatten(load_config(REPO / "configs" / "default.yaml")) == flatten(RLHFConfig())
+    assert parse_yaml_config("") == to_dict(RLHFConfig())  # an empty file given to the flow: the default run
 
 
 def test_partial_dict_keeps_defaults_and_coerces():

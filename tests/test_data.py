@@ -19,7 +19,7 @@ from rlhf_lightning.data.formats import DataError, Issue, read_preferences, read
 from rlhf_lightning.data.preprocess import (
     PreparedData,
     clean_text,
-    fit_prompts,
+    fit_conversations,
     fit_responses,
     preprocess,
     split_by_prompt,
@@ -145,7 +145,7 @@ def test_file_level_failures_are_problems_with_the_path(tmp_path, content, name,
     assert len(result.rows) == 2  # the other file's rows are still read
     with pytest.raises(DataError, match=match):  # the single-file API raises
         if content is None:
-            formats.expand_paths([str(path)], "data.preferences")
+            formats._expand_one(str(path), "data.preferences")
         else:
             formats._read_file(str(path), "preferences", "auto", FieldMapping(), formats.ReadResult())
 
@@ -153,8 +153,9 @@ def test_file_level_failures_are_problems_with_the_path(tmp_path, content, name,
 def test_globs_expand_sorted_and_read_each_file_once(tmp_path):
     for i in range(2):
         write_records(tmp_path / f"part-{i}.jsonl", RECORDS[i : i + 1])
-    files = formats.expand_paths([str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-*.jsonl")], "data.preferences")
-    assert files == [str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-0.jsonl")]
+    result = read_preferences([str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-*.jsonl")])
+    assert result.files == [str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-0.jsonl")]
+    assert len(result.rows) == 2
 
 
 # ------------------------------------------------------------------------------------------ preprocess
@@ -171,10 +172,14 @@ def test_prompts_keep_their_end_and_responses_their_start():
 
     tok = load_tokenizer("tiny:llama")
     text = " ".join(f"filler{i}" for i in range(60)) + " So, what do you think of the cafe?"
-    (cut,), (chat,), (before,) = fit_prompts(tok, [text], 24)
+    def fit_prompts(texts, max_tokens):  # single user messages
+        convs, chats, lengths = fit_conversations(tok, [[{"role": "user", "content": t}] for t in texts], max_tokens)
+        return [c[-1]["content"] for c in convs], chats, lengths
+
+    (cut,), (chat,), (before,) = fit_prompts([text], 24)
     assert before > 24 and text.endswith(cut) and cut.endswith("of the cafe?")
     assert len(tok(chat, add_special_tokens=False)["input_ids"]) <= 24
-    (short,), _ = fit_prompts(tok, ["Hi."], 24)[:2]
+    (short,), _ = fit_prompts(["Hi."], 24)[:2]
     assert short == "Hi."
     (resp,), (n,) = fit_responses(tok, [text], 10)
     assert n > 10 and text.startswith(resp) and len(tok(resp, add_special_tokens=False)["input_ids"]) <= 10
@@ -316,8 +321,8 @@ def test_preprocess_requires_prompts_with_user_preferences():
 
 def test_builtin_task_end_to_end(tmp_path):
     cfg = from_dict({"policy": {"model": "tiny:llama"}, "data": {"builtin": {
-        "n_preference_prompts": 16, "n_rl_prompts": 8, "n_eval_prompts": 8, "max_new_tokens": 8,
-        "output_dir": str(tmp_path / "builtin")}}})
+        "n_preference_prompts": 16, "responses_per_prompt": 2, "n_rl_prompts": 8, "n_eval_prompts": 8,
+        "max_new_tokens": 8, "output_dir": str(tmp_path / "builtin")}}})
     data = preprocess(cfg, str(tmp_path / "out"))
     c = data.counts
     assert c["preferences.read"] == 16 and c["prompts.read"] == 8 and c["eval_prompts.read"] == 8

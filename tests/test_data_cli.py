@@ -32,12 +32,12 @@ def test_validate_command_exit_codes_and_report(tmp_path):
     assert ok.stdout.startswith("data ok: 0 error(s)") and f"{good}: 6 trl" in ok.stdout
     assert json.loads((tmp_path / "ok.json").read_text())["ok"] is True
     assert ok.stdout.rstrip().endswith(f"config: {cfg}")
-    # Without --config, from the repository: the flow's own default config, not the dataclass defaults.
-    default = run("--preferences", str(good), "--prompts", str(prompts), "--report", str(tmp_path / "d.json"), cwd=REPO)
-    assert default.returncode == 0 and default.stdout.rstrip().endswith("config: configs/default.yaml")
-    elsewhere = run("--preferences", str(good), "--prompts", str(prompts), "--report", str(tmp_path / "e.json"),
-                    cwd=tmp_path)
-    assert "config: the built-in defaults (no configs/default.yaml here" in elsewhere.stdout
+    # Without --config, from anywhere: the default run's config (configs/default.yaml equals the defaults).
+    for where in (REPO, tmp_path):
+        default = run("--preferences", str(good), "--prompts", str(prompts), "--report", str(tmp_path / "d.json"),
+                      cwd=where)
+        assert default.returncode == 0 and default.stdout.rstrip().endswith("config: the default run (name another "
+                                                                            "with --config)")
 
     # Bad rows, a missing file and an empty file in one call: every problem located, the report written.
     empty = tmp_path / "empty.jsonl"

@@ -132,10 +132,10 @@ def test_champion_moves_only_after_the_deployed_candidate_passes(client, registe
         v2 = registry.log_and_register(cfg, tiny_policy[1], tiny_policy[2], run.info.run_id, tags={})
     parent = tracking.start_parent_run(cfg, flow_name="DeployTest", run_id="1")
     endpoint = pipeline.deploy(cfg, parent, v2)  # the deployment exists: updated to v2
-    assert endpoint == {"target": "rlhf-local", "name": NAME, "model_uri": f"models:/{MODEL_NAME}/{v2.version}",
-                        "alias": "candidate", "version": v2.version}
+    assert endpoint == pipeline.Endpoint(target="rlhf-local", name=NAME, model_uri=f"models:/{MODEL_NAME}/{v2.version}",
+                                         alias="candidate", version=v2.version)
     assert client.get_deployment(NAME)["version"] == v2.version
-    evaluation = {"promote": True, "reason": "test gate passed"}
+    evaluation = pipeline.Evaluated(metrics={}, promote=True, reason="test gate passed", champion="", mlflow_run_id="")
     registry_client = MlflowClient()
     champion = lambda: str(registry_client.get_model_version_by_alias(MODEL_NAME, "champion").version)  # noqa: E731
 
@@ -144,8 +144,8 @@ def test_champion_moves_only_after_the_deployed_candidate_passes(client, registe
         pipeline.inference(cfg, parent, wrong, endpoint, evaluation)
     assert champion() == registered_policy.version
 
-    report, info = pipeline.inference(cfg, parent, v2, endpoint, evaluation)
-    assert report["ok"] and report["endpoint"] is None  # serving.keep_running is off: stopped
+    served, info = pipeline.inference(cfg, parent, v2, endpoint, evaluation)
+    assert served.ok and served.endpoint is None  # serving.keep_running is off: stopped
     assert "champion" in info.aliases and champion() == v2.version
     assert registry_client.get_model_version(MODEL_NAME, v2.version).tags["champion.previous"] == registered_policy.version
 

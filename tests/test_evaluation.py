@@ -11,7 +11,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 import torch
 
-from rlhf_lightning import evaluation
+from rlhf_lightning import evaluation, gates, plots, stats
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models.generation import chat_prompt
 from rlhf_lightning.models.loading import load_tokenizer
@@ -23,11 +23,11 @@ PROMPTS = ["Write a one-sentence review of a small cafe.", "Describe a museum to
 
 def test_win_rate_counts_ties_half():
     # wins 1, 0, 0.5, 1 -> 0.625; half-width 1.96 * sqrt(0.625 * 0.375 / 4) = 0.4744...
-    p, ci = evaluation.win_rate([2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, 0.0])
+    p, ci = stats.win_rate([2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, 0.0])
     assert p == 0.625
     assert ci == pytest.approx(1.96 * math.sqrt(0.625 * 0.375 / 4))
     with pytest.raises(ValueError):
-        evaluation.win_rate([], [])
+        stats.win_rate([], [])
 
 
 def test_win_rate_interval_accounts_for_samples_of_one_prompt():
@@ -35,23 +35,23 @@ def test_win_rate_interval_accounts_for_samples_of_one_prompt():
     variance 3/2 * (1 + 1 + 0) / 6^2 = 1/12; half-width 1.96 * sqrt(1/12) = 0.5658, wider than the
     0.4001 of six independent pairs, because two prompts won or lost both their samples."""
     a, b = [1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 0, 1]
-    p, ci = evaluation.win_rate(a, b, groups=["x", "x", "y", "y", "z", "z"])
+    p, ci = stats.win_rate(a, b, groups=["x", "x", "y", "y", "z", "z"])
     assert p == 0.5 and ci == pytest.approx(1.96 * math.sqrt(1 / 12))
-    assert evaluation.win_rate(a, b)[1] == pytest.approx(1.96 * math.sqrt(0.25 / 6))
+    assert stats.win_rate(a, b)[1] == pytest.approx(1.96 * math.sqrt(0.25 / 6))
     # One sample per prompt: the cluster formula is the independent one with a k/(k-1) factor.
-    _, ci1 = evaluation.win_rate(a, b, groups=list(range(6)))
+    _, ci1 = stats.win_rate(a, b, groups=list(range(6)))
     assert ci1 == pytest.approx(1.96 * math.sqrt(6 / 5 * 0.25 / 6))
     with pytest.raises(ValueError, match="one group per pair"):
-        evaluation.win_rate(a, b, groups=["x"])
+        stats.win_rate(a, b, groups=["x"])
 
 
 def test_distinct_n_by_hand():
     texts = ["the cafe was great", "The cafe was bad"]
     # unigrams: the, cafe, was, great, the, cafe, was, bad -> 5 distinct of 8
-    assert evaluation.distinct_n(texts, 1) == 5 / 8
+    assert stats.distinct_n(texts, 1) == 5 / 8
     # bigrams: (the cafe) (cafe was) (was great) (the cafe) (cafe was) (was bad) -> 4 of 6
-    assert evaluation.distinct_n(texts, 2) == 4 / 6
-    assert evaluation.distinct_n(["hi"], 2) == 0.0
+    assert stats.distinct_n(texts, 2) == 4 / 6
+    assert stats.distinct_n(["hi"], 2) == 0.0
 
 
 def metrics(gold_wr=0.7, rm_wr=0.9, champion_gold_wr=None):
@@ -63,41 +63,41 @@ def metrics(gold_wr=0.7, rm_wr=0.9, champion_gold_wr=None):
 
 
 def test_promotion_needs_the_margin_against_the_reference():
-    ok = evaluation.promotion_decision(metrics(gold_wr=0.56), margin=0.05, gold=True)
+    ok = gates.promotion_decision(metrics(gold_wr=0.56), margin=0.05, gold=True)
     assert ok.promote and ok.judge == "gold"
     assert "vs reference 0.560 ± 0.050 > 0.550" in ok.reason and "promote to champion" in ok.reason
-    no = evaluation.promotion_decision(metrics(gold_wr=0.55), margin=0.05, gold=True)
+    no = gates.promotion_decision(metrics(gold_wr=0.55), margin=0.05, gold=True)
     assert not no.promote and "<= 0.550" in no.reason and "stays candidate" in no.reason
     m = metrics(gold_wr=0.562) | {"eval/gold_win_rate_ci95": 0.084, "eval/n": 24.0}  # past the margin by luck
-    lucky = evaluation.promotion_decision(m, margin=0.05, gold=True)
+    lucky = gates.promotion_decision(m, margin=0.05, gold=True)
     assert not lucky.promote and "0.562 ± 0.084 > 0.550 but its 95% interval reaches 0.5" in lucky.reason
 
 
 def test_promotion_needs_the_margin_against_the_champion_too():
-    d = evaluation.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.52), margin=0.05, gold=True,
+    d = gates.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.52), margin=0.05, gold=True,
                                       champion="v3")
     assert not d.promote
     assert "vs reference 0.800" in d.reason and "vs champion v3 0.520 ± 0.060 <= 0.550" in d.reason
-    d = evaluation.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.6), margin=0.05, gold=True,
+    d = gates.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.6), margin=0.05, gold=True,
                                       champion="v3")
     assert d.promote
 
 
 def test_without_a_gold_judge_the_reward_model_decides():
-    d = evaluation.promotion_decision(metrics(gold_wr=0.0, rm_wr=0.9), margin=0.05, gold=False)
+    d = gates.promotion_decision(metrics(gold_wr=0.0, rm_wr=0.9), margin=0.05, gold=False)
     assert d.promote and d.judge == "rm" and d.reason.startswith("rm win rate")
 
 
 def test_reward_model_gate_raises_with_what_to_try():
-    evaluation.check_reward_model({"eval_accuracy": 0.6}, 0.6, n_pairs=40)  # passes at the threshold
-    with pytest.raises(evaluation.GateError) as err:
-        evaluation.check_reward_model({"eval_accuracy": 0.52}, 0.6, n_pairs=40)
+    gates.check_reward_model({"eval_accuracy": 0.6}, 0.6, n_pairs=40)  # passes at the threshold
+    with pytest.raises(gates.GateError) as err:
+        gates.check_reward_model({"eval_accuracy": 0.52}, 0.6, n_pairs=40)
     message = str(err.value)
     assert "0.520 < reward_model.min_eval_accuracy 0.600" in message and "40 pairs" in message
     for hint in ("n_preference_prompts", "reward_model.epochs", "annotator_beta", "reward_model.backbone"):
         assert hint in message
-    with pytest.raises(evaluation.GateError, match=r"accuracy 0\.520 ± 0\.041 < "):
-        evaluation.check_reward_model({"eval_accuracy": 0.52, "eval_accuracy_ci95": 0.041}, 0.6, n_pairs=40)
+    with pytest.raises(gates.GateError, match=r"accuracy 0\.520 ± 0\.041 < "):
+        gates.check_reward_model({"eval_accuracy": 0.52, "eval_accuracy_ci95": 0.041}, 0.6, n_pairs=40)
 
 
 def rows(tok) -> list[dict]:
@@ -133,6 +133,7 @@ def test_evaluate_against_reference_and_champion(tiny_policy, reward_model_dir):
 
 def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_dir):
     from rlhf_lightning.models.ppo import train_ppo
+    from rlhf_lightning.monitor import HeldoutMonitor
 
     cfg = from_dict({
         "policy": {"model": "tiny:llama"},
@@ -142,7 +143,7 @@ def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_
         "trainer": {"accelerator": "cpu"},
     })
     tok = load_tokenizer("tiny:llama")
-    monitor = evaluation.HeldoutMonitor(rows(tok), cfg.evaluation, gold=True)
+    monitor = HeldoutMonitor(rows(tok), cfg.evaluation, gold=True)
     logger = CSVLogger(str(tmp_path), name="log")
     history = train_ppo(cfg, rows(tok), reward_model_dir, str(tmp_path), logger=logger, gold_judge=True,
                         callbacks=[monitor]).history
@@ -153,7 +154,7 @@ def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_
     with open(Path(logger.log_dir) / "metrics.csv") as fh:
         logged = [r for r in csv.DictReader(fh) if r.get("heldout/kl")]
     assert sorted(int(r["step"]) for r in logged) == [1, 3]
-    fig = evaluation.overoptimisation_figure(history)
+    fig = plots.overoptimisation_figure(history)
     assert len(fig.axes) == 3  # scores + KL twin axis, win rates
     fig.savefig(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0

@@ -121,7 +121,7 @@ def flow_run(tmp_path_factory):
         namespace(None)
         run = Run(f"RLHFFlow/{(work / 'resumed_id').read_text().strip()}")
         # The server the inference step started and left up (keep_serving), on this machine.
-        endpoint = run["inference"].task.data.inference_report["endpoint"] if run.successful else None
+        endpoint = run["inference"].task.data.served.endpoint if run.successful else None
         yield run, work, endpoint, {"origin_run_id": run_id, "output": output, **faults}
         if endpoint:
             stop_pid(endpoint["pid"])
@@ -141,15 +141,15 @@ def test_flow_succeeds_and_stores_artifacts(flow_run):
     assert 0.0 <= rm.metrics["reward_model/eval_accuracy"] <= 1.0
     assert len(rm.tar) > 0
     policy = run["reinforce"].task.data.policy
-    assert [h["iteration"] for h in policy.extras["history"]] == list(range(ITERATIONS))
+    assert [h["iteration"] for h in policy.history] == list(range(ITERATIONS))
     ev = run["evaluate"].task.data.evaluation
     for name in ("eval/gold_win_rate", "eval/rm_win_rate", "eval/kl", "eval/gold_score", "eval/ref_gold_score"):
-        assert name in ev["metrics"]
-    report = run["inference"].task.data.inference_report
+        assert name in ev.metrics
+    report = run["inference"].task.data.served.report
     assert report["ok"]
     assert [(c["name"], c["ok"]) for c in report["checks"][:2]] == [("alias.candidate", True),
                                                                     ("deployment.model_uri", True)]
-    deployed = run["deploy"].task.data.endpoint
+    deployed = vars(run["deploy"].task.data.endpoint)
     assert deployed == {"target": "rlhf-local", "name": "rlhf-policy-candidate", "alias": "candidate",
                         "model_uri": f"models:/rlhf-policy/{deployed['version']}",
                         "version": run["register"].task.data.model_version.version}
@@ -192,9 +192,9 @@ def test_mlflow_records(flow_run):
     for key in ("eval/gold_win_rate", "eval/gold_win_rate_ci95", "eval/rm_win_rate", "eval/kl", "gate/promote",
                 "reward_model/eval_accuracy", "reward_model/eval_accuracy_ci95"):
         assert key in parent.data.metrics, key
-    assert parent.data.metrics["eval/gold_win_rate"] == pytest.approx(ev["metrics"]["eval/gold_win_rate"])
+    assert parent.data.metrics["eval/gold_win_rate"] == pytest.approx(ev.metrics["eval/gold_win_rate"])
     version = run["register"].task.data.model_version.version
-    assert parent.data.tags["registered_version"] == version and parent.data.tags["gate.reason"] == ev["reason"]
+    assert parent.data.tags["registered_version"] == version and parent.data.tags["gate.reason"] == ev.reason
     assert f"[v{version}](#/models/rlhf-policy/versions/{version})" in parent.data.tags["mlflow.note.content"]
     # One name per metric: the reward model's curves and final figures share theirs.
     rm_names = set(by_stage["train_reward_model"].data.metrics)
@@ -226,7 +226,7 @@ def test_registered_version_aliases_follow_the_gate_and_the_checks(flow_run):
     assert info.aliases == ["candidate"]
     mv = client.get_model_version("rlhf-policy", info.version)
     assert "candidate" in mv.aliases
-    promoted = run["evaluate"].task.data.evaluation["promote"]
+    promoted = run["evaluate"].task.data.evaluation.promote
     assert ("champion" in mv.aliases) == promoted
     assert ("champion" in run["end"].task.data.model_version.aliases) == promoted
     assert ("champion.promoted_at" in mv.tags) == promoted
@@ -250,8 +250,8 @@ def test_registered_version_carries_its_lineage(flow_run):
         assert tags[f"lineage.data.{split}_sha256"] == digest
     assert tags["base_model"] == "tiny:llama" and tags["weights_sha256"] == info.weights_sha256
     ev = run["evaluate"].task.data.evaluation
-    assert tags["gate.promote"] == str(ev["promote"]) and tags["gate.reason"] == ev["reason"]
-    assert float(tags["eval.gold_win_rate"]) == pytest.approx(ev["metrics"]["eval/gold_win_rate"], abs=1e-4)
+    assert tags["gate.promote"] == str(ev.promote) and tags["gate.reason"] == ev.reason
+    assert float(tags["eval.gold_win_rate"]) == pytest.approx(ev.metrics["eval/gold_win_rate"], abs=1e-4)
     description = client.get_model_version("rlhf-policy", info.version).description
     assert f"| lineage.metaflow.run_id | {run.id} |" in description
 
@@ -273,7 +273,7 @@ def test_ppo_continued_from_its_checkpoints_after_each_kill(flow_run, tmp_path):
     from safetensors.torch import load_file
 
     from rlhf_lightning.config import load_config
-    from rlhf_lightning.evaluation import has_gold_judge
+    from rlhf_lightning.judge import has_gold_judge
     from rlhf_lightning.models.ppo import train_ppo
 
     run, _, _, faults = flow_run
@@ -289,7 +289,7 @@ def test_ppo_continued_from_its_checkpoints_after_each_kill(flow_run, tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     cfg.ppo.iterations = ITERATIONS
     rm_dir = task.data.reward_model.extract(str(tmp_path / "rm"))
-    straight = train_ppo(cfg, task.data.prompts["rl"], rm_dir, str(tmp_path / "ppo"), gold_judge=has_gold_judge(cfg))
+    straight = train_ppo(cfg, task.data.prompts.rl, rm_dir, str(tmp_path / "ppo"), gold_judge=has_gold_judge(cfg))
     resumed = task.data.policy.extract(str(tmp_path / "resumed"))
     want, got = load_file(f"{straight.adapter_dir}/adapter_model.safetensors"), load_file(f"{resumed}/adapter_model.safetensors")
     want |= torch.load(f"{straight.adapter_dir}/value_head.pt")
@@ -297,7 +297,7 @@ def test_ppo_continued_from_its_checkpoints_after_each_kill(flow_run, tmp_path):
     assert set(want) == set(got)
     for name in want:  # the same operations in the same order on the CPU: equal up to rounding
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
-    for a, b in zip(straight.history, task.data.policy.extras["history"], strict=True):
+    for a, b in zip(straight.history, task.data.policy.history, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
 
 

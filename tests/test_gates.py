@@ -10,7 +10,7 @@ import random
 import pytest
 from mlflow import MlflowClient
 
-from rlhf_lightning import evaluation, pipeline, registry
+from rlhf_lightning import gates, pipeline, registry
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.data.preprocess import PreparedData
 from rlhf_lightning.models.generation import chat_prompt
@@ -54,7 +54,7 @@ def prompts():
     texts = [f"Write a one-sentence review of a {a} {n}." for a in ("small", "busy", "quiet", "famous")
              for n in ("cafe", "museum", "park")]
     rows = [{"prompt": t, "prompt_chat": chat_prompt(tok, t)} for t in texts]
-    return {"rl": rows[:6], "eval": rows[6:]}
+    return pipeline.Prompts(rl=rows[:6], eval=rows[6:])
 
 
 def stage_runs(parent_run_id: str) -> dict:
@@ -67,7 +67,7 @@ def stage_runs(parent_run_id: str) -> dict:
 def test_random_label_reward_model_stops_the_run_before_rl(mlflow_tracking, data, tmp_path):
     c = cfg(min_eval_accuracy=0.65)
     parent = pipeline.start(c, flow_name="GateTest", run_id="1")
-    with pytest.raises(evaluation.GateError, match=r"held-out accuracy 0\.\d+ ± 0\.\d+ < reward_model.min_eval_accuracy 0\.650"):
+    with pytest.raises(gates.GateError, match=r"held-out accuracy 0\.\d+ ± 0\.\d+ < reward_model.min_eval_accuracy 0\.650"):
         pipeline.train_reward_model(c, parent, data, str(tmp_path))
     run = stage_runs(parent)["train_reward_model"]
     assert run.info.status == "FAILED"
@@ -87,12 +87,12 @@ def test_broken_reward_model_policy_is_not_promoted(mlflow_tracking, data, promp
     assert rm.metrics["reward_model/eval_accuracy"] < 0.65  # chance level: what the gate above stops
     policy = pipeline.reinforce(c, parent, prompts, rm, str(tmp_path / "ppo"))
     ev = pipeline.evaluate(c, parent, prompts, rm, policy, str(tmp_path / "eval"))
-    assert ev["promote"] is False and "stays candidate" in ev["reason"]
-    assert ev["metrics"]["eval/gold_win_rate"] == 0.5  # the same answers as the reference: every pair ties
-    assert ev["champion"].startswith("no rlhf-policy@champion")
+    assert ev.promote is False and "stays candidate" in ev.reason
+    assert ev.metrics["eval/gold_win_rate"] == 0.5  # the same answers as the reference: every pair ties
+    assert ev.champion.startswith("no rlhf-policy@champion")
 
     run = stage_runs(parent)["evaluate"]
-    assert run.data.tags["gate.promote"] == "False" and run.data.tags["gate.reason"] == ev["reason"]
+    assert run.data.tags["gate.promote"] == "False" and run.data.tags["gate.reason"] == ev.reason
     assert run.data.metrics["gate/promote"] == 0.0 and run.data.metrics["gate/threshold"] == 0.55
     artifacts = [f.path for f in MlflowClient().list_artifacts(stage_runs(parent)["reinforce"].info.run_id, "ppo")]
     assert "ppo/overoptimisation.png" in artifacts
@@ -101,7 +101,7 @@ def test_broken_reward_model_policy_is_not_promoted(mlflow_tracking, data, promp
     info = pipeline.register(c, parent, policy, str(tmp_path / "register"), lineage)
     assert info.aliases == ["candidate"]
     tags = MlflowClient().get_model_version(info.name, info.version).tags
-    assert tags["gate.promote"] == "False" and tags["gate.reason"] == ev["reason"]
+    assert tags["gate.promote"] == "False" and tags["gate.reason"] == ev.reason
     # Lineage: the stage runs that made it, the data it was trained on, the figures it was judged by.
     runs = stage_runs(parent)
     assert tags["lineage.reward_model_run_id"] == runs["train_reward_model"].info.run_id
@@ -109,7 +109,7 @@ def test_broken_reward_model_policy_is_not_promoted(mlflow_tracking, data, promp
     assert tags["lineage.evaluate_run_id"] == runs["evaluate"].info.run_id
     assert tags["lineage.mlflow_parent_run_id"] == parent and tags["lineage.metaflow.run_id"] == "2"
     assert tags["lineage.data.pref_train_sha256"] == data.digests()["pref_train"] != tags["lineage.data.pref_eval_sha256"]
-    assert float(tags["eval.gold_win_rate"]) == pytest.approx(ev["metrics"]["eval/gold_win_rate"], abs=1e-4)
+    assert float(tags["eval.gold_win_rate"]) == pytest.approx(ev.metrics["eval/gold_win_rate"], abs=1e-4)
     assert tags["lineage.data.sources"] == '{"preferences": ["synthetic"]}'
 
 
@@ -124,6 +124,6 @@ def test_policy_must_beat_the_current_champion(mlflow_tracking, data, prompts, t
     champion = pipeline.register(c, parent, policy, str(tmp_path / "r0"), lineage={})
     registry.promote(champion.name, champion.version, "an earlier run")
     ev = pipeline.evaluate(c, parent, prompts, rm, policy, str(tmp_path / "eval"))
-    assert ev["champion"] == f"compared with rlhf-policy@champion (v{champion.version})"
-    assert ev["metrics"]["eval/champion_gold_win_rate"] == 0.5
-    assert ev["promote"] is False and f"vs champion v{champion.version} 0.500" in ev["reason"]
+    assert ev.champion == f"compared with rlhf-policy@champion (v{champion.version})"
+    assert ev.metrics["eval/champion_gold_win_rate"] == 0.5
+    assert ev.promote is False and f"vs champion v{champion.version} 0.500" in ev.reason

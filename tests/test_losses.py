@@ -54,7 +54,7 @@ def test_per_token_kl_and_penalised_rewards():
     mask = T([[1.0, 1.0, 1.0, 0.0]])
     close(per_token_kl(logp, ref_logp), [[0.5, 0.0, 0.5, 6.0]])
     # -0.1 * kl on real tokens; the score 2.0 lands on the last real token (index 2): -0.05 + 2 = 1.95
-    rewards = kl_penalised_rewards(T([2.0]), logp, ref_logp, mask, kl_coef=0.1)
+    rewards = kl_penalised_rewards(T([2.0]), per_token_kl(logp, ref_logp), mask, kl_coef=0.1)
     close(rewards, [[-0.05, 0.0, 1.95, 0.0]])
 
 
@@ -146,7 +146,7 @@ def test_sequence_rewards_by_hand():
     mask = T([[1.0, 1.0, 1.0, 0.0]])
     # KL of the real tokens 0.5 + 0 + 0.5 = 1 (padding's 6 ignored): 2 - 0.1 * 1 = 1.9,
     # the same total as the per-token rewards of test_per_token_kl_and_penalised_rewards: -0.05 + 0 + 1.95
-    close(sequence_rewards(T([2.0]), logp, ref_logp, mask, kl_coef=0.1), [1.9])
+    close(sequence_rewards(T([2.0]), per_token_kl(logp, ref_logp), mask, kl_coef=0.1), [1.9])
 
 
 def test_missing_eos_penalty():

@@ -18,7 +18,7 @@ from rlhf_lightning.checkpoints import PeriodicCheckpoint
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models.generation import chat_prompt, response_mask_from_ids
 from rlhf_lightning.models.loading import load_tokenizer
-from rlhf_lightning.models.losses import masked_mean
+from rlhf_lightning.models.losses import masked_mean, per_token_kl
 from rlhf_lightning.models.ppo import VALUE_HEAD_FILE, PPOModule, prompt_loader, train_ppo
 
 USER_PROMPTS = [
@@ -247,8 +247,8 @@ def test_advantages_follow_the_estimator(reward_model_dir):
     logp = torch.tensor([[-1.0, -1.0], [-1.0, 0.0], [-1.0, -1.0], [-1.0, -1.0]])
     ref_logp = logp - torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # KL 1, 1, 0, 0
     score = torch.tensor([1.0, 3.0, 0.0, 0.0])
-    scored = Scored(score, score, torch.ones(4, dtype=torch.bool), logp, ref_logp, torch.zeros(4, 2),
-                    torch.zeros(4, 2))
+    scored = Scored(score, score, torch.ones(4, dtype=torch.bool), logp, ref_logp, per_token_kl(logp, ref_logp),
+                    torch.zeros(4, 2), torch.zeros(4, 2))
     cfg = tiny_cfg(ppo={"estimator": "rloo", "samples_per_prompt": 2, "kl_coef": 0.5})
     module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
     # sequence rewards: 1 - 0.5 = 0.5, 3 - 0.5 = 2.5, 0, 0 -> rloo per pair: -2, 2, 0, 0
@@ -279,7 +279,7 @@ def test_adaptive_kl_and_early_stop_in_a_run(tmp_path, reward_model_dir):
 
 def test_ended_with_eos_and_the_missing_eos_penalty(reward_model_dir):
     from rlhf_lightning.models.generation import Sampled
-    from rlhf_lightning.models.ppo import ended_with_eos
+    from rlhf_lightning.models.logprobs import ended_with_eos
 
     eos, pad, x = 7, 0, 5
     response = torch.tensor([[x, eos, pad], [x, x, x], [eos, pad, pad]])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf_lightning.config import from_dict
-from rlhf_lightning.evaluation import win_rate
+from rlhf_lightning.stats import win_rate
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.loading import load_reward_backbone
 from rlhf_lightning.models.reward_model import (PairEncoder, RewardModel, RewardScorer, collate_preferences,

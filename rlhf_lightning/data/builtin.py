@@ -20,58 +20,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_lightning import cache, judge
-from rlhf_lightning.config import BuiltinTaskConfig, PolicyConfig
+from rlhf_lightning.task_prompts import all_prompts
+from rlhf_lightning.config import SOURCE_ROLES, BuiltinTaskConfig, PolicyConfig
 
-TEMPLATES = [
-    "Write a one-sentence review of {s}.",
-    "In one sentence, tell me about your visit to {s}.",
-    "Give a short opinion about {s}.",
-    "What did you think of {s}? Answer in one sentence.",
-    "Describe {s} to a friend in one sentence.",
-    "Write a short comment about {s} for a travel blog.",
-]
-ADJECTIVES = [
-    "old", "new", "small", "busy", "quiet", "crowded", "modern", "tiny", "famous", "local", "hidden",
-    "noisy", "cheap", "fancy", "rustic", "late-night", "family-run", "seaside", "downtown", "rooftop",
-]
-NOUNS = [
-    "cafe", "bakery", "museum", "hotel", "bookshop", "train station", "park", "cinema", "pizzeria",
-    "library", "market", "gym", "restaurant", "hostel", "bar", "zoo", "beach", "theatre", "bike shop",
-    "noodle bar", "airport lounge", "campsite", "ferry", "barber shop", "food truck",
-]
-PLACES = [
-    "in Lisbon", "in Osaka", "near the harbour", "on Main Street", "in the old town", "by the river",
-    "in Berlin", "next to the university", "in a mountain village", "at the mall", "in Montreal",
-    "on the high street",
-]
-
-# Sentences in the register the policy answers in: give tiny tokenizers a vocabulary for the task.
-_CORPUS_EXTRA = [
-    "It was great, friendly and clean, and I would happily go back.",
-    "The staff were rude, the food was cold and it was far too expensive.",
-    "A lovely little place with wonderful coffee and a warm atmosphere.",
-    "Terrible service, dirty tables and a long wait; I would not recommend it.",
-    "It was fine, nothing special, but the prices were fair.",
-    "You are a helpful assistant. Sure! Here is a short review:",
-]
-
-
-def all_prompts(seed: int) -> list[str]:
-    """Every distinct task prompt, in a seeded order."""
-    prompts = [t.format(s=f"a {a} {n} {p}") for t in TEMPLATES for a in ADJECTIVES for n in NOUNS for p in PLACES]
-    random.Random(seed).shuffle(prompts)
-    return prompts
-
-
-def tokenizer_corpus() -> list[str]:
-    """Text that tiny test tokenizers are trained on (prompts of the task plus typical answers)."""
-    return all_prompts(0)[:2000] + _CORPUS_EXTRA * 20
-
-
-def split_prompts(cfg: BuiltinTaskConfig) -> tuple[list[str], list[str], list[str]]:
+def split_prompts(task: BuiltinTaskConfig) -> tuple[list[str], list[str], list[str]]:
     """Three disjoint prompt sets: preference, RL, evaluation."""
-    prompts = all_prompts(cfg.seed)
-    a, b, c = cfg.n_preference_prompts, cfg.n_rl_prompts, cfg.n_eval_prompts
+    prompts = all_prompts(task.seed)
+    a, b, c = task.n_preference_prompts, task.n_rl_prompts, task.n_eval_prompts
     if a + b + c > len(prompts):
         raise ValueError(f"the built-in task has {len(prompts)} distinct prompts; asked for {a + b + c}")
     return prompts[:a], prompts[a : a + b], prompts[a + b : a + b + c]
@@ -103,7 +58,7 @@ def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig) -> Path:
 
 
 def _paths(out: Path) -> dict[str, str]:
-    paths = {name: str(out / f"{name}.jsonl") for name in ("preferences", "prompts", "eval_prompts")}
+    paths = {name: str(out / f"{name}.jsonl") for name in SOURCE_ROLES}
     paths["stats"] = str(out / "stats.json")
     return paths
 

@@ -2,7 +2,7 @@
 
 Three layers, so that new sources slot in without touching the others:
 
-1. Sources (:func:`expand_paths`, :func:`_open`): local paths and globs, ``s3://bucket/key`` (globs in
+1. Sources (:func:`read`, :func:`_open`): local paths and globs, ``s3://bucket/key`` (globs in
    the key; read through boto3, which honours ``AWS_ENDPOINT_URL``) and Hugging Face datasets
    ``hf:ID[@DATA_DIR][:SPLIT]`` (read with ``datasets.load_dataset``; needs hub access).
 2. File formats (:func:`iter_records`): JSONL, JSON (one list of objects), Parquet and CSV, the text
@@ -61,12 +61,11 @@ import pyarrow.parquet as pq
 from rlhf_lightning.cache import s3_client, s3_split
 from rlhf_lightning.config import FieldMapping
 
-FORMATS = ("vertex", "trl", "hh", "mapping")
 SUFFIXES = ".jsonl, .json, .parquet or .csv (the text formats may end in .gz)"
 ROLES = ("system", "user", "assistant")
 VERTEX_AUTHORS = {"user": "user", "model": "assistant"}
 SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
-HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -153,17 +152,6 @@ def _expand_s3(pattern: str, key: str) -> list[str]:
     if not matches:
         raise DataError(f"no object matches this pattern (fix the glob in {key})", pattern)
     return matches
-
-
-def expand_paths(patterns: list[str], key: str) -> list[str]:
-    """Paths and globs (``**`` recurses; ``s3://`` keys too) -> existing files, in the given order, each
-    once (a glob that also matches an explicitly listed file must not read it twice). ``hf:`` ids pass
-    through. `key` names the config field for the error messages. Raises :class:`DataError` for the first
-    pattern that names nothing; :func:`read` instead reports every such pattern and reads the rest."""
-    files: list[str] = []
-    for pattern in patterns:
-        files.extend(m for m in _expand_one(pattern, key) if m not in files)
-    return files
 
 
 def _expand_one(pattern: str, key: str) -> list[str]:
@@ -829,7 +817,7 @@ def _read_file(path: str, role: str, fmt: str, mapping: FieldMapping, result: Re
 def read(patterns: list[str], key: str, role: str, fmt: str = "auto",
          mapping: FieldMapping | None = None) -> ReadResult:
     """Read every source matched by `patterns` as `role` (``preferences`` or ``prompts``) in format `fmt`
-    (``auto`` or one of :data:`FORMATS`). Problems of whole sources are collected like those of records:
+    (one of `config.FORMATS`). Problems of whole sources are collected like those of records:
     one unusable file does not hide the problems of the others."""
     mapping = mapping or FieldMapping()
     result = ReadResult()

@@ -59,6 +59,8 @@ CLEAN_STEPS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("spaces", lambda t: _SPACE_RUN.sub(" ", t)),
     ("ends", str.strip),
 )
+SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
+"""The canonical datasets of a run (`PreparedData`'s fields, one Parquet file each)."""
 DROP_REASONS = ("invalid", "empty_text", "tie", "duplicate", "duplicate_normalised", "duplicate_after_truncation")
 
 
@@ -94,13 +96,11 @@ class PreparedData:
     """The sources (``path:number``) of the rows behind the truncation counts, per `<role>.<count>`
     (``preferences.changed.truncated_response``, ...): validation names them."""
 
-    SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
-
     def digests(self) -> dict[str, str]:
         """sha256 of each canonical split (its rows as sorted-key JSON lines): the data identity recorded
         in the lineage of every model trained on it. Same rows, same order → same digest."""
         out = {}
-        for name in self.SPLITS:
+        for name in SPLITS:
             digest = hashlib.sha256()
             for row in getattr(self, name):
                 digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
@@ -158,12 +158,6 @@ def fit_conversations(tok, conversations: list[list[dict]], max_tokens: int
             msgs, out_chats[i] = _keep_end(tok, msgs[0], n, max_tokens)
         out[i] = msgs
     return out, out_chats, lengths
-
-
-def fit_prompts(tok, texts: list[str], max_tokens: int) -> tuple[list[str], list[str], list[int]]:
-    """:func:`fit_conversations` for single user messages: (texts, chat prompts, token counts before)."""
-    convs, chats, lengths = fit_conversations(tok, [[{"role": "user", "content": t}] for t in texts], max_tokens)
-    return [c[-1]["content"] for c in convs], chats, lengths
 
 
 def _keep_end(tok, message: dict, chat_len: int, max_tokens: int) -> tuple[list[dict], str]:

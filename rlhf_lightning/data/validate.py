@@ -29,12 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_lightning.config import RLHFConfig
+from rlhf_lightning.config import SOURCE_ROLES, RLHFConfig
 from rlhf_lightning.data.formats import DataError, Issue
-from rlhf_lightning.data.preprocess import PreparedData, row_problems
+from rlhf_lightning.data.preprocess import SPLITS, PreparedData, row_problems
 
-SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
-ROLES = ("preferences", "prompts", "eval_prompts")
 SHOWN = 10  # problems listed in exception messages and the card; the JSON report has them all
 SHOWN_ROWS = 5  # rows named in a warning about many rows
 LOUD = "MOST ROWS WERE CUT"  # heads the truncation warnings that concern more than half of a role's rows
@@ -97,7 +95,7 @@ class ValidationReport:
                       for role, path, n in formats]
         lines += ["", "| role | read | kept | dropped (by reason) | changed (by reason) |", "|---|---:|---:|---|---|"]
         counts = st["counts"]
-        for role in ROLES:
+        for role in SOURCE_ROLES:
             if f"{role}.read" not in counts:
                 continue
             by = {kind: ", ".join(f"{k.split('.', 2)[2]} {v}" for k, v in counts.items()
@@ -238,7 +236,7 @@ def check_counts(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
                                       f"{d.target_length} tokens, cut keeping its start (raise data.target_length "
                                       "to keep them whole)",
     }
-    for role in ROLES:
+    for role in SOURCE_ROLES:
         for key, message in messages.items():
             n = c.get(f"{role}.{key}", 0)
             if not n:

@@ -31,6 +31,7 @@ from transformers import (
 
 from rlhf_lightning import cache
 from rlhf_lightning.config import LoraConfig, PolicyConfig
+from rlhf_lightning.task_prompts import tokenizer_corpus
 
 # ChatML, the format SmolLM2 uses, so tiny models exercise the same template path.
 CHATML_TEMPLATE = (
@@ -84,12 +85,6 @@ def _convert_gguf(path: Path) -> Path:
     return out
 
 
-def _tiny_corpus() -> list[str]:
-    from rlhf_lightning.data.builtin import tokenizer_corpus
-
-    return tokenizer_corpus()
-
-
 def build_tiny_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts`, with ChatML special tokens and a pad distinct from EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -122,7 +117,7 @@ def _build_tiny(kind: str) -> Path:
     if kind not in ("llama", "bert"):
         raise ValueError(f"unknown tiny model {kind!r}; use tiny:llama or tiny:bert")
     torch.manual_seed(0)
-    tok = build_tiny_tokenizer(_tiny_corpus())
+    tok = build_tiny_tokenizer(tokenizer_corpus())
     if kind == "llama":
         # hidden 64: bitsandbytes' CPU 4-bit kernels want sizes divisible by 64.
         config = LlamaConfig(
@@ -171,10 +166,10 @@ def _fix_bnb_cpu(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base_causal_lm(cfg: PolicyConfig) -> torch.nn.Module:
+def load_base_causal_lm(policy: PolicyConfig) -> torch.nn.Module:
     """The frozen base policy, fp32 or nf4 (bitsandbytes) as configured."""
-    path = resolve_model(cfg.model)
-    if cfg.quantization == "4bit":
+    path = resolve_model(policy.model)
+    if policy.quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -227,26 +222,26 @@ def to_compute_device(model: torch.nn.Module, accelerator: str = "auto", quantiz
     return model if quantized else model.to(compute_device(accelerator))
 
 
-def peft_lora_config(cfg: LoraConfig, task_type: str):
+def peft_lora_config(lora: LoraConfig, task_type: str):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
         task_type=task_type, bias="none",
     )
 
 
-def load_policy(cfg: PolicyConfig, adapter_dir: str | None = None, *, trainable: bool = True):
+def load_policy(policy: PolicyConfig, adapter_dir: str | None = None, *, trainable: bool = True):
     """Base + LoRA adapter (a fresh one, or the one saved in `adapter_dir`). The reference model is the
     same object with `with policy.disable_adapter():` — no second copy of the weights."""
     from peft import PeftModel, get_peft_model
 
-    base = load_base_causal_lm(cfg)
+    base = load_base_causal_lm(policy)
     if adapter_dir:
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
     else:
-        model = get_peft_model(base, peft_lora_config(cfg.lora, "CAUSAL_LM"))
-    if cfg.quantization == "4bit":
+        model = get_peft_model(base, peft_lora_config(policy.lora, "CAUSAL_LM"))
+    if policy.quantization == "4bit":
         _fix_bnb_cpu(model)
     model.train(trainable)  # from_pretrained returns eval mode and Lightning leaves it so
     return model

@@ -48,14 +48,14 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(dim=1)
 
 
-def kl_penalised_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                         kl_coef: float) -> torch.Tensor:
-    """Per-token rewards: -kl_coef * KL at every token, plus the sequence score at the last real token.
+def kl_penalised_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL at every token (`kl`: `per_token_kl`), plus the sequence score at
+    the last real token.
 
     The reward model judges whole responses, so its score arrives once, when the response ends; the
     KL penalty is paid token by token where it is incurred."""
-    # score: (B,); logp, ref_logp, mask: (B, T)
-    rewards = -kl_coef * per_token_kl(logp, ref_logp) * mask  # (B, T)
+    # score: (B,); kl, mask: (B, T)
+    rewards = -kl_coef * kl * mask  # (B, T)
     last = last_token_index(mask)  # (B,)
     rows = torch.arange(rewards.shape[0], device=rewards.device)  # (B,)
     rewards[rows, last] += score
@@ -149,12 +149,11 @@ def group_normalised_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4
     return ((grouped - mean) / (std + eps)).reshape(-1)  # (B,)
 
 
-def sequence_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                     kl_coef: float) -> torch.Tensor:
-    """score - kl_coef * KL of the whole response (the sum of the per-token k1 terms): the reward the
+def sequence_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """score - kl_coef * KL of the whole response (the sum of the per-token k1 terms `kl`): the reward the
     sequence-level estimators compare; the same total as `kl_penalised_rewards` summed over tokens."""
-    # score: (B,); logp, ref_logp, mask: (B, T)
-    return score - kl_coef * (per_token_kl(logp, ref_logp) * mask).sum(1)  # (B,)
+    # score: (B,); kl, mask: (B, T)
+    return score - kl_coef * (kl * mask).sum(1)  # (B,)
 
 
 def missing_eos_penalty(score: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:

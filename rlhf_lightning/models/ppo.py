@@ -7,7 +7,8 @@ One `training_step` is one iteration on a batch of prompts, in four named phases
 2. score_and_kl  reward-model score of the decoded (prompt, response) text, normalised with the reward
                  model's training statistics, minus the missing-EOS penalty; log-probs of the response
                  tokens under the policy and the reference (the same PeftModel with its adapter
-                 disabled); values and entropy. When one minibatch holds the whole rollout, the
+                 disabled) and from them the per-token KL, computed once for the penalty and the
+                 logged figures; values and entropy. When one minibatch holds the whole rollout, the
                  policy's forward keeps its graph and is also the first update step's;
 3. advantages    the estimator: `gae` (per-token rewards -kl_coef * KL plus the score at the last token,
                  GAE over a learned value head, whitened) or `rloo` / `grpo` (sequence reward minus a
@@ -33,19 +34,18 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from peft import PeftModel
 from torch import nn
 
 from rlhf_lightning import judge
 from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
 from rlhf_lightning.models.loading import load_policy, load_tokenizer
+from rlhf_lightning.models.logprobs import ended_with_eos, response_forward, token_logprobs
 from rlhf_lightning.models.losses import (
     AdaptiveKLController,
     gae,
     group_normalised_advantages,
     kl_penalised_rewards,
-    last_token_index,
     masked_mean,
     masked_whiten,
     missing_eos_penalty,
@@ -55,8 +55,9 @@ from rlhf_lightning.models.losses import (
     sequence_rewards,
     value_loss,
 )
-from rlhf_lightning.models.reward_model import RewardScorer, build_trainer
+from rlhf_lightning.models.reward_model import RewardScorer
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
+from rlhf_lightning.models.trainer import build_trainer
 
 VALUE_HEAD_FILE = "value_head.pt"
 HISTORY_FILE = "ppo_history.json"
@@ -71,6 +72,7 @@ class Scored:
     ended: torch.Tensor  # (B,) bool, the response produced an end token
     logp: torch.Tensor  # (B, R) log-probs of the response tokens under the rollout policy
     ref_logp: torch.Tensor  # (B, R) the same under the reference (adapter disabled)
+    kl: torch.Tensor  # (B, R) per-token KL(policy || reference) estimate: the penalty and the logged KL
     values: torch.Tensor | None  # (B, R) value predictions before each response token; None without value head
     entropy: torch.Tensor  # (B, R) entropy of the policy's next-token distribution
     # (logp, values) with their autograd graph when the first update reuses this forward (`shares_forward`)
@@ -95,57 +97,10 @@ class Experience:
                              for f in fields(self)})
 
 
-def response_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                     response_mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits / temperature, last hidden state) at the positions that predict the response tokens,
-    with the same inputs `generate` saw. Only R+1 positions go through the LM head."""
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P+R)
-    # Left padding: positions count real tokens only, as `generate` does. Models with absolute
-    # position embeddings (GPT-2) would otherwise see short prompts shifted by their padding; RoPE
-    # is invariant to the shift only up to rounding.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P+R)
-    R = response_ids.shape[1]
-    # The decoder stack and the LM head called apart: the head runs on R positions only, and the last
-    # hidden state (the value head's input) comes without keeping every layer's states, as
-    # `output_hidden_states` would (which also came back None in ddp_spawn workers). The LoRA layers
-    # live inside the decoder, so `disable_adapter()` still gives the reference. Models whose
-    # causal-LM wrapper rescales logits (softcapping, logit_scale) would need that applied here.
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids).last_hidden_state  # (B, P+R, H) after the final norm
-    # The state at position t predicts token t+1: positions P-1 .. P+R-2 score the R response tokens.
-    hidden = hidden[:, -R - 1 : -1]  # (B, R, H)
-    # Dividing by the temperature matches the sampling distribution.
-    logits = base.get_output_embeddings()(hidden).float() / temperature  # (B, R, V)
-    return logits, hidden
-
-
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] at each position."""
-    # logits: (B, R, V), token_ids: (B, R)
-    return logits.log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (B, R)
-
-
-def sequence_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                      response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probs of the response tokens under `model` at sampling temperature `temperature`: (B, R).
-    Used by evaluation for KL(policy || reference) on the same tokens PPO sees."""
-    logits, _ = response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)
-    return token_logprobs(logits, response_ids)
-
-
-def ended_with_eos(sampled: Sampled, eos_token_id: int) -> torch.Tensor:
-    """(B,) bool: the last real response token is the end token (else max_new_tokens cut it off)."""
-    rows = torch.arange(sampled.response_ids.shape[0], device=sampled.response_ids.device)
-    return sampled.response_ids[rows, last_token_index(sampled.response_mask)] == eos_token_id
-
-
 class PPOModule(L.LightningModule):
     """LoRA policy (+ scalar value head for gae), trained by PPO against a frozen reward model."""
 
-    def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str,
-                 reward_stats: tuple[float, float] | None = None, gold_judge: bool = False):
+    def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str, gold_judge: bool = False):
         """`gold_judge`: also score the rollouts with the built-in task's gold judge, for monitoring
         only (`ppo/gold_score`); it never enters the reward."""
         super().__init__()
@@ -153,7 +108,7 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False  # several optimiser steps per rollout
         # Checkpoints hold only the trainable weights (on_save_checkpoint): 4-bit base weights do not reload.
         self.strict_loading = False
-        self.cfg = ppo
+        self.ppo = ppo
         self.gold_judge = gold_judge
         self.policy = load_policy(policy)
         self.tokenizer = load_tokenizer(policy.model)  # left padding for generate
@@ -165,9 +120,7 @@ class PPOModule(L.LightningModule):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         # A plain attribute, not a submodule: the frozen reward model stays out of checkpoints and optimiser.
-        self.scorer = RewardScorer.load(reward_model_dir)
-        if reward_stats is not None:
-            self.scorer.mean, self.scorer.std = reward_stats
+        self.scorer = RewardScorer.load(reward_model_dir)  # normalises with the training pairs' mean and std
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.history: list[dict[str, float]] = []
 
@@ -176,13 +129,13 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]  # LoRA (+ value head)
-        return torch.optim.AdamW(trainable, lr=self.cfg.learning_rate)
+        return torch.optim.AdamW(trainable, lr=self.ppo.learning_rate)
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(logp, values, logits) of the response tokens: (B, R), (B, R) or None without a value head, (B, R, V)."""
         logits, hidden = response_forward(self.policy, prompt_ids, prompt_mask, response_ids, response_mask,
-                                          self.cfg.temperature)  # (B, R, V), (B, R, H)
+                                          self.ppo.temperature)  # (B, R, V), (B, R, H)
         values = None if self.value_head is None else self.value_head(hidden.float()).squeeze(-1)  # (B, R)
         return token_logprobs(logits, response_ids), values, logits
 
@@ -196,8 +149,8 @@ class PPOModule(L.LightningModule):
         # 109 response tokens/s in fp32, 99 under bf16 autocast, batch 16). The log-probs PPO uses come
         # from phase 2's forward, under the trainer's precision.
         with torch.autocast(self.device.type, enabled=False):
-            return sample(self.policy, self.tokenizer, chat_prompts, max_new_tokens=self.cfg.max_new_tokens,
-                          temperature=self.cfg.temperature, seed=seed)
+            return sample(self.policy, self.tokenizer, chat_prompts, max_new_tokens=self.ppo.max_new_tokens,
+                          temperature=self.ppo.temperature, seed=seed)
 
     # -- phase 2 ---------------------------------------------------------------------------------------
     def shares_forward(self, rows: int) -> bool:
@@ -206,7 +159,7 @@ class PPOModule(L.LightningModule):
         dropout makes a training forward differ from the one the old log-probs come from."""
         dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.policy.modules())
         dropout |= bool(getattr(self.policy.config, "attention_dropout", 0.0))  # functional, in Llama-like models
-        return self.cfg.minibatch_size >= rows and not dropout
+        return self.ppo.minibatch_size >= rows and not dropout
 
     @torch.no_grad()
     def score_and_kl(self, prompts: list[str], sampled: Sampled, keep_graph: bool = False) -> Scored:
@@ -216,12 +169,12 @@ class PPOModule(L.LightningModule):
         fell from 25 to 15 s of an 89 s fit)."""
         ended = ended_with_eos(sampled, self.tokenizer.eos_token_id)  # (B,)
         raw = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
-        score = missing_eos_penalty(self.scorer.normalise(raw), ended, self.cfg.missing_eos_penalty)  # (B,)
+        score = missing_eos_penalty(self.scorer.normalise(raw), ended, self.ppo.missing_eos_penalty)  # (B,)
         # In minibatch-sized chunks: the (rows, R, V) logits of a whole k-sample rollout would not fit
         # comfortably in memory with a 49152-token vocabulary.
         logp, ref_logp, values, entropy = [], [], [], []
         graph = None
-        for rows in torch.arange(len(prompts), device=self.device).split(self.cfg.minibatch_size):
+        for rows in torch.arange(len(prompts), device=self.device).split(self.ppo.minibatch_size):
             inputs = (sampled.prompt_ids[rows], sampled.prompt_mask[rows], sampled.response_ids[rows],
                       sampled.response_mask[rows])
             if keep_graph:  # one chunk: the whole rollout (shares_forward)
@@ -238,21 +191,22 @@ class PPOModule(L.LightningModule):
             with self.policy.disable_adapter():
                 ref_logp.append(self(*inputs)[0])  # (b, R)
         values_all = None if self.value_head is None else torch.cat(values)  # (B, R)
-        return Scored(raw, score, ended, torch.cat(logp), torch.cat(ref_logp), values_all, torch.cat(entropy),
-                      graph)
+        logp_all, ref_all = torch.cat(logp), torch.cat(ref_logp)  # (B, R) each
+        return Scored(raw, score, ended, logp_all, ref_all, per_token_kl(logp_all, ref_all), values_all,
+                      torch.cat(entropy), graph)
 
     # -- phase 3 ---------------------------------------------------------------------------------------
     def advantages(self, scored: Scored, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(advantages, returns or None), (B, R) each, by the configured estimator at the current kl_coef."""
         kl_coef = self.kl_ctl.value
-        if self.cfg.estimator == "gae":
-            rewards = kl_penalised_rewards(scored.score, scored.logp, scored.ref_logp, mask, kl_coef)  # (B, R)
-            advantages, returns = gae(rewards, scored.values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R) x 2
+        if self.ppo.estimator == "gae":
+            rewards = kl_penalised_rewards(scored.score, scored.kl, mask, kl_coef)  # (B, R)
+            advantages, returns = gae(rewards, scored.values, mask, self.ppo.gamma, self.ppo.lam)  # (B, R) x 2
             # Whitening: the policy step size no longer depends on the reward scale or its drift.
             return masked_whiten(advantages, mask), returns
-        seq = sequence_rewards(scored.score, scored.logp, scored.ref_logp, mask, kl_coef)  # (B,)
-        k = self.cfg.samples_per_prompt
-        per_seq = rloo_advantages(seq, k) if self.cfg.estimator == "rloo" else group_normalised_advantages(seq, k)
+        seq = sequence_rewards(scored.score, scored.kl, mask, kl_coef)  # (B,)
+        k = self.ppo.samples_per_prompt
+        per_seq = rloo_advantages(seq, k) if self.ppo.estimator == "rloo" else group_normalised_advantages(seq, k)
         return per_seq.unsqueeze(1) * mask, None  # every token of a response shares its advantage: (B, R)
 
     # -- phase 4 ---------------------------------------------------------------------------------------
@@ -265,8 +219,8 @@ class PPOModule(L.LightningModule):
         self.policy.train()
         totals: dict[str, list[float]] = defaultdict(list)
         steps, stopped = 0, False
-        for _ in range(self.cfg.ppo_epochs):
-            for rows in torch.randperm(exp.logp.shape[0], device=self.device).split(self.cfg.minibatch_size):
+        for _ in range(self.ppo.ppo_epochs):
+            for rows in torch.randperm(exp.logp.shape[0], device=self.device).split(self.ppo.minibatch_size):
                 mb = exp[rows]
                 if first is not None:  # the policy has not moved since phase 2's forward of every row
                     logp, values = first[0][rows], None if first[1] is None else first[1][rows]
@@ -274,24 +228,24 @@ class PPOModule(L.LightningModule):
                 else:
                     logp, values, _ = self(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
                 pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
-                    logp, mb.logp, mb.advantages, mb.response_mask, self.cfg.clip_range)
+                    logp, mb.logp, mb.advantages, mb.response_mask, self.ppo.clip_range)
                 # Measured before this minibatch's step: past the bound, the ratio clip no longer keeps the
                 # policy near the one that sampled the rollout, so the remaining updates are skipped.
                 # Under DDP every process decides on the largest value, so all stop together (a process
                 # that went on alone would wait forever in the gradient all-reduce).
-                if _max_over_processes(approx_kl) > self.cfg.max_approx_kl:
+                if _max_over_processes(approx_kl) > self.ppo.max_approx_kl:
                     stopped = True
                     break
                 loss = pg_loss
                 stats = {"policy_loss": pg_loss, "clip_fraction": clip_fraction, "approx_kl": approx_kl}
                 if values is not None:
                     vf_loss, vf_clip_fraction = value_loss(
-                        values, mb.values, mb.returns, mb.response_mask, self.cfg.clip_range_value)
-                    loss = loss + self.cfg.vf_coef * vf_loss
+                        values, mb.values, mb.returns, mb.response_mask, self.ppo.clip_range_value)
+                    loss = loss + self.ppo.vf_coef * vf_loss
                     stats |= {"value_loss": vf_loss, "value_clip_fraction": vf_clip_fraction}
                 opt.zero_grad()
                 self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=self.cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 steps += 1
                 for name, value in stats.items():
@@ -302,12 +256,12 @@ class PPOModule(L.LightningModule):
                 "early_stop": float(stopped)}
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
-        k = self.cfg.samples_per_prompt
+        k = self.ppo.samples_per_prompt
         prompts = [p for p in batch["prompt"] for _ in range(k)]  # (B,) consecutive groups of k
         chats = [c for c in batch["prompt_chat"] for _ in range(k)]
         # Seeded per iteration, not by the global stream: a run repeats on CPU even if something
         # else (a callback, the prompt sampler) draws random numbers in between.
-        sampled = self.rollout(chats, seed=self.cfg.seed * 1_000_003 + batch_idx)
+        sampled = self.rollout(chats, seed=self.ppo.seed * 1_000_003 + batch_idx)
         scored = self.score_and_kl(prompts, sampled, keep_graph=self.shares_forward(len(chats)))
         mask = sampled.response_mask  # (B, R)
         advantages, returns = self.advantages(scored, mask)
@@ -316,7 +270,7 @@ class PPOModule(L.LightningModule):
                          advantages, scored.values, returns)
         losses = self.ppo_epochs(exp, first=scored.graph)
         scored.graph = None  # the first step consumed it (or the iteration stopped before it)
-        seq_kl = (per_token_kl(scored.logp, scored.ref_logp) * mask).sum(1).mean().item()  # per sequence
+        seq_kl = (scored.kl * mask).sum(1).mean().item()  # per sequence
         self.kl_ctl.update(seq_kl, n_steps=mask.shape[0])
 
         stats = {
@@ -324,7 +278,7 @@ class PPOModule(L.LightningModule):
             "reward_normalised": self.scorer.normalise(scored.raw_scores).mean().item(),
             "score": scored.score.mean().item(),
             "kl": seq_kl,
-            "kl_per_token": masked_mean(per_token_kl(scored.logp, scored.ref_logp), mask).item(),
+            "kl_per_token": masked_mean(scored.kl, mask).item(),
             "kl_coef": kl_coef,
             "entropy": masked_mean(scored.entropy, mask).item(),
             "response_length": mask.sum(1).float().mean().item(),
@@ -437,12 +391,12 @@ class _SaveHistory(Callback):
 
 
 def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,
-              reward_stats: tuple[float, float] | None = None, gold_judge: bool = False,
-              callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> PPOResult:
-    """PPO from a fresh adapter. `reward_stats` = (mean, std) overrides the normalisation stored in
-    reward_model_dir/reward_stats.json; `logger` is a Lightning logger (e.g. MLFlowLogger) or None;
+              gold_judge: bool = False, callbacks: list[Callback] | None = None,
+              ckpt_path: str | None = None) -> PPOResult:
+    """PPO from a fresh adapter against the reward model in `reward_model_dir` (`RewardScorer.load`);
+    `logger` is a Lightning logger (e.g. MLFlowLogger) or None;
     `gold_judge` logs the built-in task's gold score of the rollouts (monitoring only); `callbacks`
-    e.g. evaluation.HeldoutMonitor or a checkpoint callback; `ckpt_path`: resume from that checkpoint."""
+    e.g. monitor.HeldoutMonitor or a checkpoint callback; `ckpt_path`: resume from that checkpoint."""
     L.seed_everything(cfg.ppo.seed)
-    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, reward_stats, gold_judge)
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, gold_judge)
     return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks, ckpt_path)

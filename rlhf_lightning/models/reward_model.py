@@ -20,17 +20,16 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
 from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_lightning import judge
-from rlhf_lightning.config import LoraConfig, RLHFConfig, TrainerConfig
-from rlhf_lightning.evaluation import has_gold_judge, win_rate
-from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config, resolve_precision
+from rlhf_lightning.config import LoraConfig, RLHFConfig
+from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
 from rlhf_lightning.models.losses import bradley_terry_loss
-from rlhf_lightning.models.progress import LineProgress, interactive
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
+from rlhf_lightning.models.trainer import build_trainer
+from rlhf_lightning.stats import win_rate
 
 STATS_FILE = "reward_stats.json"
 
@@ -290,21 +289,6 @@ class RewardModelResult:
     """Optimiser steps of the fit (the step the final figures belong to in the metric history)."""
 
 
-def build_trainer(cfg: TrainerConfig, name: str, callbacks: list | None = None, **kwargs) -> L.Trainer:
-    """A Lightning Trainer with the configured hardware settings (shared by reward model and PPO). Away
-    from a terminal the progress bar becomes a line every 30 s, prefixed with `name`."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    tty = interactive()
-    callbacks = list(callbacks or []) + ([] if tty else [LineProgress(name)])
-    # Checkpoints only from a checkpoint callback the caller passes (checkpoints.PeriodicCheckpoint):
-    # Lightning's default one would write a second set nobody resumes from.
-    checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
-    return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                     precision=resolve_precision(cfg.precision, cfg.accelerator), enable_progress_bar=tty,
-                     callbacks=callbacks, enable_checkpointing=checkpointing, **kwargs)
-
-
 def resolve_backbone(cfg: RLHFConfig) -> str:
     """`policy` means the policy's own base model."""
     return cfg.policy.model if cfg.reward_model.backbone == "policy" else cfg.reward_model.backbone
@@ -346,7 +330,7 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     metrics["eval_accuracy_ci95"] = win_rate(eval_chosen.tolist(), eval_rejected.tolist(),
                                              groups=[row["prompt"] for row in eval_rows])[1]
     metrics |= {f"train_{k}": v for k, v in preference_metrics(train_chosen, train_rejected).items()}
-    if has_gold_judge(cfg):
+    if judge.has_gold_judge(cfg):
         metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
     model_dir = out / "model"
     scorer.save(model_dir, metrics)

@@ -1,0 +1,60 @@
+"""The quality gates: before RL (`check_reward_model`) and before promotion (`promotion_decision`).
+
+Pure functions of the measured figures, so that the pipeline, the CLI and the tests decide alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GateError(RuntimeError):
+    """A quality gate failed; the message says which numbers failed and what to try."""
+
+
+def check_reward_model(metrics: dict[str, float], min_accuracy: float, n_pairs: int) -> None:
+    """Gate before RL: raise GateError unless the held-out preference accuracy reaches `min_accuracy`."""
+    accuracy = metrics["eval_accuracy"]
+    if accuracy >= min_accuracy:
+        return
+    ci = metrics.get("eval_accuracy_ci95")
+    raise GateError(
+        f"reward model gate failed: held-out accuracy {accuracy:.3f}{f' ± {ci:.3f}' if ci is not None else ''} "
+        f"< reward_model.min_eval_accuracy {min_accuracy:.3f} (on {n_pairs} pairs). PPO against this reward model would optimise noise, so the "
+        "run stops before RL. Try: more preference pairs (data.builtin.n_preference_prompts or more files); "
+        "more epochs or another learning rate (reward_model.epochs, reward_model.learning_rate); less label "
+        "noise (data.builtin.annotator_beta, or check your labels: random or flipped `choice` values give "
+        "~0.5); a stronger backbone (reward_model.backbone, e.g. `policy`). Lower the gate only knowingly."
+    )
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    judge: str
+    """`gold` or `rm`: whose win rates decided."""
+
+
+def promotion_decision(metrics: dict[str, float], margin: float, gold: bool,
+                       champion: str | None = None) -> GateDecision:
+    """Gate before promotion: the policy's win rate against the reference, and against the champion when
+    one was compared (`champion` names it), must exceed 0.5 + margin, and its 95% interval must lie above
+    0.5 (a tie). Judged by the gold judge when there is one, else by the reward model (which the policy
+    was trained on: a weaker test). `metrics` are the evaluation's (`eval/...`)."""
+    judge_name = "gold" if gold else "rm"
+    threshold = 0.5 + margin
+    against = [("reference", "")] + ([(f"champion {champion}", "champion_")] if champion else [])
+    parts, ok = [], True
+    for who, p in against:
+        wr, ci = metrics[f"eval/{p}{judge_name}_win_rate"], metrics[f"eval/{p}{judge_name}_win_rate_ci95"]
+        # The interval must exclude a tie too: on few samples a policy no better than the reference can clear
+        # the margin by chance (a tiny policy PPO moved against a random reward model: 0.562 +- 0.084 on 24).
+        clear = wr - ci > 0.5
+        ok &= wr > threshold and clear
+        parts.append(f"vs {who} {wr:.3f} ± {ci:.3f} {'>' if wr > threshold else '<='} {threshold:.3f}"
+                     + ("" if clear or wr <= threshold else " but its 95% interval reaches 0.5"))
+    verdict = "promote to champion" if ok else "stays candidate"
+    reason = (f"{judge_name} win rate {'; '.join(parts)} (n={int(metrics['eval/n'])}, "
+              f"KL {metrics['eval/kl']:.2f} nats): {verdict}")
+    return GateDecision(ok, reason, judge_name)
