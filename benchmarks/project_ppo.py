@@ -90,7 +90,9 @@ def main() -> int:
     cfg = from_dict({
         "policy": {"model": POLICY, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
         "ppo": {"iterations": args.episodes // args.batch, "rollout_batch_size": args.batch, "minibatch_size": args.batch,
-                "ppo_epochs": 1, "max_new_tokens": args.max_new_tokens, "temperature": 0.7, "samples_per_prompt": 1},
+                "ppo_epochs": 1, "max_new_tokens": args.max_new_tokens, "temperature": 0.7, "samples_per_prompt": 1,
+                # the workload as first measured: lr 1e-4 and a fixed KL coefficient 0.05, not the default run's
+                "learning_rate": 1e-4, "kl_coef": 0.05, "kl_target": None},
         "trainer": {"accelerator": "cpu"} | ({"precision": args.precision} if args.precision else {}),
     })
     prompts = hh_prompts(load_tokenizer(POLICY), args.episodes, args.max_prompt_tokens)
