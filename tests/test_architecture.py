@@ -121,3 +121,12 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     known = {"rlhf_lightning", "rlhf_lightning.models", "rlhf_lightning.models.ppo", "rlhf_lightning.evaluation"}
     assert imports("rlhf_lightning.models.ppo", pkg / "models" / "ppo.py", known) == {"rlhf_lightning.evaluation": 2}
     assert imports("rlhf_lightning.evaluation", pkg / "evaluation.py", known) == {"rlhf_lightning.models.ppo": 1}
+
+
+def test_the_serving_side_holds_nothing_of_training(graph):
+    """What ships (registry, serving, deployments, inference, ...) loads without the training code: no
+    models/, data/ or evaluation, so the served model's process and the deploy/inference steps stay light."""
+    serving, training = LAYERS[4], {1, 2, 3}
+    leaks = [f"{name} imports {dep} (line {line})" for name in sorted(serving) for dep, line in graph[name].items()
+             if dep in graph and layer(dep) in training]
+    assert not leaks, "\n".join(leaks)
