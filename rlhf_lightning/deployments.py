@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
 from rlhf_lightning.config import ServingConfig
-from rlhf_lightning.registry import RegistryError, resolve_model_uri
+from rlhf_lightning.registry import ModelRef, RegistryError, resolve_model_uri
 from rlhf_lightning.serving import ModelServer, predict_records
 
 TARGET = "rlhf-local"
@@ -51,17 +51,16 @@ def _settings(config: dict | None) -> dict[str, Any]:
             "startup_timeout": float(merged["startup_timeout"])}
 
 
-def _registered_version(model_uri: str) -> tuple[str, str]:
-    """(name, version) of a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI, resolved now."""
+def _registered_version(model_uri: str) -> ModelRef:
+    """The registered version a `models:/` URI names now, or the MLflow error a deployments client raises."""
     try:
-        version = resolve_model_uri(model_uri)
+        resolved = resolve_model_uri(model_uri)
     except RegistryError as exc:
         raise MlflowException(str(exc), RESOURCE_DOES_NOT_EXIST) from None
-    if version is None:
+    if resolved is None:
         raise MlflowException(f"{TARGET} deploys registered models (models:/NAME/VERSION or models:/NAME@ALIAS), "
                               f"got {model_uri!r}; register it first", INVALID_PARAMETER_VALUE)
-    ref = model_uri.removeprefix("models:/")
-    return (ref.split("@", 1)[0] if "@" in ref else ref.rsplit("/", 1)[0]), version
+    return resolved
 
 
 class LocalDeploymentClient(BaseDeploymentClient):

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import pandas as pd
@@ -212,31 +213,47 @@ def champion_adapter(name: str, base_model: str, dst_dir: str) -> tuple[tuple[st
     return (adapter, f"v{version}"), f"compared with {name}@{CHAMPION_ALIAS} (v{version})"
 
 
-def resolve_model_uri(model_uri: str) -> str | None:
-    """The version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names now (None for other URIs:
-    runs:/, paths). Raises RegistryError saying what exists instead: the aliases that do, the command
-    that makes a champion."""
+class ModelRef(NamedTuple):
+    """A registered model version: what a `models:/` URI names at the moment it is resolved."""
+
+    name: str
+    version: str
+
+
+def resolve_model_uri(model_uri: str) -> ModelRef | None:
+    """The (name, version) a `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME/latest` URI
+    names now (None for other URIs: runs:/, paths). Raises RegistryError saying what exists instead: the
+    versions or aliases that do, the command that makes a champion."""
     if not model_uri.startswith("models:/"):
         return None
-    ref = model_uri.removeprefix("models:/")
-    name, alias = ref.split("@", 1) if "@" in ref else (ref.rsplit("/", 1)[0], None)
+    ref = model_uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, alias, version = *ref.split("@", 1), None
+    elif "/" in ref:
+        (name, version), alias = ref.rsplit("/", 1), None
+    else:
+        raise RegistryError(f"{model_uri}: name a version or an alias: models:/{ref}/VERSION, "
+                            f"models:/{ref}/latest or models:/{ref}@champion")
     client = MlflowClient()
     try:
         model = client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         raise RegistryError(f"{model_uri}: no registered model {name!r} at {mlflow.get_registry_uri()} (run the flow "
                             "first, or point MLFLOW_TRACKING_URI at the server that has it)") from None
-    if alias is None:
-        version = ref.rsplit("/", 1)[-1]
-        try:
-            return client.get_model_version(name, version).version
-        except mlflow.exceptions.MlflowException:
-            raise RegistryError(f"{model_uri}: {name} has no version {version!r}") from None
-    if alias in model.aliases:
-        return str(model.aliases[alias])
-    have = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
-    raise RegistryError(f"{model_uri}: {name} has no alias {alias!r} (its aliases: {have}); serve one of those, "
-                        f"or make a version champion: python -m rlhf_lightning promote --version N")
+    if alias is not None:
+        if alias in model.aliases:
+            return ModelRef(name, str(model.aliases[alias]))
+        have = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
+        raise RegistryError(f"{model_uri}: {name} has no alias {alias!r} (its aliases: {have}); serve one of those, "
+                            f"or make a version champion: python -m rlhf_lightning promote --version N")
+    versions = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+    if version.lower() == "latest" and versions:
+        return ModelRef(name, str(versions[-1]))
+    if version.isdigit() and int(version) in versions:
+        return ModelRef(name, str(int(version)))
+    have = f"versions {versions[0]}..{versions[-1]}" if versions else "no versions"
+    raise RegistryError(f"{model_uri}: {name} has no version {version!r} (it has {have}; stages are not used here: "
+                        "name a version number, `latest`, or an alias such as @champion)")
 
 
 def promote(name: str, version: str, reason: str) -> str | None:

@@ -228,3 +228,21 @@ def test_rollback_moves_champion_back_and_the_cli_reports_it(registered, mlflow_
     failed = subprocess.run(cli + ["--to", "2"], capture_output=True, text=True, env=env, timeout=120)
     assert failed.returncode == 1 and "already is version 2" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_model_uris_resolve_to_name_and_version_or_say_what_exists(registered):
+    """What `serve` and the deployments client check before they load anything."""
+    assert registry.resolve_model_uri(f"models:/{MODEL_NAME}@champion") == (MODEL_NAME, "2")
+    assert registry.resolve_model_uri(f"models:/{MODEL_NAME}/1") == (MODEL_NAME, "1")
+    assert registry.resolve_model_uri(f"models:/{MODEL_NAME}/latest") == (MODEL_NAME, "2")
+    assert registry.resolve_model_uri("runs:/abc/model") is None
+    with pytest.raises(registry.RegistryError, match=r"has no version '7' \(it has versions 1\.\.2; stages"):
+        registry.resolve_model_uri(f"models:/{MODEL_NAME}/7")
+    with pytest.raises(registry.RegistryError, match=r"has no version 'Production'"):
+        registry.resolve_model_uri(f"models:/{MODEL_NAME}/Production")
+    with pytest.raises(registry.RegistryError, match=r"has no alias 'best' \(its aliases: candidate -> v2, champion -> v2\)"):
+        registry.resolve_model_uri(f"models:/{MODEL_NAME}@best")
+    with pytest.raises(registry.RegistryError, match=rf"name a version or an alias: models:/{MODEL_NAME}/VERSION"):
+        registry.resolve_model_uri(f"models:/{MODEL_NAME}")
+    with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
+        registry.resolve_model_uri("models:/nope/1")
