@@ -69,6 +69,24 @@ def test_pair_encoder_bert_template_and_right_padding():
     assert batch["input_ids"][1, 5:].tolist() == [tok.pad_token_id] * 5
 
 
+def test_pair_encoder_pads_to_a_multiple_without_changing_the_rewards():
+    model, tok = load_reward_backbone("tiny:bert")
+    model.eval()
+    prompts, responses = ["one two three four five six seven", "hi"], ["good food", "ok"]
+    tight = PairEncoder(tok, 48)(prompts, responses)
+    rounded = PairEncoder(tok, 48, pad_to_multiple_of=16)(prompts, responses)
+    width = tight["input_ids"].shape[1]
+    assert width % 16 and rounded["input_ids"].shape == (2, -(-width // 16) * 16)
+    for key in tight:  # the same rows, then masked padding
+        assert torch.equal(rounded[key][:, :width], tight[key])
+    assert rounded["attention_mask"][:, width:].sum() == 0
+    assert (rounded["input_ids"][:, width:] == tok.pad_token_id).all()
+    with torch.no_grad():
+        assert torch.allclose(model(**rounded).logits, model(**tight).logits, atol=1e-5)
+    # Never rounded past max_length: 10 stays 10 with a multiple of 16.
+    assert PairEncoder(tok, 10, pad_to_multiple_of=16)(prompts, responses)["input_ids"].shape == (2, 10)
+
+
 @pytest.fixture
 def weights(monkeypatch) -> dict:
     """Records the reward model's parameters when training starts and ends (before LoRA is merged)."""

@@ -34,6 +34,14 @@ from rlhf_lightning.stats import win_rate
 STATS_FILE = "reward_stats.json"
 
 
+TRAIN_PAD_MULTIPLE = 64
+"""Training batches are padded to a multiple of this many positions, not to their longest row: with a
+new width for nearly every batch, the process's peak memory kept growing for the whole fit while its live
+tensors stayed the same (benchmarks/project_reward.py, MiniLM, 256 tokens, bf16-mixed: 2.23 GB at 1 000
+pairs, 2.64-2.70 at 2 000); with four widths it peaked at 2.03 and 2.32 GB, at the same pairs/s and
+held-out accuracy. The extra positions are masked, so the rewards do not change."""
+
+
 class PairEncoder:
     """(prompt, response) texts -> padded model inputs of at most `max_length` tokens.
 
@@ -42,13 +50,14 @@ class PairEncoder:
     ([CLS] p [SEP] r [SEP] and token types for BERT). Responses are prefixed with a newline: decoder
     tokenizers have no pair template and would glue the two texts together; WordPiece drops it."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_multiple_of: int = 1):
         # A private copy of the Rust tokenizer with truncation and padding off: we cut by hand.
         self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_truncation()
         self.backend.no_padding()
         self.room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
         self.pad_id = tokenizer.pad_token_id
+        self.max_length, self.multiple = max_length, pad_to_multiple_of
         self.with_token_types = "token_type_ids" in tokenizer.model_input_names
 
     def __call__(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
@@ -60,7 +69,9 @@ class PairEncoder:
             r.truncate(self.room, direction="right")
             p.truncate(self.room - len(r.ids), direction="left")
             encodings.append(self.backend.post_process(p, r, add_special_tokens=True))
-        width = max(len(e.ids) for e in encodings)
+        longest = max(len(e.ids) for e in encodings)
+        # Rounded up, never past max_length (unless one row already is): see TRAIN_PAD_MULTIPLE.
+        width = min(-(-longest // self.multiple) * self.multiple, max(longest, self.max_length))
 
         def padded(rows: list[list[int]], value: int) -> torch.Tensor:  # right padding -> (B, T)
             return torch.tensor([row + [value] * (width - len(row)) for row in rows])
@@ -156,7 +167,7 @@ class RewardModel(L.LightningModule):
             # so the randomly initialised head trains alongside the adapter.
             model = get_peft_model(model, peft_lora_config(lora, "SEQ_CLS"))
         self.model = model
-        self.encoder = PairEncoder(self.tokenizer, max_length)
+        self.encoder = PairEncoder(self.tokenizer, max_length, pad_to_multiple_of=TRAIN_PAD_MULTIPLE)
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(**batch["inputs"]).logits.squeeze(-1).float()  # (U,)
