@@ -35,10 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-prompts", nargs="+", default=None, metavar="FILE",
                    help="held-out evaluation prompt sources (overrides data.eval_prompts)")
     s.add_argument("--config", default=None,
-                   help="YAML config for the format, limits and policy tokenizer (default: the default run's, "
-                        "what configs/default.yaml and the flow use)")
+                   help="YAML config for the layout, limits and policy tokenizer (default: the default run's, "
+                        "what configs/default.yaml and the flow use); a file of configs/data/ reads a public "
+                        "set as published (SHP, PKU-SafeRLHF, HelpSteer, Nectar, Chatbot Arena, UltraFeedback...)")
     s.add_argument("--format", default=None, choices=FORMATS,
-                   help="record layout (overrides data.format)")
+                   help="record layout of every source (overrides data.format; `mapping` reads "
+                        "data.field_mapping of the config)")
+    s.add_argument("--prompts-format", default=None, choices=FORMATS,
+                   help="record layout of the prompt sources alone (overrides data.prompts_format)")
     s.add_argument("--strict", action="store_true", help="treat warnings as errors (sets data.strict)")
     s.add_argument("--report", default="outputs/validate/validation_report.json",
                    help="where to write the JSON report (default: %(default)s)")
@@ -104,6 +108,8 @@ def validate_command(args: argparse.Namespace) -> int:
             overrides["eval_prompts"] = args.eval_prompts
         if args.format is not None:
             overrides["format"] = args.format
+        if args.prompts_format is not None:
+            overrides["prompts_format"] = args.prompts_format
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **overrides))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -77,24 +77,124 @@ class BuiltinTaskConfig:
         _check(self.annotator_beta > 0, "data.builtin.annotator_beta", "must be > 0 (use a large value for noise-free labels)")
 
 
+TIE = "tie"
+"""The `data.field_mapping.label_values` value of a label that prefers neither response."""
+PairSelection = Literal["all", "best_vs_rest", "best_vs_worst"]
+
+
 @dataclass
 class FieldMapping:
-    """Names of the fields of a layout no built-in format knows (OpenRLHF-style keys), used when
-    `data.format` is `mapping`. Each value may be text or a list of `{role, content}` messages."""
+    """How to read a layout no built-in format knows, used when `data.format` is `mapping`: which
+    fields hold the prompt and the responses, and how the preference is given. Data, not code: the
+    mappings of public sets ship in `configs/data/`.
+
+    The preference is given by exactly one of:
+    - `chosen_key` / `rejected_key`: the preferred and the other response (the default);
+    - `responses` + `label_key` / `label_values`: a label naming the preferred response (SHP's `labels`,
+      PKU-SafeRLHF's `better_response_id`, Chatbot Arena's `winner`);
+    - `responses` + `score_keys`: a score per response, higher is better;
+    - `responses` + `preference_key` / `negative_prefers`: one signed score (HelpSteer's -3..3);
+    - `responses` naming one list field + `rank_key` or `item_score_key`: a ranking of K responses,
+      which becomes up to K(K-1)/2 pairs (`pairs`).
+    Ties (a label meaning `tie`, equal scores or ranks, a signed score of 0) are dropped and counted by
+    reason in the validation report."""
 
     prompt_key: str = "prompt"
-    """Field holding the prompt (text or a conversation)."""
+    """Field holding the prompt: text, a list of `{role, content}` messages, or an Anthropic HH
+    transcript (`prompt_format: hh`). Empty: the responses are whole conversations and the prompt is
+    the part they share (Chatbot Arena's `conversation_a` / `conversation_b`)."""
+    prompt_format: Literal["auto", "text", "messages", "hh"] = "auto"
+    """How the prompt field is written. `auto`: a string is one user message, a list is a
+    conversation; `hh`: a `"\\n\\nHuman: ... \\n\\nAssistant:"` transcript (Nectar), its final empty
+    Assistant turn dropped."""
+    system_key: str = ""
+    """Optional field holding a system message that goes before the prompt (Orca's `system`); an empty
+    value adds none."""
     chosen_key: str = "chosen"
-    """Field holding the preferred response."""
+    """Field holding the preferred response (text, `[{role: assistant, content}]` or the whole
+    conversation), when `responses` is empty."""
     rejected_key: str = "rejected"
-    """Field holding the other response."""
+    """Field holding the other response, when `responses` is empty."""
+    responses: list[str] = field(default_factory=list)
+    """Fields holding the candidate responses, in order (`[human_ref_A, human_ref_B]`), or one field
+    holding a list of them (`[answers]`: texts, or objects whose text is under `response_key`). A
+    response may be text or a whole conversation ending in the assistant's answer."""
+    response_key: str = ""
+    """In a list of response objects, the key holding the text (Nectar: `answer`)."""
+    label_key: str = ""
+    """Field naming the preferred response (with `label_values`)."""
+    label_values: dict[str, str] = field(default_factory=dict)
+    """Each value of `label_key` -> the response field it prefers, or `tie` (dropped): SHP
+    `{1: human_ref_A, 0: human_ref_B}`. A value not listed is an error at its record."""
+    score_keys: list[str] = field(default_factory=list)
+    """A score field per field of `responses`, in the same order; the higher score is preferred, equal
+    scores are a tie (dropped)."""
+    preference_key: str = ""
+    """A signed score comparing the two `responses`: its sign says which is preferred (with
+    `negative_prefers`); 0 is a tie (dropped)."""
+    negative_prefers: str = ""
+    """The field of `responses` a negative `preference_key` prefers (HelpSteer: the first response);
+    a positive one prefers the other."""
+    rank_key: str = ""
+    """In a list of response objects, the key holding the rank: 1 is the best, lower is better; equal
+    ranks are a tie (that pair dropped)."""
+    item_score_key: str = ""
+    """In a list of response objects, the key holding a score: higher is better (UltraFeedback's raw
+    `completions[].overall_score`)."""
+    pairs: PairSelection = "all"
+    """Which pairs a ranking of K responses gives: `all` K(K-1)/2 (as InstructGPT trained on, and the
+    built-in task), `best_vs_rest` K-1, `best_vs_worst` 1."""
 
     def __post_init__(self) -> None:
-        for name in ("prompt_key", "chosen_key", "rejected_key"):
+        where = "data.field_mapping"
+        for name in ("chosen_key", "rejected_key"):
             _check(isinstance(getattr(self, name), str) and bool(getattr(self, name)),
-                   f"data.field_mapping.{name}", "name the record's field (a non-empty string)")
-        _check(self.chosen_key != self.rejected_key, "data.field_mapping.rejected_key",
-               "must differ from chosen_key")
+                   f"{where}.{name}", "name the record's field (a non-empty string)")
+        _check(self.chosen_key != self.rejected_key, f"{where}.rejected_key", "must differ from chosen_key")
+        _check(self.prompt_format in ("auto", "text", "messages", "hh"), f"{where}.prompt_format",
+               f"got {self.prompt_format!r}; use auto, text, messages or hh")
+        _check(self.pairs in get_args(PairSelection), f"{where}.pairs",
+               f"got {self.pairs!r}; use {', '.join(get_args(PairSelection))}")
+        ways = [name for name in ("label_key", "score_keys", "preference_key", "rank_key", "item_score_key")
+                if getattr(self, name)]
+        if not self.responses:
+            _check(not ways, f"{where}.responses", f"{ways[0] if ways else ''} needs the response fields: "
+                                                   "name them in responses")
+            _check(bool(self.prompt_key), f"{where}.prompt_key", "name the prompt's field (it may be empty only "
+                                                                 "with responses that are whole conversations)")
+            return
+        _check(len(ways) == 1, f"{where}", f"say how the preference is given with exactly one of label_key, "
+                                           f"score_keys, preference_key, rank_key or item_score_key (got "
+                                           f"{ways or 'none'})")
+        _check(len(set(self.responses)) == len(self.responses), f"{where}.responses", "names a field twice")
+        listed = len(self.responses) == 1
+        if listed:
+            _check(ways[0] in ("rank_key", "item_score_key"), f"{where}.responses",
+                   f"one field is a list of ranked or scored responses: give rank_key or item_score_key, not "
+                   f"{ways[0]} (or name two or more response fields)")
+        else:
+            _check(ways[0] not in ("rank_key", "item_score_key"), f"{where}.{ways[0]}",
+                   "ranks and item scores are read from one list field: name it alone in responses")
+        if self.label_key:
+            _check(bool(self.label_values), f"{where}.label_values",
+                   "say what each label value means: {value: the response field it prefers, or tie}")
+            for value, target in self.label_values.items():
+                _check(target == TIE or target in self.responses, f"{where}.label_values.{value}",
+                       f"got {target!r}; use one of {self.responses} or {TIE}")
+        if self.score_keys:
+            _check(len(self.score_keys) == len(self.responses), f"{where}.score_keys",
+                   f"needs one score field per response field ({len(self.responses)}), got {len(self.score_keys)}")
+        if self.preference_key:
+            _check(len(self.responses) == 2, f"{where}.responses", "a signed preference compares exactly two "
+                                                                   "responses")
+            _check(self.negative_prefers in self.responses, f"{where}.negative_prefers",
+                   f"got {self.negative_prefers!r}; name the response a negative {self.preference_key} prefers, "
+                   f"one of {self.responses}")
+
+    @property
+    def declarative(self) -> bool:
+        """True when the responses and their preference are mapped (`responses`), not chosen/rejected."""
+        return bool(self.responses)
 
 
 @dataclass
@@ -104,8 +204,10 @@ class DataConfig:
     preferences: list[str] = field(default_factory=list)
     """Preference sources: local paths or globs of JSONL, JSON (a list), Parquet or CSV files (`.gz` for
     the text formats), `s3://bucket/key` (globs allowed in the key; AWS_ENDPOINT_URL is honoured) or a
-    Hugging Face dataset `hf:ID[@DATA_DIR][:SPLIT]` (e.g. `hf:Anthropic/hh-rlhf@harmless-base:test`,
-    needs hub access). Empty = generate the built-in task. Formats: see `format`."""
+    Hugging Face dataset `hf:ID[@DATA_DIR][[:CONFIG]:SPLIT]` (e.g. `hf:Anthropic/hh-rlhf@harmless-base:test`,
+    `hf:PKU-Alignment/PKU-SafeRLHF:alpaca-7b:train`; offline, from the local `datasets` cache) or
+    `hf:DIR[:SPLIT]` (a directory written by `save_to_disk`). Empty = generate the built-in task.
+    Layouts: see `format`."""
     prompts: list[str] = field(default_factory=list)
     """RL prompt sources (same kinds; a preference file works too: only its prompt is used); required
     when `preferences` is set, empty otherwise = the built-in task's RL prompts."""
@@ -114,11 +216,19 @@ class DataConfig:
     format: DataFormat = "auto"
     """Record layout. `vertex`: `{input_text | messages, candidate_0, candidate_1, choice}` (prompts
     `{input_text | messages}`, optional `context`); `trl`: `{prompt, chosen, rejected}` as text or lists
-    of `{role, content}` (prompts `{prompt}`); `hh`: Anthropic HH `{chosen, rejected}` transcripts whose
-    shared prompt is split off; `mapping`: the fields named in `field_mapping`; `auto`: detect each
-    record's format from its keys (one format per file; the report lists what each file was read as)."""
+    of `{role, content}`, or `{chosen, rejected}` as whole conversations whose shared turns are the
+    prompt (TRL's implicit-prompt form; with a `prompt` text beside them, as HuggingFaceH4's
+    UltraFeedback, it must match) (prompts `{prompt}`); `hh`: Anthropic HH `{chosen, rejected}`
+    transcripts whose shared prompt is split off; `mapping`: `field_mapping` says where everything is
+    (labels, scores and rankings included; ready mappings in `configs/data/`); `auto`: detect each
+    record's layout (one per file; the report lists what each file was read as). A prompt
+    conversation that ends in the assistant's turns (chat sets such as UltraChat) prompts for its last
+    user turn."""
+    prompts_format: Literal["", "auto", "vertex", "trl", "hh", "mapping"] = ""
+    """Layout of the `prompts` and `eval_prompts` sources when it is not the preferences' (empty: the
+    same as `format`): e.g. `auto` for a chat set's prompts beside a mapped preference set."""
     field_mapping: FieldMapping = field(default_factory=FieldMapping)
-    """Field names used when `format` is `mapping`."""
+    """Where a layout keeps its prompt, responses and preference, used when `format` is `mapping`."""
     eval_fraction: float = 0.2
     """Fraction of the distinct preference prompts held out, with all their pairs, to evaluate the reward
     model (split by prompt, so no prompt is in both); also of the RL prompts when no eval prompt file is given."""
@@ -146,6 +256,8 @@ class DataConfig:
         _check(self.target_length > 0, "data.target_length", "must be a positive integer")
         _check(isinstance(self.strict, bool), "data.strict", "must be true or false")
         _check(self.format in FORMATS, "data.format", f"got {self.format!r}; use {', '.join(FORMATS)}")
+        _check(self.prompts_format in ("",) + FORMATS, "data.prompts_format",
+               f"got {self.prompts_format!r}; use {', '.join(FORMATS)} (or leave it empty: the same as data.format)")
         for name in SOURCE_ROLES:
             for source in getattr(self, name):
                 _check(bool(source.strip()), f"data.{name}", "contains an empty path")
@@ -565,17 +677,60 @@ def to_dict(cfg: RLHFConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+PROJECT = Path(__file__).resolve().parents[1]
+"""The project's root: `include` finds the shipped snippets (`configs/data/...`) from any directory."""
+
+
+def _yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path}: not valid YAML: {exc}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_includes(data: Any, seen: tuple[Path, ...] = ()) -> Any:
+    """A config mapping with its top-level `include: [file, ...]` merged in underneath it: each file (a
+    config of its own, which may include others) first, in order, then this mapping's own keys on top.
+    Paths are relative to the current directory, else to the project (`configs/data/shp.yaml` works
+    from anywhere)."""
+    if not isinstance(data, dict) or "include" not in data:
+        return data
+    data = dict(data)
+    names = data.pop("include")
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"config: include: expected a file name or a list of them, got {names!r}")
+    merged: dict = {}
+    for name in names:
+        candidates = [Path(name)] if Path(name).is_absolute() else [Path.cwd() / name, PROJECT / name]
+        path = next((p.resolve() for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ConfigError(f"config: include: {name}: file not found (looked in {Path.cwd()} and {PROJECT})")
+        if path in seen:
+            raise ConfigError(f"config: include: {name}: includes itself (through {' -> '.join(map(str, seen))})")
+        part = resolve_includes(_yaml(path) or {}, seen + (path,))
+        if not isinstance(part, dict):
+            raise ConfigError(f"config: include: {path}: expected a mapping of config keys")
+        merged = _merge(merged, part)
+    return _merge(merged, data)
+
+
 def load_config(path: str | Path) -> RLHFConfig:
-    """Read a YAML file into the config tree."""
+    """Read a YAML file (and the files it includes) into the config tree."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: {path}: file not found")
+    data = _yaml(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path}: not valid YAML: {exc}") from None
-    try:
-        return from_dict(data)
+        return from_dict(resolve_includes(data, (path.resolve(),)))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -597,4 +752,4 @@ def flatten(cfg: RLHFConfig) -> dict[str, Any]:
 
 def parse_yaml_config(text: str) -> dict:
     """Parser handed to Metaflow's `Config`: YAML text -> validated plain dict."""
-    return to_dict(from_dict(yaml.safe_load(text) or {}))
+    return to_dict(from_dict(resolve_includes(yaml.safe_load(text) or {})))

@@ -150,10 +150,18 @@ def test_openai_messages_prompts_read_like_vertex_ones(tmp_path):
         {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
     ])
     result = read_prompts([str(path)])
+    # A conversation that ends with the answer (a chat set, as UltraChat publishes it) prompts for its last
+    # user turn: cut back to it, and counted.
     assert [(r["prompt"], r["messages"]) for r in result.rows] == [
-        ("Hey.", None), ("System: Be brief.\n\n" + CANON[1]["prompt"], [{"role": "system", "content": "Be brief."}, *TURNS])]
-    # A conversation that ends with the answer is not a prompt: said once, at its line.
-    assert locs(result) == [("3", "messages[1]", "invalid_role")]
+        ("Hey.", None), ("System: Be brief.\n\n" + CANON[1]["prompt"], [{"role": "system", "content": "Be brief."}, *TURNS]),
+        ("Hi.", None)]
+    assert result.problems == [] and result.changed == {"answer_turns_removed": 1}
+    # As a preference's prompt it stays an error: the candidates must answer the user's last turn.
+    prefs = write_records(tmp_path / "prefs.jsonl", [{"messages": [{"role": "user", "content": "Hi."},
+                                                                   {"role": "assistant", "content": "Hello."}],
+                                                      "candidate_0": "a", "candidate_1": "b", "choice": 0}])
+    result = read_preferences([str(prefs)])
+    assert locs(result) == [("1", "messages[1]", "invalid_role")]
     assert "the last turn of a prompt must be the user's" in str(result.problems[0])
 
 

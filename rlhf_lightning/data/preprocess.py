@@ -4,6 +4,9 @@ Per role (``preferences``, ``prompts`` = RL prompts, ``eval_prompts``), in this 
 
 1. read (:mod:`.formats`, in ``data.format``): invalid records are dropped (``dropped.invalid``); their
    problems are kept in :attr:`PreparedData.problems` so that validation reports every one of them;
+   pairs a record's own preference leaves undecided (ties of a label, a score or a rank) are dropped
+   by reason (``dropped.tie_label``, ``dropped.equal_scores``, ...), and a prompt conversation that
+   ends in assistant turns is cut back to its last user turn (``changed.answer_turns_removed``);
 2. clean the text, every message of a conversation included (:func:`clean_text`): each row counts once
    per reason that changed it (``changed.<reason>``);
    with ``data.drop_invalid_rows``, rows with empty text or ties are dropped here (``dropped.empty_text``,
@@ -17,7 +20,8 @@ Per role (``preferences``, ``prompts`` = RL prompts, ``eval_prompts``), in this 
    rows it makes identical too (``dropped.duplicate_after_truncation``);
 5. split train/eval by prompt (:func:`split_by_prompt`).
 
-``PreparedData.counts`` is flat (MLflow metrics take it as is): ``<role>.read``, ``<role>.kept``,
+``PreparedData.counts`` is flat (MLflow metrics take it as is): ``<role>.records`` (records read),
+``<role>.read`` (candidate pairs: a record that gives K pairs counts K), ``<role>.kept``,
 ``<role>.dropped.<reason>``, ``<role>.changed.<reason>``, ``preferences.choice_0/1`` (raw labels of the
 valid pairs) and ``<split>.rows``. For every role ``read == kept + sum(dropped.*)``: nothing is lost silently.
 Ties and empty texts present in the input are kept: validation reports them as errors with their location.
@@ -40,7 +44,9 @@ import pyarrow.parquet as pq
 
 from rlhf_lightning.config import ConfigError, RLHFConfig
 from rlhf_lightning.data import formats
-from rlhf_lightning.data.formats import Issue
+from rlhf_lightning.data.issues import Issue
+from rlhf_lightning.data.layouts import ANSWER_REMOVED
+from rlhf_lightning.data.layouts import DROP_REASONS as LAYOUT_DROPS
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PREFERENCE_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -89,6 +95,9 @@ class PreparedData:
     """Rows dropped as duplicates, each with the location of the row kept (validation warns)."""
     formats: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     """Per role and input file: records read per detected format."""
+    layouts: dict[str, dict[str, dict]] = field(default_factory=dict)
+    """Per role and input file: what it was read as and the pairs its records gave
+    (:attr:`.formats.ReadResult.layouts`)."""
     token_lengths: dict[str, list[int]] = field(default_factory=dict)
     """Policy-token lengths before truncation, per `<role>.<field>` (prompts counted with the chat
     template): for length statistics and histograms."""
@@ -347,6 +356,21 @@ def _dedupe_all(rows: list[dict], fields: tuple[str, ...], c: _Counts, notes: li
     return _dedupe(rows, fields, c, "duplicate_normalised", notes, normalise)
 
 
+def _count_read(c: _Counts, result: formats.ReadResult) -> None:
+    """`read` counts candidate pairs: a record that gives K pairs counts K, so that `read` is what is
+    kept plus what is dropped (invalid records, ties the layout dropped, and what preprocessing drops);
+    `records` counts the records themselves. Layout drops and prompt changes are counted only where
+    they happen, so the built-in formats' metrics stay what they were."""
+    c.add("records", result.records)
+    c.add("read", len(result.rows) + result.invalid + sum(result.dropped.values()))
+    c.add("dropped.invalid", result.invalid)
+    for reason in LAYOUT_DROPS:
+        if result.dropped[reason]:
+            c.add(f"dropped.{reason}", result.dropped[reason])
+    if result.changed[ANSWER_REMOVED]:
+        c.add(f"changed.{ANSWER_REMOVED}", result.changed[ANSWER_REMOVED])
+
+
 def _conversation(row: dict) -> list[dict]:
     return row["messages"] or [{"role": "user", "content": row["prompt"]}]
 
@@ -359,8 +383,7 @@ def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts
     fields = ("prompt", "chosen", "rejected")
     c = _Counts(counts, "preferences", DROP_REASONS + ("tie_after_truncation",),
                 tuple(r for r, _ in CLEAN_STEPS) + ("truncated_prompt", "truncated_response"), where)
-    c.add("read", result.records)
-    c.add("dropped.invalid", result.invalid)
+    _count_read(c, result)
     for label in (0, 1):
         c.add(f"choice_{label}", result.labels[label])
     rows = _clean_rows(result.rows, fields, c)
@@ -393,8 +416,7 @@ def prepare_prompts(role: str, result: formats.ReadResult, tok, cfg: RLHFConfig,
     """Read prompt rows -> clean, deduplicated rows with `prompt_chat` (steps 2-4 of the module docstring);
     `where` as in `prepare_preferences`."""
     c = _Counts(counts, role, DROP_REASONS, tuple(r for r, _ in CLEAN_STEPS) + ("truncated_prompt",), where)
-    c.add("read", result.records)
-    c.add("dropped.invalid", result.invalid)
+    _count_read(c, result)
     rows = _clean_rows(result.rows, ("prompt",), c)
     if cfg.data.drop_invalid_rows:
         rows = _drop_invalid(rows, c, result.problems)
@@ -435,8 +457,8 @@ def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
     counts: Counter = Counter()
     lengths: dict[str, list[int]] = {}
 
-    fmt, mapping = d.format, d.field_mapping
-    read_prefs = formats.read_preferences(sources["preferences"], "data.preferences", fmt, mapping)
+    mapping, fmt = d.field_mapping, d.prompts_format or d.format
+    read_prefs = formats.read_preferences(sources["preferences"], "data.preferences", d.format, mapping)
     read_rl = formats.read_prompts(sources["prompts"], "data.prompts", fmt, mapping)
     read_eval = formats.read_prompts(sources["eval_prompts"], "data.eval_prompts", fmt, mapping) \
         if sources["eval_prompts"] else None
@@ -469,4 +491,6 @@ def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
         problems=problems, token_lengths=lengths, notes=notes, where=where,
         formats={"preferences": read_prefs.formats, "prompts": read_rl.formats,
                  "eval_prompts": read_eval.formats if read_eval else {}},
+        layouts={"preferences": read_prefs.layouts, "prompts": read_rl.layouts,
+                 "eval_prompts": read_eval.layouts if read_eval else {}},
     )

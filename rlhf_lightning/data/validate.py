@@ -90,9 +90,12 @@ class ValidationReport:
         lines += [f"| {name} | {n} |" for name, n in st["rows"].items()]
         formats = [(role, path, n) for role, files in st.get("formats", {}).items() for path, n in files.items()]
         if formats:
-            lines += ["", "| role | file | records per detected format |", "|---|---|---|"]
-            lines += [f"| {role} | `{path}` | {', '.join(f'{k}: {v}' for k, v in n.items()) or 'none read'} |"
-                      for role, path, n in formats]
+            lines += ["", "| role | file | records per detected format | read as | rows made | dropped, changed |",
+                      "|---|---|---|---|---|---|"]
+            for role, path, n in formats:
+                layout = st.get("layouts", {}).get(role, {}).get(path, {})
+                lines.append(f"| {role} | `{path}` | {', '.join(f'{k}: {v}' for k, v in n.items()) or 'none read'} | "
+                             f"{layout.get('read_as', '')} | {_made(role, layout)} | {_by_reason(layout) or '-'} |")
         lines += ["", "| role | read | kept | dropped (by reason) | changed (by reason) |", "|---|---:|---:|---|---|"]
         counts = st["counts"]
         for role in SOURCE_ROLES:
@@ -166,7 +169,11 @@ def summary(report: ValidationReport, path: str) -> str:
              + (" (strict: warnings count as errors)" if st["strict"] else "")]
     for role, files in st["formats"].items():
         for file, n in files.items():
-            lines.append(f"  {role}: {file}: " + (", ".join(f"{v} {k}" for k, v in n.items()) or "nothing read"))
+            layout = st.get("layouts", {}).get(role, {}).get(file, {})
+            read_as = f" -- read as {layout['read_as']}: {_made(role, layout)}" if layout.get("read_as") else ""
+            by = _by_reason(layout)
+            lines.append(f"  {role}: {file}: " + (", ".join(f"{v} {k}" for k, v in n.items()) or "nothing read")
+                         + read_as + (f"; {by}" if by else ""))
     lines.append("  rows: " + ", ".join(f"{name} {n}" for name, n in st["rows"].items()))
     # First, whatever many warnings would hide: the data being mostly cut changes what training sees.
     lines += [f"  !! {issue.message}" for issue in report.warnings if issue.message.startswith(LOUD)]
@@ -177,6 +184,30 @@ def summary(report: ValidationReport, path: str) -> str:
             lines += [f"  {issue}" for issue in issues[:SHOWN]]
     lines.append(f"report: {path}")
     return "\n".join(lines)
+
+
+def _made(role: str, layout: dict) -> str:
+    """``"21 pairs (7 per record)"``: the rows a file's records gave."""
+    if not layout:
+        return ""
+    n, per = layout.get("pairs", 0), layout.get("pairs_per_record", {})
+    what = "pairs" if role == "preferences" else "prompts"
+    if role != "preferences" or not per:
+        return f"{n} {what}"
+    counts = sorted(int(k) for k in per)
+    valid = sum(per.values())
+    how = f"{counts[0]} per record" if len(counts) == 1 else \
+        f"{counts[0]}-{counts[-1]} per record, {n / max(valid, 1):.1f} on average"
+    return f"{n} {what} ({how})"
+
+
+def _by_reason(layout: dict) -> str:
+    """What the layout dropped (ties) and changed, by reason."""
+    parts = []
+    for kind in ("dropped", "changed"):
+        by = ", ".join(f"{k} {v}" for k, v in layout.get(kind, {}).items() if v)
+        parts += [f"{kind} {by}"] if by else []
+    return "; ".join(parts)
 
 
 def _length_kind(name: str) -> str:
@@ -332,6 +363,7 @@ def validate(data: PreparedData, cfg: RLHFConfig) -> ValidationReport:
         "token_lengths": {name: _quantiles(values) for name, values in data.token_lengths.items()},
         "sources": data.sources,
         "formats": data.formats,
+        "layouts": data.layouts,
         "cut_rows": data.where,
     }
     return ValidationReport(errors=errors, warnings=warnings, stats=stats, lengths=data.token_lengths,
