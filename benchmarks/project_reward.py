@@ -44,10 +44,12 @@ def hh_rows(records: list[dict]) -> tuple[list[dict], int]:
 
     rows, fallback = [], 0
     for i, record in enumerate(records):
-        row, problems, _ = hh_preference(record, f"row {i}", False, FieldMapping())
-        if row is None:
-            row, fallback = {"prompt": "", "chosen": record["chosen"], "rejected": record["rejected"]}, fallback + 1
-        rows.append(row)
+        parsed = hh_preference(record, f"row {i}", False, FieldMapping())
+        if parsed.rows:
+            rows.append(parsed.rows[0])
+        else:
+            rows.append({"prompt": "", "chosen": record["chosen"], "rejected": record["rejected"]})
+            fallback += 1
     return rows, fallback
 
 

@@ -117,10 +117,11 @@ class FieldMapping:
     """Field holding the other response, when `responses` is empty."""
     responses: list[str] = field(default_factory=list)
     """Fields holding the candidate responses, in order (`[human_ref_A, human_ref_B]`), or one field
-    holding a list of them (`[answers]`: texts, or objects whose text is under `response_key`). A
-    response may be text or a whole conversation ending in the assistant's answer."""
-    response_key: str = ""
-    """In a list of response objects, the key holding the text (Nectar: `answer`)."""
+    holding a list of them (`[answers]`: objects whose text is under `response_key`, ranked or scored).
+    A response may be text or a whole conversation ending in the assistant's answer."""
+    response_key: str = "response"
+    """In a list of response objects, the key holding the text (Nectar: `answer`; UltraFeedback:
+    `response`)."""
     label_key: str = ""
     """Field naming the preferred response (with `label_values`)."""
     label_values: dict[str, str] = field(default_factory=dict)

@@ -28,7 +28,7 @@ from rlhf_lightning.data.readers import _undecodable, csv_delimiter, expand, fil
 # Names other modules and scripts use from here.
 __all__ = ["DataError", "Issue", "ReadResult", "csv_delimiter", "flatten", "hh_preference", "parse_hf_id",
            "prompt_fields", "read", "read_preferences", "read_prompts", "split_hh"]
-_expand_one = expand
+_expand_one = expand  # its name here before the readers had a module of their own
 
 
 @dataclass

@@ -595,8 +595,7 @@ def _listed_responses(record: dict, m: FieldMapping, loc: str, problems: list[Is
         if not isinstance(item, dict):
             problems.append(Issue(loc, where, f"expected an object with {key!r}, got {_short(item)}", "wrong_type"))
             continue
-        text_key = m.response_key or "response"
-        responses[where] = _response(item.get(text_key), f"{where}.{text_key}", loc, problems)
+        responses[where] = _response(item.get(m.response_key), f"{where}.{m.response_key}", loc, problems)
         score = _number(item.get(key), f"{where}.{key}", loc, problems, text_cells)
         if score is not None:
             scores.append(-score if m.rank_key else score)
@@ -718,7 +717,7 @@ def describe(fmt: str, record: dict | None, mapping: FieldMapping) -> str:
             parts.append(f"system {m.system_key!r}")
         if not m.declarative:
             return f"mapping: {', '.join(parts)}, chosen {m.chosen_key!r}, rejected {m.rejected_key!r}"
-        parts.append(f"responses {m.responses}" + (f" ({m.response_key!r} of each)" if m.response_key else ""))
+        parts.append(f"responses {m.responses}" + (f" ({m.response_key!r} of each)" if len(m.responses) == 1 else ""))
         how = (f"label {m.label_key!r}" if m.label_key else f"scores {m.score_keys}" if m.score_keys else
                f"signed {m.preference_key!r} (< 0: {m.negative_prefers})" if m.preference_key else
                f"rank {m.rank_key!r}, {m.pairs} pairs" if m.rank_key else f"score {m.item_score_key!r}, {m.pairs} pairs")
