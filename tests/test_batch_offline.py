@@ -36,18 +36,21 @@ def aws(tmp_path_factory):
 
 
 def launch(aws, name: str, tracking_uri: str | None, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """`python flows/rlhf.py --config cfg configs/tiny.yaml run --with batch:...` from an empty directory,
-    with the environment a user with `metaflow configure aws` has."""
+    """`python flows/rlhf.py --config cfg run.yaml run --with batch:...` from an empty directory, with the
+    environment a user with `metaflow configure aws` has; run.yaml includes configs/tiny.yaml (found from
+    the project), so the jobs show that an include is resolved at launch and travels as values: the
+    containers have neither file."""
     emulator, _, root = aws
     cwd, home = root / name, root / f"{name}-home"
     cwd.mkdir()
     home.mkdir()
+    (cwd / "run.yaml").write_text("include: configs/tiny.yaml\n")
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "USERNAME": "tester", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", LAUNCHER_ONLY: "1", **emulator.env}
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    cmd = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(REPO / "configs" / "tiny.yaml"),
-           "run", "--with", f"batch:image=rlhf-lightning:test,queue={QUEUE}", "--max-workers", "2",
+    cmd = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", "run.yaml", "run",
+           "--with", f"batch:image=rlhf-lightning:test,queue={QUEUE}", "--max-workers", "2",
            "--run-id-file", "run-id", *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
     return done, env

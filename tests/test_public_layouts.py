@@ -313,3 +313,11 @@ def test_validate_command_reads_a_public_set_through_its_mapping(tmp_path):
             "dropped zero_preference 3") in out.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["stats"]["counts"]["preferences.dropped.zero_preference"] == 3
+
+
+def test_arena_battles_that_share_nothing_are_errors_not_drops(tmp_path):
+    battle = ps.chatbot_arena()[0]
+    battle["conversation_b"] = ps.conv(("user", "Another question."), ("assistant", "No."))
+    path = write_records(tmp_path / "arena.jsonl", [battle])
+    result = read_preferences([str(path)], fmt="mapping", mapping=snippet("chatbot-arena").field_mapping)
+    assert locs(result) == [("1", "record", "no_shared_prompt")] and result.dropped == {}

@@ -254,6 +254,11 @@ def split_conversations(convs: dict[str, list[dict]], loc: str, problems: list[I
     n, shortest = 0, min(len(s) for s in seqs)
     while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
         n += 1
+    if n == 0:
+        problems.append(Issue(loc, "record", f"{' and '.join(convs)} share no prompt: they differ from their first "
+                                             "message (each must repeat the same conversation and differ only in "
+                                             "the last assistant turn)", "no_shared_prompt"))
+        return None
     for name, seq in convs.items():
         if len(seq) - n > 1:
             problems.append(Issue(loc, name, f"the conversations part at message {n} ({seq[n]['role']}), and {name} "
@@ -261,11 +266,6 @@ def split_conversations(convs: dict[str, list[dict]], loc: str, problems: list[I
                                              "response answers another conversation (keep one final assistant "
                                              "turn in each, after the same conversation)", "no_shared_prompt"))
             return None
-    if n == 0:
-        problems.append(Issue(loc, "record", f"{' and '.join(convs)} share no prompt: they differ from their first "
-                                             "message (each must repeat the same conversation and differ only in "
-                                             "the last assistant turn)", "no_shared_prompt"))
-        return None
     return seqs[0][:n], {name: seq[n]["content"] for name, seq in convs.items()}
 
 
@@ -319,10 +319,13 @@ def _prompt_and_texts(record: dict, loc: str, problems: list[Issue], responses: 
                                                       "same way: as text after a prompt, or as the whole "
                                                       "conversation)", "mixed_responses"))
             return None
-        found = split_conversations(responses, loc, [] if diverged is not None else problems)
+        parted: list[Issue] = []
+        found = split_conversations(responses, loc, parted)
         if found is None:
-            if diverged is not None:
+            if diverged is not None and parted[0].field != "record":  # they share a start, then part
                 diverged[CONVERSATIONS_PART] += 1
+            else:
+                problems.extend(parted)
             return None
         shared, texts = found
         if prompt_key and record.get(prompt_key) is not None and \
