@@ -102,7 +102,8 @@ class FieldMapping:
     prompt_key: str = "prompt"
     """Field holding the prompt: text, a list of `{role, content}` messages, or an Anthropic HH
     transcript (`prompt_format: hh`). Empty: the responses are whole conversations and the prompt is
-    the part they share (Chatbot Arena's `conversation_a` / `conversation_b`)."""
+    the part they share (Chatbot Arena's `conversation_a` / `conversation_b`); a record whose
+    responses are texts is then an error."""
     prompt_format: Literal["auto", "text", "messages", "hh"] = "auto"
     """How the prompt field is written. `auto`: a string is one user message, a list is a
     conversation; `hh`: a `"\\n\\nHuman: ... \\n\\nAssistant:"` transcript (Nectar), its final empty
@@ -161,8 +162,6 @@ class FieldMapping:
         if not self.responses:
             _check(not ways, f"{where}.responses", f"{ways[0] if ways else ''} needs the response fields: "
                                                    "name them in responses")
-            _check(bool(self.prompt_key), f"{where}.prompt_key", "name the prompt's field (it may be empty only "
-                                                                 "with responses that are whole conversations)")
             return
         _check(len(ways) == 1, f"{where}", f"say how the preference is given with exactly one of label_key, "
                                            f"score_keys, preference_key, rank_key or item_score_key (got "

@@ -73,7 +73,7 @@ def test_every_shipped_mapping_is_tested_here():
     assert shipped == set(CASES) | {"ultrachat"}  # ultrachat.yaml: prompts only, tested below
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "json.gz"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_each_public_set_reads_through_its_shipped_mapping(tmp_path, name, kind):
     make, pairs, dropped, per_record = CASES[name]
@@ -88,6 +88,7 @@ def test_each_public_set_reads_through_its_shipped_mapping(tmp_path, name, kind)
     assert (layout["records"], layout["pairs"]) == (len(make()), len(pairs))
     assert layout["read_as"].startswith("mapping" if data.format == "mapping" else "TRL conversations")
     assert all(r["source"].startswith(f"{path}:") for r in result.rows)
+    assert result.records == len(make()) and result.invalid == 0
     # The same set read as prompts: one prompt per record, ties and parted conversations included.
     prompts = read_prompts([str(path)], fmt=data.prompts_format or data.format, mapping=data.field_mapping)
     assert prompts.problems == [] and len(prompts.rows) == len(make())
@@ -290,7 +291,7 @@ def test_a_config_includes_a_shipped_mapping_and_overrides_it(tmp_path, monkeypa
     ({"responses": ["a", "b"], "rank_key": "rank"}, "name it alone in responses"),
     ({"responses": ["answers"], "label_key": "l", "label_values": {"1": "answers"}}, "give rank_key or item_score_key"),
     ({"label_key": "l"}, "needs the response fields"),
-    ({"prompt_key": ""}, "prompt_key"),
+    ({"chosen_key": "x", "rejected_key": "x"}, "must differ from chosen_key"),
 ])
 def test_a_mapping_that_cannot_work_is_refused_with_the_field_to_fix(mapping, match):
     with pytest.raises(ConfigError, match=match):
@@ -321,3 +322,14 @@ def test_arena_battles_that_share_nothing_are_errors_not_drops(tmp_path):
     path = write_records(tmp_path / "arena.jsonl", [battle])
     result = read_preferences([str(path)], fmt="mapping", mapping=snippet("chatbot-arena").field_mapping)
     assert locs(result) == [("1", "record", "no_shared_prompt")] and result.dropped == {}
+
+
+def test_renamed_conversations_carry_their_prompt_without_a_prompt_field(tmp_path):
+    records = [{"good": r["chosen"], "bad": r["rejected"]} for r in ps.trl_implicit()]
+    path = write_records(tmp_path / "renamed.parquet", records)
+    m = from_dict({"data": {"field_mapping": {"prompt_key": "", "chosen_key": "good", "rejected_key": "bad"}}})
+    result = read_preferences([str(path)], fmt="mapping", mapping=m.data.field_mapping)
+    assert result.problems == [] and triples(result.rows) == [p[:3] for p in ps.TRL_IMPLICIT_PAIRS]
+    texts = write_records(tmp_path / "texts.jsonl", [{"good": "a", "bad": "b"}])
+    assert locs(read_preferences([str(texts)], fmt="mapping", mapping=m.data.field_mapping)) == \
+        [("1", "record", "missing_field")]
