@@ -333,3 +333,11 @@ def test_renamed_conversations_carry_their_prompt_without_a_prompt_field(tmp_pat
     texts = write_records(tmp_path / "texts.jsonl", [{"good": "a", "bad": "b"}])
     assert locs(read_preferences([str(texts)], fmt="mapping", mapping=m.data.field_mapping)) == \
         [("1", "record", "missing_field")]
+
+
+def test_the_card_shows_the_mapping_to_write_as_yaml(tmp_path):
+    path = write_records(tmp_path / "shp.parquet", ps.shp())
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "data": {"preferences": [str(path)], "prompts": [str(path)]}})
+    report = validate(preprocess(cfg, str(tmp_path / "out")), cfg)
+    assert not report.ok and report.errors[0].kind == "no_format"
+    assert "\n\n  ```yaml\n  data:\n    format: mapping\n    field_mapping:\n      prompt_key: history\n" in report.markdown()

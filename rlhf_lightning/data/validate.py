@@ -120,7 +120,7 @@ class ValidationReport:
         for title, issues in (("Errors", self.errors), ("Warnings", self.warnings)):
             if issues:
                 lines += ["", f"**{title}** ({min(len(issues), SHOWN)} of {len(issues)} shown; all in the JSON report)", ""]
-                lines += [f"- `{i.location}` {i.field + ': ' if i.field else ''}{i.message}" for i in issues[:SHOWN]]
+                lines += [_md_issue(i) for i in issues[:SHOWN]]
         return "\n".join(lines)
 
     def histogram_figure(self):
@@ -184,6 +184,15 @@ def summary(report: ValidationReport, path: str) -> str:
             lines += [f"  {issue}" for issue in issues[:SHOWN]]
     lines.append(f"report: {path}")
     return "\n".join(lines)
+
+
+def _md_issue(issue: Issue) -> str:
+    """A list item; a message that ends in a config stanza (the mapping to write) shows it as YAML."""
+    head, _, stanza = issue.message.partition("\n")
+    text = f"- `{issue.location}` {issue.field + ': ' if issue.field else ''}{head}"
+    if stanza:
+        text += "\n\n  ```yaml\n" + "\n".join(f"  {line}" for line in stanza.splitlines()) + "\n  ```"
+    return text
 
 
 def _made(role: str, layout: dict) -> str:
