@@ -1,9 +1,12 @@
 """Validate Inputs: check the prepared datasets and say precisely what is wrong, where and how to fix it.
 
 Errors (the run stops): files and records that could not be read or parsed (from :mod:`.formats`:
-unreadable or empty file, malformed line, missing or wrongly typed field, ``choice`` not 0/1, invalid
-message roles, HH transcripts that do not share a prompt, a record in no or another format), empty or
-whitespace-only text, ties (``chosen == rejected``), an empty split.
+unreadable or empty file, malformed line, missing or wrongly typed field, ``choice`` not 0/1, a label
+the mapping does not know, invalid message roles, transcripts or conversations that do not share a
+prompt, a ``prompt`` that disagrees with its conversations, a record in no or another format: that one
+shows the mapping to write), empty or whitespace-only text, ties (``chosen == rejected``), an empty split.
+Neither: pairs the data itself leaves undecided (a ``tie`` label, equal scores or ranks) are dropped and
+counted by reason, per file, beside what each file was read as and the pairs its records gave.
 Warnings: rows dropped as exact or normalised duplicates (each with the row kept), rows cut to the length
 limits, ties/duplicates created by the cut, a label imbalance of the raw ``choice`` too large for chance,
 pairs labelled both ways, conversations with two turns in a row from the same role, responses that
