@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                         "what configs/default.yaml and the flow use); a file of configs/data/ reads a public "
                         "set as published (SHP, PKU-SafeRLHF, HelpSteer, Nectar, Chatbot Arena, UltraFeedback...)")
     s.add_argument("--format", default=None, choices=FORMATS,
-                   help="record layout of every source (overrides data.format; `mapping` reads "
-                        "data.field_mapping of the config)")
+                   help="record layout of every source (overrides data.format and data.prompts_format; "
+                        "`mapping` reads data.field_mapping of the config)")
     s.add_argument("--prompts-format", default=None, choices=FORMATS,
                    help="record layout of the prompt sources alone (overrides data.prompts_format)")
     s.add_argument("--strict", action="store_true", help="treat warnings as errors (sets data.strict)")
@@ -106,8 +106,8 @@ def validate_command(args: argparse.Namespace) -> int:
         overrides = {"preferences": args.preferences, "prompts": args.prompts, "strict": args.strict or cfg.data.strict}
         if args.eval_prompts is not None:
             overrides["eval_prompts"] = args.eval_prompts
-        if args.format is not None:
-            overrides["format"] = args.format
+        if args.format is not None:  # every source, the config's prompts_format included
+            overrides["format"], overrides["prompts_format"] = args.format, ""
         if args.prompts_format is not None:
             overrides["prompts_format"] = args.prompts_format
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **overrides))

@@ -8,6 +8,7 @@ the flow passes them through Metaflow's ``Config`` and :func:`from_dict`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
@@ -736,17 +737,20 @@ def load_config(path: str | Path) -> RLHFConfig:
 
 
 def flatten(cfg: RLHFConfig) -> dict[str, Any]:
-    """`{"ppo.kl_coef": 0.05, ...}` for logging as MLflow params."""
+    """`{"ppo.kl_coef": 0.05, ...}` for logging as MLflow params. The tree's sections nest; a mapping
+    inside a section (`data.field_mapping.label_values`) is one value, as JSON: its keys are data
+    (`tie (bothbad)`), which MLflow's parameter names may not hold."""
     out: dict[str, Any] = {}
 
-    def walk(prefix: str, obj: Any) -> None:
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = obj
+    def walk(prefix: str, section: Any, values: dict) -> None:
+        for key, value in values.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if dataclasses.is_dataclass(getattr(section, key)):
+                walk(name, getattr(section, key), value)
+            else:
+                out[name] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
 
-    walk("", to_dict(cfg))
+    walk("", cfg, to_dict(cfg))
     return out
 
 

@@ -268,7 +268,7 @@ def test_a_config_includes_a_shipped_mapping_and_overrides_it(tmp_path, monkeypa
     d = load_config(tmp_path / "mine.yaml").data
     assert (d.preferences, d.format, d.field_mapping.label_key, d.field_mapping.label_values) == \
         (["mine.jsonl"], "mapping", "labels", {"1": "human_ref_A", "0": "human_ref_B"})
-    assert d.eval_prompts == ["hf:stanfordnlp/SHP:test"]  # kept from the included file
+    assert d.field_mapping.responses == ["human_ref_A", "human_ref_B"]  # kept from the included file
     safer = snippet("pku-saferlhf-safer")  # an include of an include: one key changed
     assert (safer.field_mapping.label_key, safer.field_mapping.responses) == ("safer_response_id", ["response_0", "response_1"])
     # The flow's parser (Metaflow's Config) resolves them the same way.
@@ -341,3 +341,82 @@ def test_the_card_shows_the_mapping_to_write_as_yaml(tmp_path):
     report = validate(preprocess(cfg, str(tmp_path / "out")), cfg)
     assert not report.ok and report.errors[0].kind == "no_format"
     assert "\n\n  ```yaml\n  data:\n    format: mapping\n    field_mapping:\n      prompt_key: history\n" in report.markdown()
+
+
+def test_broken_records_are_errors_even_when_their_label_is_a_tie(tmp_path):
+    shp = ps.shp()
+    shp[0].update(labels=0, history=None)  # a tie label below, but no prompt: an error at its line
+    nectar = ps.nectar()[1]
+    del nectar["prompt"]
+    for answer in nectar["answers"]:
+        answer["rank"] = 1.0  # all tied
+    tie_shp = FieldMapping(**{**vars(snippet("shp").field_mapping), "label_values": {"1": "human_ref_A", "0": "tie"}})
+    path = write_records(tmp_path / "shp.jsonl", shp[:1])
+    assert locs(read_preferences([str(path)], fmt="mapping", mapping=tie_shp)) == [("1", "history", "missing_field")]
+    path = write_records(tmp_path / "nectar.jsonl", [nectar])
+    result = read_preferences([str(path)], fmt="mapping", mapping=snippet("nectar").field_mapping)
+    assert locs(result) == [("1", "prompt", "missing_field")] and result.dropped == {}
+
+
+def test_lists_of_one_answer_and_answers_with_one_text_are_counted_drops(tmp_path):
+    one = {"instruction": "Name a moon.", "completions": [ps.ultrafeedback_raw()[0]["completions"][0]]}
+    same = ps.ultrafeedback_raw()[0]
+    same["completions"][1]["response"] = "Mars."  # two completions, one text, two scores
+    path = write_records(tmp_path / "uf.jsonl", [one, same])
+    result = read_preferences([str(path)], fmt="mapping", mapping=snippet("ultrafeedback-raw").field_mapping)
+    assert result.problems == [] and result.dropped == {"fewer_than_two_responses": 1, "equal_scores": 1,
+                                                        "same_response_text": 1}
+    assert len(result.rows) == 4 and all(r["chosen"] != r["rejected"] for r in result.rows)
+
+
+def test_conversations_that_share_only_a_system_message_share_no_prompt(tmp_path):
+    battle = ps.chatbot_arena()[0]
+    battle["conversation_a"] = ps.conv(("system", "Be kind."), ("user", "One?"), ("assistant", "A."))
+    battle["conversation_b"] = ps.conv(("system", "Be kind."), ("user", "Two?"), ("assistant", "B."))
+    path = write_records(tmp_path / "arena.jsonl", [battle])
+    result = read_preferences([str(path)], fmt="mapping", mapping=snippet("chatbot-arena").field_mapping)
+    assert locs(result) == [("1", "record", "no_shared_prompt")] and "after the system message" in result.problems[0].message
+
+
+def test_a_role_that_is_not_text_is_an_error_not_a_traceback(tmp_path):
+    path = write_records(tmp_path / "odd.jsonl", [{"chosen": [{"role": ["user"], "content": "a"},
+                                                              {"role": "assistant", "content": "b"}],
+                                                   "rejected": ps.conv(("user", "a"), ("assistant", "c"))}])
+    assert locs(read_preferences([str(path)])) == [("1", "chosen[0].role", "invalid_role")]
+
+
+def test_a_prompt_loses_only_its_trailing_answers(tmp_path):
+    path = write_records(tmp_path / "chat.jsonl", [{"messages": ps.conv(("user", "Hi."), ("system", "Late."),
+                                                                          ("assistant", "Hello."))}])
+    result = read_prompts([str(path)])
+    assert locs(result) == [("1", "messages[1]", "invalid_role"), ("1", "messages[1]", "invalid_role")]
+
+
+def test_a_mapping_logs_to_mlflow_as_parameters(tmp_path):
+    """label_values' keys are data (`tie (bothbad)`): one parameter, as JSON, not a parameter name each."""
+    import mlflow
+
+    from rlhf_lightning.config import flatten
+
+    cfg = load_config(SNIPPETS / "chatbot-arena.yaml")
+    params = flatten(cfg)
+    assert json.loads(params["data.field_mapping.label_values"])["tie (bothbad)"] == "tie"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        logged = mlflow.get_run(run.info.run_id).data.params
+        assert logged["data.field_mapping.label_key"] == "winner"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_hf_sources_take_split_slices_and_plain_folders(tmp_path):
+    folder = tmp_path / "pku"
+    folder.mkdir()
+    write_records(folder / "train.jsonl", ps.pku_saferlhf())  # a folder of data files, as a cloned hub repo
+    m = snippet("pku-saferlhf").field_mapping
+    whole = read_preferences([f"hf:{folder}"], fmt="mapping", mapping=m)
+    assert whole.problems == [] and triples(whole.rows) == CASES["pku-saferlhf"][1]
+    first = read_preferences([f"hf:{folder}:train[:1]"], fmt="mapping", mapping=m)
+    assert first.problems == [] and triples(first.rows) == CASES["pku-saferlhf"][1][:1]

@@ -56,7 +56,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 # Reasons a record's pair is not made (never errors: the data says "no preference").
 TIE_LABEL, EQUAL_SCORES, ZERO_PREFERENCE, EQUAL_RANKS = "tie_label", "equal_scores", "zero_preference", "equal_ranks"
 CONVERSATIONS_PART = "conversations_part_early"
-DROP_REASONS = (TIE_LABEL, EQUAL_SCORES, ZERO_PREFERENCE, EQUAL_RANKS, CONVERSATIONS_PART)
+TOO_FEW, SAME_TEXT = "fewer_than_two_responses", "same_response_text"
+DROP_REASONS = (TIE_LABEL, EQUAL_SCORES, ZERO_PREFERENCE, EQUAL_RANKS, CONVERSATIONS_PART, TOO_FEW, SAME_TEXT)
 ANSWER_REMOVED = "answer_turns_removed"
 """Change reason: a prompt conversation ended in assistant turns, cut back to its last user turn."""
 
@@ -116,7 +117,7 @@ def _messages(value: Any, name: str, loc: str, problems: list[Issue], role_key: 
                                   "wrong_type"))
             continue
         role, content = msg.get(role_key), msg.get("content")
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             problems.append(Issue(loc, f"{where}.{role_key}", f"invalid role {_short(role)} (use one of "
                                                               f"{sorted(roles)})", "invalid_role"))
         if not isinstance(content, str):
@@ -151,10 +152,13 @@ def _as_prompt(messages: list[dict], name: str, loc: str, problems: list[Issue],
     """A conversation as a prompt. With `changed` (read as a prompt source), trailing assistant turns are
     cut off and counted: a chat set's conversation prompts for its last user turn; a preference's prompt
     must end with the user's turn as it is."""
-    if changed is not None and messages[-1]["role"] == "assistant" and any(m["role"] == "user" for m in messages):
-        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages = messages[:last_user + 1]
-        changed[ANSWER_REMOVED] += 1
+    if changed is not None and messages[-1]["role"] == "assistant":
+        kept = list(messages)
+        while kept and kept[-1]["role"] == "assistant":
+            kept.pop()
+        if kept:  # nothing but answers: not a prompt, said by the check below
+            messages = kept
+            changed[ANSWER_REMOVED] += 1
     return messages if _check_conversation(messages, name, loc, problems) else None
 
 
@@ -254,10 +258,11 @@ def split_conversations(convs: dict[str, list[dict]], loc: str, problems: list[I
     n, shortest = 0, min(len(s) for s in seqs)
     while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
         n += 1
-    if n == 0:
-        problems.append(Issue(loc, "record", f"{' and '.join(convs)} share no prompt: they differ from their first "
-                                             "message (each must repeat the same conversation and differ only in "
-                                             "the last assistant turn)", "no_shared_prompt"))
+    if not any(m["role"] == "user" for m in seqs[0][:n]):
+        problems.append(Issue(loc, "record", f"{' and '.join(convs)} share no prompt: they differ "
+                                             f"{'from their first message' if n == 0 else 'after the system message'} "
+                                             "(each must repeat the same conversation and differ only in the last "
+                                             "assistant turn)", "no_shared_prompt"))
         return None
     for name, seq in convs.items():
         if len(seq) - n > 1:
@@ -587,8 +592,8 @@ def _listed_responses(record: dict, m: FieldMapping, loc: str, problems: list[Is
     """The one list field of `m.responses` -> ({`field[i]`: response}, scores, higher is better)."""
     name = m.responses[0]
     items = record.get(name)
-    if not isinstance(items, list) or len(items) < 2:
-        problems.append(Issue(loc, name, f"expected a list of two or more responses, got {_short(items)}",
+    if not isinstance(items, list):
+        problems.append(Issue(loc, name, f"expected a list of responses, got {_short(items)}",
                               "wrong_type" if items is not None else "missing_field"))
         return None
     key = m.rank_key or m.item_score_key
@@ -646,21 +651,31 @@ def mapping_preference(record: dict, loc: str, text_cells: bool, mapping: FieldM
     if len(m.responses) == 1:
         listed = _listed_responses(record, m, loc, problems, text_cells)
         responses, scores = listed if listed else ({}, None)
+        if listed and len(responses) < 2:  # a ranking of one answer (some sets hold a few) has no pair
+            prompt_problems: list[Issue] = []
+            _prompt_and_texts(record, loc, prompt_problems, responses, [], m.prompt_key, m.system_key, m.prompt_format)
+            out.problems, out.dropped = prompt_problems, Counter() if prompt_problems else Counter({TOO_FEW: 1})
+            return out
     else:
         responses, scores = {k: _response(record.get(k), k, loc, problems) for k in m.responses}, None
     preference = _preference(record, m, list(responses), loc, problems, text_cells, scores) if responses else None
-    if preference is not None and not preference[0]:  # a tie: nothing else of the record matters
-        out.dropped = preference[1]
-        return out
+    tie = preference is not None and not preference[0]
+    # A tie still has its prompt and responses checked: a broken record is an error, not a tie.
     found = _prompt_and_texts(record, loc, out.problems, responses, problems, m.prompt_key, m.system_key,
-                              m.prompt_format, diverged=out.dropped)
-    if found is None or preference is None:
+                              m.prompt_format, diverged=Counter() if tie else out.dropped)
+    if tie and not out.problems:
+        out.dropped = Counter(preference[1])
+    if found is None or preference is None or tie:
         return out
     prompt, texts = found
     pairs, ties = preference
     out.dropped.update(ties)  # the ties of a ranking: its other pairs are made
     names = list(responses)
-    out.rows = [_pair_row(prompt, texts[names[a]], texts[names[b]], loc) for a, b in pairs]
+    for a, b in pairs:
+        if texts[names[a]] == texts[names[b]]:  # two answers with one text carry no preference
+            out.dropped[SAME_TEXT] += 1
+        else:
+            out.rows.append(_pair_row(prompt, texts[names[a]], texts[names[b]], loc))
     return out
 
 

@@ -264,8 +264,10 @@ def _csv_frame(path: str) -> pd.DataFrame:
 
 
 def parse_hf_id(source: str) -> tuple[str, str | None, str]:
-    """``hf:ID[@DATA_DIR][[:CONFIG]:SPLIT]`` -> (dataset id or ``save_to_disk`` directory, data_dir or
-    None, split; default ``train``). The config, if any, is :func:`hf_config`'s."""
+    """``hf:ID[@DATA_DIR][[:CONFIG]:SPLIT]`` -> (dataset id or directory, data_dir or None, split;
+    default ``train``; a slice such as ``train[:100]`` included). The config, if any, is
+    :func:`hf_config`'s. A directory that ``save_to_disk`` wrote loads with ``load_from_disk``; any
+    other (a folder of data files, a cloned hub repository) with ``load_dataset``."""
     name, _, data_dir, split = _hf_parts(source)
     return name, data_dir, split
 
@@ -275,18 +277,28 @@ def hf_config(source: str) -> str | None:
     return _hf_parts(source)[1]
 
 
+_CONFIG_SPLIT = re.compile(r"^([^:\[\]]+):(.+)$")  # CONFIG:SPLIT; a split slice (train[:100]) holds colons
+
+
 def _hf_parts(source: str) -> tuple[str, str | None, str | None, str]:
-    spec, *after = source.removeprefix("hf:").split(":")
-    config, split = (after[0], after[1]) if len(after) >= 2 else (None, after[0] if after else "")
+    spec, _, after = source.removeprefix("hf:").partition(":")
+    m = _CONFIG_SPLIT.match(after)
+    config, split = (m.group(1), m.group(2)) if m else (None, after)
     name, _, data_dir = spec.partition("@")
     return name, config or None, data_dir or None, split or "train"
+
+
+def _saved_to_disk(path: str) -> bool:
+    """A directory `save_to_disk` wrote (a Dataset or a DatasetDict), not a folder of data files."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or \
+        os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
 
 
 def _hf_dataset(source: str) -> pa.Table:
     import datasets
 
     name, config, data_dir, split = _hf_parts(source)
-    if os.path.isdir(name):  # a save_to_disk directory: a Dataset, or a DatasetDict of splits
+    if os.path.isdir(name) and _saved_to_disk(name):  # a Dataset, or a DatasetDict of splits
         try:
             ds = datasets.load_from_disk(name)
         except (OSError, ValueError, FileNotFoundError) as exc:
