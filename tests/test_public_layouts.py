@@ -420,3 +420,10 @@ def test_hf_sources_take_split_slices_and_plain_folders(tmp_path):
     assert whole.problems == [] and triples(whole.rows) == CASES["pku-saferlhf"][1]
     first = read_preferences([f"hf:{folder}:train[:1]"], fmt="mapping", mapping=m)
     assert first.problems == [] and triples(first.rows) == CASES["pku-saferlhf"][1][:1]
+
+
+def test_a_ranked_list_without_a_prompt_field_is_an_error_as_prompts(tmp_path):
+    m = FieldMapping(**{**vars(snippet("nectar").field_mapping), "prompt_key": ""})
+    path = write_records(tmp_path / "nectar.jsonl", ps.nectar()[:1])
+    assert locs(read_prompts([str(path)], fmt="mapping", mapping=m)) == [("1", "record", "missing_field")]
+    assert locs(read_preferences([str(path)], fmt="mapping", mapping=m)) == [("1", "record", "missing_field")]

@@ -10,6 +10,8 @@
   the part they share is the prompt, system messages included, and the last assistant turn is the
   response. A ``prompt`` text beside whole conversations (HuggingFaceH4's and argilla's UltraFeedback)
   must be one of the user turns they share: a mismatch is an error at its record. Prompts ``{prompt}``.
+  It is an entry of the declarative mapping below (:data:`TRL`, the mapping's defaults), not a parser
+  of its own.
 - ``hh``: Anthropic HH ``{chosen, rejected}``, whole transcripts of ``"\\n\\nHuman:"`` /
   ``"\\n\\nAssistant:"`` turns. The prompt is the shared part up to the last ``"\\n\\nAssistant:"``
   both share; a response that still holds turn markers means the transcripts part earlier, so the two
@@ -437,6 +439,10 @@ def _keyed_prompt(record: dict, loc: str, prompt_key: str, response_keys: tuple[
     whole conversations, the turns they share, up to the last user turn among them (conversations that
     part early, as Chatbot Arena's multi-turn battles, still share their first question)."""
     out = Parsed()
+    if not prompt_key and not response_keys:
+        out.problems.append(Issue(loc, "record", "no field holds the prompt (set data.field_mapping.prompt_key)",
+                                  "missing_field"))
+        return out
     if not prompt_key or record.get(prompt_key) is None and any(isinstance(record.get(k), list) for k in response_keys):
         convs = [_chat(record.get(k), k, loc, out.problems) for k in response_keys]
         if out.problems:
@@ -458,15 +464,19 @@ def _keyed_prompt(record: dict, loc: str, prompt_key: str, response_keys: tuple[
     return out
 
 
+TRL = FieldMapping()
+"""TRL's layout is an entry of the declarative mapping (its defaults): ``{prompt, chosen, rejected}``."""
+
+
 def trl_preference(record: dict, loc: str, text_cells: bool, mapping: FieldMapping) -> Parsed:
     """``{prompt, chosen, rejected}`` text or conversational, or ``{chosen, rejected}`` conversations
     (implicit prompt) -> a preference row."""
-    return _keyed_pair(record, loc, "prompt", "chosen", "rejected")
+    return mapping_preference(record, loc, text_cells, TRL)
 
 
 def trl_prompt(record: dict, loc: str, text_cells: bool, mapping: FieldMapping) -> Parsed:
     """``{prompt}``, or the shared part of ``{chosen, rejected}`` conversations -> a prompt row."""
-    return _keyed_prompt(record, loc, "prompt", ("chosen", "rejected"))
+    return mapping_prompt(record, loc, text_cells, TRL)
 
 
 def hh_turns(transcript: str) -> list[dict]:
@@ -682,10 +692,9 @@ def mapping_preference(record: dict, loc: str, text_cells: bool, mapping: FieldM
 def mapping_prompt(record: dict, loc: str, text_cells: bool, mapping: FieldMapping) -> Parsed:
     """``data.field_mapping``'s prompt (or the part its response conversations share) -> a prompt row."""
     m = mapping
-    if m.prompt_key:
-        return _keyed_prompt(record, loc, m.prompt_key, (), m.system_key, m.prompt_format)
-    names = tuple(m.responses) if len(m.responses) > 1 else (m.chosen_key, m.rejected_key)
-    return _keyed_prompt(record, loc, "", names, m.system_key, m.prompt_format)
+    # Response fields that may be whole conversations (not a ranked list of answer objects).
+    names = tuple(m.responses) if len(m.responses) > 1 else () if m.responses else (m.chosen_key, m.rejected_key)
+    return _keyed_prompt(record, loc, m.prompt_key, names, m.system_key, m.prompt_format)
 
 
 Parser = Callable[[dict, str, bool, FieldMapping], Parsed]
