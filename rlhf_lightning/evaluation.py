@@ -26,7 +26,8 @@ from rlhf_lightning import judge
 from rlhf_lightning.config import RLHFConfig
 from rlhf_lightning.gates import promotion_decision
 from rlhf_lightning.models.generation import length_sorted_batches, sample
-from rlhf_lightning.models.loading import compute_device, load_policy, load_tokenizer, to_compute_device
+from rlhf_lightning.models.loading import (compute_device, load_policy, load_tokenizer, stop_token_ids,
+                                           to_compute_device)
 from rlhf_lightning.models.logprobs import ended_with_eos, sequence_logprobs
 from rlhf_lightning.models.losses import per_token_kl
 from rlhf_lightning.models.reward_model import RewardScorer
@@ -92,7 +93,7 @@ def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: 
             for r, kl in zip(rows, (per_token_kl(logp, ref_logp) * s.response_mask).sum(-1).tolist()):  # (b,)
                 out.seq_kl[r] = kl
         for r, text, length, ended in zip(rows, s.texts, s.response_mask.sum(-1).tolist(),
-                                          ended_with_eos(s, tokenizer.eos_token_id).tolist()):
+                                          ended_with_eos(s, stop_token_ids(policy, tokenizer)).tolist()):
             out.texts[r], out.lengths[r], out.ended[r] = text, length, ended
     return out
 

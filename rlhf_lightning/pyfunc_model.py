@@ -254,6 +254,11 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         # Merging once makes every forward a plain Llama forward (no adapter branches).
         self.model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(self.device).eval()
         self.max_positions = int(self.model.config.max_position_embeddings)
+        # The tokens that end a turn: the model's generation config may list several (Gemma's
+        # <end_of_turn>, Llama 3's <|eot_id|>) beside the tokenizer's eos. models.loading.stop_token_ids
+        # reads the same; this module loads nothing of training, so it reads them itself.
+        listed = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
+        self.stop_ids = sorted(set([listed] if isinstance(listed, int) else listed or []) | {tok.eos_token_id})
         # The scoring server runs each request in a worker thread; one generate at a time keeps CPU
         # threads from oversubscribing and `generate` from sharing state between requests.
         self._lock = threading.Lock()
@@ -288,20 +293,21 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
             if gen.temperature > 0 else dict(do_sample=False)
         )
         out = self.model.generate(
-            **enc, max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            **enc, max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids,
             **sampling,
         )
         response = out[:, enc["input_ids"].shape[1]:]  # (B, R)
         # Count tokens up to and including the first end token, by position: when pad == eos (SmolLM2)
         # comparing with the pad id would hide real end tokens.
-        is_eos = (response == tok.eos_token_id).long()  # (B, R)
+        is_eos = torch.isin(response, torch.tensor(self.stop_ids, device=response.device)).long()  # (B, R)
         keep = (torch.cumsum(is_eos, dim=1) - is_eos) == 0  # (B, R) True up to the first EOS
         ended = is_eos.any(dim=1)  # (B,)
         rows = []
         for i in range(len(chats)):
             ids = response[i][keep[i]]
+            words = ids[~is_eos[i][keep[i]].bool()]  # the text stops before the end token, special or not
             rows.append({
-                "response": tok.decode(ids, skip_special_tokens=True).strip(),
+                "response": tok.decode(words, skip_special_tokens=True).strip(),
                 "prompt_tokens": int(prompt_tokens[i]),
                 "completion_tokens": int(ids.numel()),
                 "finish_reason": "stop" if bool(ended[i]) else "length",

@@ -44,3 +44,41 @@ def test_batches_are_cut_by_length_and_answers_keep_the_prompts_order():
     # Greedy answers depend on the prompt only: sorted batches must put each answer back at its prompt.
     one = [sample_texts(model, tok, [t], max_new_tokens=4, temperature=0.0, batch_size=1, seed=0)[0] for t in texts]
     assert sample_texts(model, tok, texts, max_new_tokens=4, temperature=0.0, batch_size=3, seed=0) == one
+
+
+def _always(model, token: int) -> None:
+    """Make the LM head emit `token` at every step (zero weights, a one-hot bias)."""
+    old = model.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[token] = 10.0
+    model.set_output_embeddings(head)
+
+
+def test_every_stop_token_of_the_model_ends_a_response():
+    """Models list several end tokens in generation_config (Gemma's <end_of_turn> beside the tokenizer's
+    <eos>, Llama 3's <|eot_id|>): sampling, the response mask and the EOS statistic stop at any of them."""
+    from rlhf_lightning.models.generation import sample
+    from rlhf_lightning.models.loading import stop_token_ids
+    from rlhf_lightning.models.logprobs import ended_with_eos
+
+    tok = load_tokenizer("tiny:llama")
+    model = load_base_causal_lm(PolicyConfig(model="tiny:llama")).eval()
+    end_of_turn = tok.convert_tokens_to_ids("a")  # any ordinary token, made an end token by the config
+    _always(model, end_of_turn)
+    chats = [tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)]
+    model.generation_config.eos_token_id = tok.eos_token_id  # the tokenizer's eos only: runs to the limit
+    s = sample(model, tok, chats, max_new_tokens=4, temperature=0.0)
+    assert s.response_mask.tolist() == [[1, 1, 1, 1]] and not ended_with_eos(s, stop_token_ids(model, tok))[0]
+    model.generation_config.eos_token_id = [tok.eos_token_id, end_of_turn]  # as Gemma/Llama 3 ship it
+    assert stop_token_ids(model, tok) == sorted({tok.eos_token_id, end_of_turn})
+    s = sample(model, tok, chats, max_new_tokens=4, temperature=0.0)
+    assert s.response_ids.tolist() == [[end_of_turn]] and s.response_mask.tolist() == [[1]]  # generate stopped
+    assert ended_with_eos(s, stop_token_ids(model, tok)).tolist() == [True] and s.texts == [""]
+    # A pad token that is an end token (SmolLM2, Llama 3 with pad = eos) never cuts a response short:
+    # the first end token stays inside the mask.
+    tok.pad_token = "a"
+    s = sample(model, tok, chats, max_new_tokens=4, temperature=0.0)
+    assert s.response_mask.tolist() == [[1]] and ended_with_eos(s, stop_token_ids(model, tok)).tolist() == [True]

@@ -246,3 +246,30 @@ def test_model_uris_resolve_to_name_and_version_or_say_what_exists(registered):
         registry.resolve_model_uri(f"models:/{MODEL_NAME}")
     with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
         registry.resolve_model_uri("models:/nope/1")
+
+
+def test_the_served_model_stops_at_every_end_token_of_its_generation_config(tiny_policy, tmp_path):
+    """A base whose generation_config lists a second end token (Gemma's <end_of_turn>, Llama 3's
+    <|eot_id|>), here the pad token as well (pad == an end token must not cut the answer short): the
+    served model stops there, says "stop", and counts the end token."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_lightning.pyfunc_model import RLHFPolicyModel
+
+    _, adapter_dir, base_dir = tiny_policy
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    with torch.no_grad():
+        base.model.norm.weight.zero_()  # every logit 0: greedy decoding picks token 0, the pad token
+    assert tok.pad_token_id == 0 != tok.eos_token_id
+    base.generation_config.eos_token_id = [tok.eos_token_id, 0]
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    served = RLHFPolicyModel()
+    served.load_context(SimpleNamespace(artifacts={"base": str(tmp_path / "base"), "adapter": adapter_dir},
+                                        model_config={}))
+    out = served.predict(None, pd.DataFrame({"prompt": ["Hi"]}), params={"max_new_tokens": 5, "temperature": 0.0})
+    assert out[["response", "completion_tokens", "finish_reason"]].values.tolist() == [["", 1, "stop"]]

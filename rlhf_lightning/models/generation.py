@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from rlhf_lightning.models.loading import stop_token_ids
 from rlhf_lightning.models.progress import progress
 
 
@@ -23,17 +25,23 @@ class Sampled:
 
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P)
-    response_ids: torch.Tensor  # (B, R) right-padded with pad after the first EOS
-    response_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
+    response_ids: torch.Tensor  # (B, R) right-padded with pad after the first end token
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the first end token (loading.stop_token_ids)
     texts: list[str]  # decoded responses without special tokens
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for every token up to and including the first EOS, 0 after it.
+def is_stop(token_ids: torch.Tensor, stop_ids: int | Sequence[int]) -> torch.Tensor:
+    """Which of `token_ids` end a response (`stop_ids`: one end token or several)."""
+    stops = torch.as_tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=token_ids.device)
+    return torch.isin(token_ids, stops)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """1 for every token up to and including the first end token (any of `eos_token_id`), 0 after it.
 
     Built from positions, not from `ids != pad`: SmolLM2's pad token *is* its EOS token, so a pad
     comparison would hide every real end token."""
-    is_eos = (response_ids == eos_token_id).long()  # (B, R)
+    is_eos = is_stop(response_ids, eos_token_id).long()  # (B, R)
     eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before each position
     return (eos_before == 0).long()
 
@@ -70,15 +78,18 @@ def sample(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, te
         torch.manual_seed(seed)
     # Sampling is done by InverseCdfSampler, then decoded greedily; temperature 0 is plain greedy decoding.
     processors = LogitsProcessorList([InverseCdfSampler(temperature)] if temperature > 0 else [])
+    stops = stop_token_ids(model, tokenizer)
     out = model.generate(
         input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, do_sample=False,
         logits_processor=processors,
     )
     response = out[:, enc["input_ids"].shape[1]:]
-    mask = response_mask_from_ids(response, tokenizer.eos_token_id)
+    mask = response_mask_from_ids(response, stops)
     response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    # The text stops before the end token, special or not (a generation config may name any token).
+    words = torch.where(is_stop(response, stops), torch.full_like(response, tokenizer.pad_token_id), response)
+    texts = tokenizer.batch_decode(words, skip_special_tokens=True)
     return Sampled(enc["input_ids"], enc["attention_mask"], response, mask, [t.strip() for t in texts])
 
 

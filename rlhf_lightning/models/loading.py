@@ -156,6 +156,17 @@ def load_tokenizer(ref: str, *, padding_side: str = "left") -> PreTrainedTokeniz
     return tok
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a response: the model's `generation_config.eos_token_id` (an int or a list:
+    Gemma ends a turn with `<end_of_turn>` while its tokenizer's eos is `<eos>`; Llama 3 instruct lists
+    `<|eot_id|>` and `<|end_of_text|>`; Qwen `<|im_end|>` and `<|endoftext|>`) and the tokenizer's eos."""
+    listed = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set([listed] if isinstance(listed, int) else listed or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
 def _fix_bnb_cpu(model: torch.nn.Module) -> None:
     """On avx512_bf16 CPUs, Linear4bit repacks its weights after a no-grad forward and LoRA gradients
     silently become None afterwards. Turning the repack off keeps training correct."""

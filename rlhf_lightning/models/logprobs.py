@@ -6,10 +6,12 @@ evaluation (KL of the policy to its reference on the same tokens).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from peft import PeftModel
 
-from rlhf_lightning.models.generation import Sampled
+from rlhf_lightning.models.generation import Sampled, is_stop
 from rlhf_lightning.models.losses import last_token_index
 
 
@@ -53,7 +55,8 @@ def sequence_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     return token_logprobs(logits, response_ids)
 
 
-def ended_with_eos(sampled: Sampled, eos_token_id: int) -> torch.Tensor:
-    """(B,) bool: the last real response token is the end token (else max_new_tokens cut it off)."""
+def ended_with_eos(sampled: Sampled, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """(B,) bool: the last real response token is an end token (any of `eos_token_id`; else
+    max_new_tokens cut the response off)."""
     rows = torch.arange(sampled.response_ids.shape[0], device=sampled.response_ids.device)
-    return sampled.response_ids[rows, last_token_index(sampled.response_mask)] == eos_token_id
+    return is_stop(sampled.response_ids[rows, last_token_index(sampled.response_mask)], eos_token_id)

@@ -39,7 +39,7 @@ from torch import nn
 from rlhf_lightning import judge
 from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
-from rlhf_lightning.models.loading import load_policy, load_tokenizer
+from rlhf_lightning.models.loading import load_policy, load_tokenizer, stop_token_ids
 from rlhf_lightning.models.logprobs import ended_with_eos, response_forward, token_logprobs
 from rlhf_lightning.models.losses import (
     AdaptiveKLController,
@@ -167,7 +167,7 @@ class PPOModule(L.LightningModule):
         `Scored.graph`, and the first update step backpropagates through it instead of running the same
         forward again (on the benchmark workload, one update epoch of one minibatch, the update phase's time
         fell from 25 to 15 s of an 89 s fit)."""
-        ended = ended_with_eos(sampled, self.tokenizer.eos_token_id)  # (B,)
+        ended = ended_with_eos(sampled, stop_token_ids(self.policy, self.tokenizer))  # (B,)
         raw = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
         score = missing_eos_penalty(self.scorer.normalise(raw), ended, self.ppo.missing_eos_penalty)  # (B,)
         # In minibatch-sized chunks: the (rows, R, V) logits of a whole k-sample rollout would not fit
