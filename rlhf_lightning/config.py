@@ -274,9 +274,13 @@ class LoraConfig:
     """Scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.0
     """Dropout on the adapter input (0 keeps PPO's rollout and update log-probs consistent)."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module names that get adapters, e.g. the attention projections of a Llama model (all four: with
-    q_proj/v_proj alone and lr 1e-4 PPO's updates were tiny, approx_kl ~0) or query/value (BERT)."""
+    target_modules: list[str] = field(default_factory=lambda: ["auto"])
+    """Module names that get adapters. `auto`: the four attention projections q/k/v/o_proj where the
+    model has them (Llama, Qwen, Mistral, Gemma; with q_proj/v_proj alone and lr 1e-4 PPO's updates
+    were tiny, approx_kl ~0), else peft's default for the architecture (GPT-NeoX `query_key_value`,
+    GPT-2 `c_attn`, BERT `query`/`value`, DeBERTa-v2 `query_proj`/`value_proj`), else `all-linear`
+    (Phi-3's fused `qkv_proj`): every linear layer but the output head. Or name the modules; a name
+    that matches none is an error listing the model's linear layers."""
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", "must be a positive integer")
@@ -311,7 +315,7 @@ class RewardModelConfig:
     `policy` (the policy's own backbone) or `tiny:bert`."""
     finetune: Literal["full", "lora"] = "full"
     """`full` trains every weight; `lora` trains an adapter plus the scalar head."""
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=["query", "value"]))
+    lora: LoraConfig = field(default_factory=LoraConfig)
     """Adapter settings when finetune is `lora`."""
     max_length: int = 160
     """Maximum tokens of prompt + response; prompts are cut from the left so the response survives."""

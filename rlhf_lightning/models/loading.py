@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from rlhf_lightning import cache
-from rlhf_lightning.config import LoraConfig, PolicyConfig
+from rlhf_lightning.config import ConfigError, LoraConfig, PolicyConfig
 from rlhf_lightning.task_prompts import tokenizer_corpus
 
 # ChatML, the format SmolLM2 uses, so tiny models exercise the same template path.
@@ -233,11 +233,39 @@ def to_compute_device(model: torch.nn.Module, accelerator: str = "auto", quantiz
     return model if quantized else model.to(compute_device(accelerator))
 
 
-def peft_lora_config(lora: LoraConfig, task_type: str):
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_targets(model: torch.nn.Module, names: list[str], where: str) -> list[str] | str:
+    """`policy.lora.target_modules` for this model: `auto` and `all-linear` resolved (see the config's
+    docstring), named modules checked against the model's linear layers (peft matches a name against
+    the end of each module's path)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    paths = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    leaves = {p.rsplit(".", 1)[-1] for p in paths}
+    if names == ["all-linear"]:
+        return "all-linear"
+    if names == ["auto"]:
+        if set(ATTENTION) <= leaves:
+            return list(ATTENTION)
+        mapped = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
+        return list(mapped) if mapped and set(mapped) <= leaves else "all-linear"
+    missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
+    if missing:
+        raise ConfigError(f"config: {where}: {missing} match no linear layer of this {model.config.model_type} "
+                          f"model; its linear layers are {sorted(leaves)} (name some of them, or use auto or "
+                          "all-linear)")
+    return list(names)
+
+
+def peft_lora_config(lora: LoraConfig, task_type: str, model: torch.nn.Module, where: str = "policy.lora"):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora_targets(model, list(lora.target_modules), f"{where}.target_modules"),
         task_type=task_type, bias="none",
     )
 
@@ -251,7 +279,7 @@ def load_policy(policy: PolicyConfig, adapter_dir: str | None = None, *, trainab
     if adapter_dir:
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
     else:
-        model = get_peft_model(base, peft_lora_config(policy.lora, "CAUSAL_LM"))
+        model = get_peft_model(base, peft_lora_config(policy.lora, "CAUSAL_LM", base))
     if policy.quantization == "4bit":
         _fix_bnb_cpu(model)
     model.train(trainable)  # from_pretrained returns eval mode and Lightning leaves it so

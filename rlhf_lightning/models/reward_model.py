@@ -165,7 +165,7 @@ class RewardModel(L.LightningModule):
 
             # Task type SEQ_CLS makes peft add the new head ("classifier" / "score") to modules_to_save,
             # so the randomly initialised head trains alongside the adapter.
-            model = get_peft_model(model, peft_lora_config(lora, "SEQ_CLS"))
+            model = get_peft_model(model, peft_lora_config(lora, "SEQ_CLS", model, "reward_model.lora"))
         self.model = model
         self.encoder = PairEncoder(self.tokenizer, max_length, pad_to_multiple_of=TRAIN_PAD_MULTIPLE)
 
