@@ -300,10 +300,19 @@ class PolicyConfig:
     """`4bit` loads the frozen base weights in nf4 through bitsandbytes (QLoRA)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The policy's adapter."""
+    chat_template: str = ""
+    """A Jinja chat template for the policy, used in training and by the served model instead of the
+    tokenizer's own. Empty: the tokenizer's, or for a model without one (a base model such as Pythia)
+    the plain `System: ...\n\nUser: ...\n\nAssistant:` format (`rlhf_lightning.chat.PLAIN_TEMPLATE`)."""
+    fold_system: bool = True
+    """When the chat template refuses a system message (Gemma's, Mistral's), put its text before the
+    first user turn instead (counted in the validation report, and done the same by the served model);
+    false: such a conversation is an error that names the template's refusal."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "policy.model", "name a model (hub id, path, package:... or tiny:llama)")
         _check(self.quantization in ("none", "4bit"), "policy.quantization", f"got {self.quantization!r}; use none or 4bit")
+        _check(isinstance(self.fold_system, bool), "policy.fold_system", "must be true or false")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from rlhf_lightning import judge
 from rlhf_lightning.config import RLHFConfig
 from rlhf_lightning.gates import promotion_decision
 from rlhf_lightning.models.generation import length_sorted_batches, sample
-from rlhf_lightning.models.loading import (compute_device, load_policy, load_tokenizer, stop_token_ids,
+from rlhf_lightning.models.loading import (compute_device, load_policy, policy_tokenizer, stop_token_ids,
                                            to_compute_device)
 from rlhf_lightning.models.logprobs import ended_with_eos, sequence_logprobs
 from rlhf_lightning.models.losses import per_token_kl
@@ -198,7 +198,7 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     label), on the same base) on every held-out prompt, `evaluation.samples_per_prompt` times; decide
     promotion."""
     ev = cfg.evaluation
-    tok = load_tokenizer(cfg.policy.model)
+    tok = policy_tokenizer(cfg.policy)
     policy = load_policy(cfg.policy, adapter_dir, trainable=False)
     if champion is not None:
         policy.load_adapter(champion[0], adapter_name=CHAMPION_ADAPTER)

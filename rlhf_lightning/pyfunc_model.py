@@ -31,6 +31,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
+from jinja2.exceptions import TemplateError
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -222,7 +223,8 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
     (``stop``: the model ended its answer; ``length``: cut at max_new_tokens) and ``weights_sha256``.
 
     ``model_config``: ``weights_sha256`` (optional), the hash recorded at registration; loading fails
-    when the adapter artifact does not match it.
+    when the adapter artifact does not match it. ``chat_template`` (optional): the template the policy
+    was trained with, used instead of the tokenizer's.
     """
 
     def load_context(self, context) -> None:
@@ -242,6 +244,11 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
             )
 
         tok = AutoTokenizer.from_pretrained(base_dir)
+        # The template the policy was trained with, as the registry recorded it (the user's, the
+        # tokenizer's, or a plain one; system messages folded where the tokenizer's refuses them).
+        # Versions registered before it was recorded use the tokenizer's own.
+        if config.get("chat_template"):
+            tok.chat_template = config["chat_template"]
         if tok.chat_template is None:
             raise MlflowException(f"tokenizer in {base_dir} has no chat template; the policy needs one")
         if tok.pad_token is None:
@@ -278,7 +285,13 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
     @torch.no_grad()
     def _generate(self, chats: list[list[dict[str, str]]], first_row: int, gen: GenerationParams) -> list[dict[str, Any]]:
         tok = self.tokenizer
-        texts = [tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
+        texts = []
+        for i, chat in enumerate(chats):
+            try:
+                texts.append(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+            except TemplateError as exc:  # the template refuses this conversation: the client's to change
+                raise _invalid(f"input row {first_row + i}: the model's chat template refuses roles "
+                               f"{[m['role'] for m in chat]}: {exc}") from None
         # The template already contains the special tokens; adding them again would double BOS.
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         prompt_tokens = enc["attention_mask"].sum(dim=1)  # (B,)

@@ -22,6 +22,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from rlhf_lightning import pyfunc_model
+from rlhf_lightning.chat import template_for
 from rlhf_lightning.config import RLHFConfig
 
 CANDIDATE_ALIAS = "candidate"
@@ -79,6 +80,14 @@ def pip_requirements() -> list[str]:
         version = importlib.metadata.version(pkg).split("+")[0]
         reqs.append(f"{pkg}=={version}")
     return reqs
+
+
+def policy_chat_template(cfg: RLHFConfig, base_model_dir: str) -> str:
+    """The chat template the policy trained with (`chat.template_for` on the base's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return template_for(AutoTokenizer.from_pretrained(base_model_dir), cfg.policy.chat_template,
+                        cfg.policy.fold_system)
 
 
 def _check_base_dir(base_model_dir: str) -> None:
@@ -140,7 +149,9 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                 name="policy",
                 python_model=pyfunc_model.__file__,  # models-from-code: MLflow copies the file
                 artifacts={"base": base_model_dir, "adapter": str(staged)},
-                model_config={"weights_sha256": sha},  # load fails if the adapter artifact differs
+                # weights_sha256: load fails if the adapter artifact differs; chat_template: the one the
+                # policy was trained with, so that serving renders prompts alike.
+                model_config={"weights_sha256": sha, "chat_template": policy_chat_template(cfg, base_model_dir)},
                 signature=pyfunc_model.SIGNATURE,
                 # The chat form with every param: the example shows all the model takes. MLflow also
                 # runs it through the model once as a serving check.

@@ -50,7 +50,11 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
     # The last entry is the sampling code's version: 2 since the inverse-CDF sampler and length-sorted
     # batches, which draw other texts from the same settings than version 1 did.
     version = 2
-    return hashlib.sha256(json.dumps([settings, policy.model, version], sort_keys=True).encode()).hexdigest()[:12]
+    # A template of the user's own words the prompts otherwise: part of the key only when set, so that
+    # the files of runs without one keep their key.
+    template = [policy.chat_template] if policy.chat_template else []
+    return hashlib.sha256(json.dumps([settings, policy.model, version, *template], sort_keys=True).encode()
+                          ).hexdigest()[:12]
 
 
 def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig) -> Path:
@@ -87,12 +91,12 @@ def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, 
     Each batch is seeded by its own job, not by the order the jobs ran in, so the responses are the same
     texts however many shards (Metaflow foreach workers) they are split into."""
     from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches, sample_texts
-    from rlhf_lightning.models.loading import load_base_causal_lm, load_tokenizer, to_compute_device
+    from rlhf_lightning.models.loading import load_base_causal_lm, policy_tokenizer, to_compute_device
 
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} of {shards}: give 0 <= shard < shards")
     pref_prompts = split_prompts(task)[0]
-    tok = load_tokenizer(policy.model)
+    tok = policy_tokenizer(policy)
     chats = [chat_prompt(tok, p) for p in pref_prompts]
     batches = dict(length_sorted_batches(tok, chats, task.batch_size))
     # K independent samples per prompt, the ones the annotator ranks (one seed per sample index, so the
@@ -119,12 +123,12 @@ def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Jo
     """Label the sampled responses (every job of the task, from any number of shards) with the simulated
     annotator, write the task's files, share them, and return their paths (as `generate_builtin_task`)."""
     from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches
-    from rlhf_lightning.models.loading import load_tokenizer
+    from rlhf_lightning.models.loading import policy_tokenizer
 
     out = _task_dir(task, policy)
     paths = _paths(out)
     pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
-    tok = load_tokenizer(policy.model)
+    tok = policy_tokenizer(policy)
     batches = length_sorted_batches(tok, [chat_prompt(tok, p) for p in pref_prompts], task.batch_size)
     missing = [(k, first) for k in range(task.responses_per_prompt) for first, _ in batches if (k, first) not in responses]
     if missing:

@@ -42,6 +42,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rlhf_lightning.chat import ChatTemplateError, folds_system, render
 from rlhf_lightning.config import ConfigError, RLHFConfig
 from rlhf_lightning.data import formats
 from rlhf_lightning.data.issues import Issue
@@ -137,20 +138,32 @@ def _count_tokens(tok, texts: list[str]) -> list[int]:
 
 def render_chat(tok, messages: list[dict]) -> str:
     """A prompt conversation in the policy's chat template, ready for generation (for one user message
-    the same text as `generation.chat_prompt`)."""
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    the same text as `generation.chat_prompt`); a refusal is a :class:`~rlhf_lightning.chat.ChatTemplateError`."""
+    return render(tok, messages)
 
 
-def fit_conversations(tok, conversations: list[list[dict]], max_tokens: int
-                      ) -> tuple[list[list[dict]], list[str], list[int]]:
+def fit_conversations(tok, conversations: list[list[dict]], max_tokens: int, *,
+                      counts: Counter | None = None) -> tuple[list[list[dict]], list[str], list[int]]:
     """Fit each prompt conversation so that its chat-templated form has at most `max_tokens` tokens.
 
     Policy: a long prompt keeps its END — the last user turn is the one the response answers, and in a
     single message the question or instruction usually comes last. Whole leading turns go first (then
     any assistant turn left leading the conversation); if the one remaining message is still too long,
     its start is cut on a token boundary (the tokenizer's character offsets), so no character is split.
-    Returns (conversations, chat prompts, chat token counts before cutting)."""
-    chats = [render_chat(tok, m) for m in conversations]
+    Returns (conversations, chat prompts, chat token counts before cutting). `counts` gets
+    ``system_folded``: the conversations whose system message the policy's template puts into the
+    first user turn (:func:`rlhf_lightning.chat.template_for`). A conversation the template refuses
+    raises :class:`~rlhf_lightning.chat.ChatTemplateError` with its ``index``."""
+    chats = []
+    folding = folds_system(tok.chat_template or "")
+    for i, messages in enumerate(conversations):
+        try:
+            chats.append(render_chat(tok, messages))
+        except ChatTemplateError as exc:
+            exc.index = i
+            raise
+        if counts is not None and folding and messages[0]["role"] == "system":
+            counts["system_folded"] += 1
     lengths = _count_tokens(tok, chats)
     out, out_chats = [list(m) for m in conversations], list(chats)
     for i, n in enumerate(lengths):
@@ -375,6 +388,19 @@ def _conversation(row: dict) -> list[dict]:
     return row["messages"] or [{"role": "user", "content": row["prompt"]}]
 
 
+def _fit(tok, rows: list[dict], cfg: RLHFConfig, c: _Counts) -> tuple[list[list[dict]], list[str], list[int]]:
+    """`fit_conversations` of the rows' prompts; a conversation the chat template refuses stops the run
+    with the row's location and what to set."""
+    folded: Counter = Counter()
+    try:
+        out = fit_conversations(tok, [_conversation(r) for r in rows], cfg.data.prompt_length, counts=folded)
+    except ChatTemplateError as exc:
+        raise ConfigError(f"config: policy.chat_template: {rows[exc.index]['source']}: {exc}") from None
+    if folded["system_folded"]:
+        c.add("changed.system_folded", folded["system_folded"])
+    return out
+
+
 def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts: Counter,
                         lengths: dict[str, list[int]], notes: list[Issue],
                         where: dict[str, list[str]] | None = None) -> list[dict]:
@@ -392,8 +418,7 @@ def prepare_preferences(result: formats.ReadResult, tok, cfg: RLHFConfig, counts
     notes.extend(row_notes(rows))
     rows = _dedupe_all(rows, fields, c, notes)
 
-    convs, _, lengths["preferences.prompt_chat"] = fit_conversations(tok, [_conversation(r) for r in rows],
-                                                                     cfg.data.prompt_length)
+    convs, _, lengths["preferences.prompt_chat"] = _fit(tok, rows, cfg, c)
     chosen, lengths["preferences.chosen"] = fit_responses(tok, [r["chosen"] for r in rows], cfg.data.target_length)
     rejected, lengths["preferences.rejected"] = fit_responses(tok, [r["rejected"] for r in rows], cfg.data.target_length)
     out = []
@@ -422,8 +447,7 @@ def prepare_prompts(role: str, result: formats.ReadResult, tok, cfg: RLHFConfig,
         rows = _drop_invalid(rows, c, result.problems)
     notes.extend(row_notes(rows))
     rows = _dedupe_all(rows, ("prompt",), c, notes)
-    convs, chats, lengths[f"{role}.prompt_chat"] = fit_conversations(tok, [_conversation(r) for r in rows],
-                                                                     cfg.data.prompt_length)
+    convs, chats, lengths[f"{role}.prompt_chat"] = _fit(tok, rows, cfg, c)
     out = []
     for row, conv, chat in zip(rows, convs, chats):
         prompt = formats.prompt_fields(conv)
@@ -446,11 +470,11 @@ def preprocess(cfg: RLHFConfig, out_dir: str) -> PreparedData:
 
     Problems of records and of whole files (missing, unreadable, empty) are returned in `problems` for
     validation to report, all of them: one bad file does not hide the others' problems."""
-    from rlhf_lightning.models.loading import load_tokenizer
+    from rlhf_lightning.models.loading import policy_tokenizer
 
     d = cfg.data
     sources = resolve_sources(cfg)
-    tok = load_tokenizer(cfg.policy.model)
+    tok = policy_tokenizer(cfg.policy)
     if not tok.is_fast:
         raise ConfigError(f"config: policy.model: {cfg.policy.model!r} has no fast (Rust) tokenizer; cutting "
                           "prompts on token boundaries needs its character offsets (use a model with tokenizer.json)")

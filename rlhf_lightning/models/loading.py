@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from rlhf_lightning import cache
+from rlhf_lightning.chat import template_for
 from rlhf_lightning.config import ConfigError, LoraConfig, PolicyConfig
 from rlhf_lightning.task_prompts import tokenizer_corpus
 
@@ -147,13 +148,23 @@ def _build_tiny(kind: str) -> Path:
     return out
 
 
-def load_tokenizer(ref: str, *, padding_side: str = "left") -> PreTrainedTokenizerBase:
-    """Tokenizer with a pad token. Left padding: batched generation of decoder models needs it."""
+def load_tokenizer(ref: str, *, padding_side: str = "left", chat_template: str = "",
+                   fold_system: bool = True) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer, with a pad token and the chat template the policy uses
+    (`chat.template_for`: `chat_template`, else its own, else a plain format; a system message folded
+    into the first user turn where the template refuses one). Left padding: batched generation of
+    decoder models needs it."""
     tok = AutoTokenizer.from_pretrained(resolve_model(ref))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
+    tok.chat_template = template_for(tok, chat_template, fold_system)
     return tok
+
+
+def policy_tokenizer(policy: PolicyConfig) -> PreTrainedTokenizerBase:
+    """`load_tokenizer` with the policy's chat template settings."""
+    return load_tokenizer(policy.model, chat_template=policy.chat_template, fold_system=policy.fold_system)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

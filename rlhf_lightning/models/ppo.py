@@ -39,7 +39,7 @@ from torch import nn
 from rlhf_lightning import judge
 from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
-from rlhf_lightning.models.loading import load_policy, load_tokenizer, stop_token_ids
+from rlhf_lightning.models.loading import load_policy, policy_tokenizer, stop_token_ids
 from rlhf_lightning.models.logprobs import ended_with_eos, response_forward, token_logprobs
 from rlhf_lightning.models.losses import (
     AdaptiveKLController,
@@ -111,7 +111,7 @@ class PPOModule(L.LightningModule):
         self.ppo = ppo
         self.gold_judge = gold_judge
         self.policy = load_policy(policy)
-        self.tokenizer = load_tokenizer(policy.model)  # left padding for generate
+        self.tokenizer = policy_tokenizer(policy)  # left padding for generate
         self.value_head: nn.Linear | None = None
         if ppo.estimator == "gae":
             # fp32 even over a bf16/4-bit policy: values are regression targets of a few units.
