@@ -141,11 +141,19 @@ def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Jo
                 cand[k][r] = text
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(task.seed)
-    rows, golds, agree = [], [], 0
+    rows, golds, agree, dropped = [], [], 0, {"empty_response": 0, "same_text": 0}
     for prompt, texts in zip(pref_prompts, zip(*cand)):
         g = [judge.gold_score(t) for t in texts]
         golds += g
         for i, j, choice in judge.ranking_pairs(judge.rank(g, task.annotator_beta, rng)):
+            # A pair validation would reject is not written: a model that answers with its end token at
+            # once (empty text) or twice the same text gives no preference. Counted in stats.json.
+            if not texts[i].strip() or not texts[j].strip():
+                dropped["empty_response"] += 1
+                continue
+            if texts[i] == texts[j]:
+                dropped["same_text"] += 1
+                continue
             agree += int((choice == 0) == (g[i] >= g[j]))
             rows.append({"input_text": prompt, "candidate_0": texts[i], "candidate_1": texts[j], "choice": choice})
     _write_jsonl(Path(paths["preferences"]), rows)
@@ -153,6 +161,7 @@ def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Jo
     _write_jsonl(Path(paths["eval_prompts"]), [{"input_text": p} for p in eval_prompts])
     stats = {
         "pairs": len(rows),
+        "pairs_dropped": dropped,
         "prompts": len(pref_prompts),
         "label_agreement_with_gold": agree / max(len(rows), 1),
         "mean_gold_score": sum(golds) / max(len(golds), 1),
