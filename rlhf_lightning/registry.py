@@ -22,7 +22,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from rlhf_lightning import pyfunc_model
-from rlhf_lightning.chat import template_for
+from rlhf_lightning.chat import refuses_system, template_for
 from rlhf_lightning.config import RLHFConfig
 
 CANDIDATE_ALIAS = "candidate"
@@ -82,12 +82,14 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def policy_chat_template(cfg: RLHFConfig, base_model_dir: str) -> str:
-    """The chat template the policy trained with (`chat.template_for` on the base's tokenizer)."""
+def policy_chat_template(cfg: RLHFConfig, base_model_dir: str) -> tuple[str, bool]:
+    """(the chat template the policy trained with, `chat.template_for` on the base's tokenizer; whether
+    it takes a system message, folded or as it is)."""
     from transformers import AutoTokenizer
 
-    return template_for(AutoTokenizer.from_pretrained(base_model_dir), cfg.policy.chat_template,
-                        cfg.policy.fold_system)
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    template = template_for(tok, cfg.policy.chat_template, cfg.policy.fold_system)
+    return template, not refuses_system(tok, template)
 
 
 def _check_base_dir(base_model_dir: str) -> None:
@@ -134,6 +136,7 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
     _check_base_dir(base_model_dir)
     name = cfg.registry.model_name
     template = [dataclasses.asdict(r) for r in cfg.serving.requests]
+    chat_template, takes_system = policy_chat_template(cfg, base_model_dir)
 
     with tempfile.TemporaryDirectory(prefix="rlhf-register-") as tmp:
         # MLflow names an artifact directory after its source directory: stage it as `adapter`.
@@ -151,13 +154,15 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                 artifacts={"base": base_model_dir, "adapter": str(staged)},
                 # weights_sha256: load fails if the adapter artifact differs; chat_template: the one the
                 # policy was trained with, so that serving renders prompts alike.
-                model_config={"weights_sha256": sha, "chat_template": policy_chat_template(cfg, base_model_dir)},
+                model_config={"weights_sha256": sha, "chat_template": chat_template},
                 signature=pyfunc_model.SIGNATURE,
                 # The chat form with every param: the example shows all the model takes. MLflow also
                 # runs it through the model once as a serving check.
+                # A system message only where the template takes one (fold_system off on Gemma's would
+                # refuse it): the example the version is registered with is one it answers.
                 input_example=(
                     pd.DataFrame({"messages": [[
-                        {"role": "system", "content": "You are a helpful assistant."},
+                        *([{"role": "system", "content": "You are a helpful assistant."}] if takes_system else []),
                         {"role": "user", "content": template[0]["prompt"]},
                     ]]}),
                     {"max_new_tokens": min(template[0]["max_new_tokens"], 8), "temperature": 0.7,

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from chat_templates import GEMMA
 from datafiles import write_records
 from rlhf_lightning.chat import PLAIN_TEMPLATE, ChatTemplateError, folds_system, render, template_for
 from rlhf_lightning.config import ConfigError, from_dict
@@ -17,12 +18,6 @@ from rlhf_lightning.data.preprocess import preprocess
 from rlhf_lightning.models.generation import chat_prompt
 from rlhf_lightning.models.loading import load_tokenizer
 
-# Gemma 2's template in substance: no system role, <start_of_turn>/<end_of_turn> turns, `model` for the assistant.
-GEMMA = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
-         "{{ raise_exception('System role not supported') }}{% endif %}"
-         "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-         "{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}{% endfor %}"
-         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 SYSTEM_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
 
@@ -75,8 +70,10 @@ def test_the_served_model_renders_with_the_template_it_was_trained_with(tiny_pol
 
     _, adapter_dir, base_dir = tiny_policy
     cfg = from_dict({"policy": {"model": "tiny:llama", "chat_template": GEMMA}})
-    template = policy_chat_template(cfg, base_dir)
-    assert folds_system(template) and template.endswith(GEMMA)
+    template, takes_system = policy_chat_template(cfg, base_dir)
+    assert folds_system(template) and template.endswith(GEMMA) and takes_system
+    strict = from_dict({"policy": {"model": "tiny:llama", "chat_template": GEMMA, "fold_system": False}})
+    assert policy_chat_template(strict, base_dir) == (GEMMA, False)  # registered with a user-only example
     request = pd.DataFrame({"messages": [SYSTEM_CHAT]})
     params = {"max_new_tokens": 3, "temperature": 0.0}
     served = RLHFPolicyModel()

@@ -273,3 +273,25 @@ def test_the_served_model_stops_at_every_end_token_of_its_generation_config(tiny
                                         model_config={}))
     out = served.predict(None, pd.DataFrame({"prompt": ["Hi"]}), params={"max_new_tokens": 5, "temperature": 0.0})
     assert out[["response", "completion_tokens", "finish_reason"]].values.tolist() == [["", 1, "stop"]]
+
+
+def test_a_version_is_registered_with_an_example_its_template_answers(mlflow_tracking, tiny_policy, tmp_path):
+    """A template that refuses system messages, with folding off: the version's input example (which
+    MLflow runs through the model as a serving check) holds no system message, and the version records
+    that template, so that the served model renders as training did."""
+    from chat_templates import GEMMA
+    from mlflow.models import Model
+
+    _, adapter_dir, base_dir = tiny_policy
+    cfg = from_dict({"policy": {"model": "tiny:llama", "chat_template": GEMMA, "fold_system": False},
+                     "registry": {"model_name": "rlhf-policy-gemma"}})
+    with mlflow.start_run() as run:
+        info = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+    model = Model.load(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    example = model.load_input_example(str(tmp_path))
+    example = example[0] if isinstance(example, tuple) else example
+    assert [m["role"] for m in example["messages"].iloc[0]] == ["user"]
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    answer = served.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Hi"}]]}),
+                            params={"max_new_tokens": 2, "temperature": 0.0})
+    assert len(answer) == 1
