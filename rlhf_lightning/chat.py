@@ -51,6 +51,8 @@ def refuses_system(tokenizer, template: str) -> bool:
 def template_for(tokenizer, override: str = "", fold: bool = True) -> str:
     """The chat template the policy uses with this tokenizer (see the module docstring)."""
     template = override or tokenizer.chat_template or PLAIN_TEMPLATE
+    if isinstance(template, dict):  # named templates (a tool-use one beside the chat one): the chat one
+        template = template.get("default") or next(iter(template.values()))
     if fold and refuses_system(tokenizer, template):
         return FOLD_SYSTEM + template
     return template
