@@ -401,14 +401,12 @@ def test_a_mapping_logs_to_mlflow_as_parameters(tmp_path):
     cfg = load_config(SNIPPETS / "chatbot-arena.yaml")
     params = flatten(cfg)
     assert json.loads(params["data.field_mapping.label_values"])["tie (bothbad)"] == "tie"
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
-        with mlflow.start_run() as run:
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        logged = mlflow.get_run(run.info.run_id).data.params
-        assert logged["data.field_mapping.label_key"] == "winner"
-    finally:
-        mlflow.set_tracking_uri(None)
+    # A client of its own: no state shared with the fluent API's active experiment of other tests.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("params"))
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items()])
+    logged = client.get_run(run.info.run_id).data.params
+    assert logged["data.field_mapping.label_key"] == "winner" and len(logged) == len(params)
 
 
 def test_hf_sources_take_split_slices_and_plain_folders(tmp_path):
