@@ -118,17 +118,21 @@ def test_dequantised_policy_is_fetched_instead_of_converted(shared, tmp_path, mo
 
 
 def test_the_builtin_task_never_writes_a_pair_validation_would_reject(tmp_path):
-    """A policy that answers with its end token at once (empty text) or twice the same: those pairs are
-    dropped and counted in stats.json, never handed to validate."""
+    """A policy that answers with its end token at once (empty text), with control characters only (empty
+    once cleaned, as validation cleans it) or twice the same: those pairs are dropped and counted in
+    stats.json, never handed to validate."""
     task = BuiltinTaskConfig(n_preference_prompts=4, n_rl_prompts=2, n_eval_prompts=2, max_new_tokens=4,
                              responses_per_prompt=3, batch_size=4, output_dir=str(tmp_path))
     policy = PolicyConfig(model="tiny:llama")
     # One batch of 4 prompts; per prompt the three candidates are (a, b, "") / (a, a, b) / ... .
     responses = {(0, 0): ["Lovely.", "Same.", "Fine.", "Good."], (1, 0): ["", "Same.", "Nice.", "Great."],
-                 (2, 0): ["Bad.", "Other.", "Meh.", "Okay."]}
+                 (2, 0): ["Bad.", "Other.", "\x1a", "Okay."]}
     paths = builtin.write_task(task, policy, responses)
     rows = [json.loads(line) for line in open(paths["preferences"])]
     assert rows and all(r["candidate_0"].strip() and r["candidate_1"].strip() for r in rows)
     assert all(r["candidate_0"] != r["candidate_1"] for r in rows)
     stats = json.loads(open(paths["stats"]).read())
-    assert stats["pairs_dropped"] == {"empty_response": 2, "same_text": 1} and stats["pairs"] == 4 * 3 - 3
+    assert stats["pairs_dropped"] == {"empty_response": 4, "same_text": 1} and stats["pairs"] == 4 * 3 - 5
+    from rlhf_lightning.data.text import clean_text
+
+    assert all(clean_text(r["candidate_0"])[0] and clean_text(r["candidate_1"])[0] for r in rows)

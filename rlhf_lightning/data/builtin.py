@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_lightning import cache, judge
+from rlhf_lightning.data.text import clean_text
 from rlhf_lightning.task_prompts import all_prompts
 from rlhf_lightning.config import SOURCE_ROLES, BuiltinTaskConfig, PolicyConfig
 
@@ -148,10 +149,13 @@ def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Jo
         for i, j, choice in judge.ranking_pairs(judge.rank(g, task.annotator_beta, rng)):
             # A pair validation would reject is not written: a model that answers with its end token at
             # once (empty text) or twice the same text gives no preference. Counted in stats.json.
-            if not texts[i].strip() or not texts[j].strip():
+            # Judged on the cleaned texts, as validation judges them: a response of control characters
+            # only (a random tiny model writes such) is empty once cleaned.
+            a, b = clean_text(texts[i])[0], clean_text(texts[j])[0]
+            if not a or not b:
                 dropped["empty_response"] += 1
                 continue
-            if texts[i] == texts[j]:
+            if a == b:
                 dropped["same_text"] += 1
                 continue
             agree += int((choice == 0) == (g[i] >= g[j]))

@@ -48,6 +48,7 @@ from rlhf_lightning.data import formats
 from rlhf_lightning.data.issues import Issue
 from rlhf_lightning.data.layouts import ANSWER_REMOVED
 from rlhf_lightning.data.layouts import DROP_REASONS as LAYOUT_DROPS
+from rlhf_lightning.data.text import CLEAN_STEPS, clean_text
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PREFERENCE_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -55,17 +56,6 @@ PREFERENCE_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()),
 PROMPT_SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_chat", pa.string()), ("source", pa.string()),
                            ("messages", MESSAGES)])
 
-# Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; \t and \n carry layout and stay.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-# Runs of spaces between visible characters. Leading indentation is left alone: code in responses needs it.
-_SPACE_RUN = re.compile(r"(?<=\S) {2,}(?=\S)")
-CLEAN_STEPS: tuple[tuple[str, Callable[[str], str]], ...] = (
-    ("unicode_nfc", lambda t: unicodedata.normalize("NFC", t)),  # one code point sequence per glyph
-    ("line_endings", lambda t: t.replace("\r\n", "\n").replace("\r", "\n")),  # before \r counts as control
-    ("control_chars", lambda t: _CONTROL.sub("", t)),
-    ("spaces", lambda t: _SPACE_RUN.sub(" ", t)),
-    ("ends", str.strip),
-)
 SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
 """The canonical datasets of a run (`PreparedData`'s fields, one Parquet file each)."""
 DROP_REASONS = ("invalid", "empty_text", "tie", "duplicate", "duplicate_normalised", "duplicate_after_truncation")
@@ -117,18 +107,6 @@ class PreparedData:
                 digest.update(b"\n")
             out[name] = digest.hexdigest()
         return out
-
-
-def clean_text(text: str) -> tuple[str, list[str]]:
-    """Unicode NFC, ``\\r\\n``/``\\r`` -> ``\\n``, control characters removed (except ``\\n``, ``\\t``),
-    runs of spaces between words collapsed, ends stripped. Returns the text and the reasons it changed."""
-    reasons = []
-    for reason, step in CLEAN_STEPS:
-        new = step(text)
-        if new != text:
-            reasons.append(reason)
-            text = new
-    return text, reasons
 
 
 def _count_tokens(tok, texts: list[str]) -> list[int]:

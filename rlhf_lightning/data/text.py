@@ -1,0 +1,32 @@
+"""Text cleaning shared by preprocess (every text of every row) and the built-in task (which must not
+write a pair that cleaning would turn into an empty text or a tie)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+
+# Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; \t and \n carry layout and stay.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Runs of spaces between visible characters. Leading indentation is left alone: code in responses needs it.
+_SPACE_RUN = re.compile(r"(?<=\S) {2,}(?=\S)")
+CLEAN_STEPS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("unicode_nfc", lambda t: unicodedata.normalize("NFC", t)),  # one code point sequence per glyph
+    ("line_endings", lambda t: t.replace("\r\n", "\n").replace("\r", "\n")),  # before \r counts as control
+    ("control_chars", lambda t: _CONTROL.sub("", t)),
+    ("spaces", lambda t: _SPACE_RUN.sub(" ", t)),
+    ("ends", str.strip),
+)
+
+
+def clean_text(text: str) -> tuple[str, list[str]]:
+    """Unicode NFC, ``\\r\\n``/``\\r`` -> ``\\n``, control characters removed (except ``\\n``, ``\\t``),
+    runs of spaces between words collapsed, ends stripped. Returns the text and the reasons it changed."""
+    reasons = []
+    for reason, step in CLEAN_STEPS:
+        new = step(text)
+        if new != text:
+            reasons.append(reason)
+            text = new
+    return text, reasons
