@@ -516,6 +516,14 @@ class RegistryConfig:
     """MLflow experiment holding one parent run per flow run."""
     model_name: str = "rlhf-policy"
     """Registered model name."""
+    base_store: Literal["shared", "copy", "hub"] = "shared"
+    """Where a registered version's base model lives. `shared`: stored once per base (by the sha256 of
+    its files) as the artifact of a `base` run in this experiment, which every version on that base
+    references; the served model downloads it once into its cache (`RLHF_BASE_CACHE`, default
+    ~/.cache/rlhf-lightning/bases) and checks every file's sha256. `copy`: a full copy inside each
+    version (self-contained: for serving where the tracking server cannot be reached, e.g. an image
+    built with `mlflow models build-docker`). `hub`: the hub id and commit only (policy.model must be
+    a hub id), for serving machines that reach the hub; the files are checked the same way."""
 
 
 @dataclass
@@ -624,6 +632,14 @@ class RLHFConfig:
     """Lightning Trainer."""
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     """Checkpoints and retries."""
+
+    def __post_init__(self) -> None:
+        model = self.policy.model
+        # Checked here, not at `register` after training: the serving side must be able to fetch it.
+        _check(self.registry.base_store != "hub"
+               or not (model.startswith(("tiny:", "package:", "/", ".", "~")) or Path(model).exists()),
+               "registry.base_store", f"hub needs policy.model to be a hub id (ORG/NAME), got {model!r}; "
+               "use shared (the default) or copy for local models")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

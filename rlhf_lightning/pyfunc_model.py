@@ -13,16 +13,24 @@ So this module is self-contained: it imports only mlflow, pandas, torch, transfo
 It does not use the ``mlflow.transformers`` flavour either: on a PEFT model it reloads with random
 weights, silently.
 
-Artifacts: ``base`` (a transformers ``save_pretrained`` directory with the tokenizer and its chat
-template) and ``adapter`` (a peft ``save_pretrained`` directory). The model hashes the adapter weights
-file when it loads and returns that hash with every answer, so a client can check which weights are
-being served.
+Artifacts: ``adapter`` (a peft ``save_pretrained`` directory), ``tokenizer`` (the policy's tokenizer)
+and either ``base_ref`` (a small JSON file naming a base model stored once outside the version — a
+logged artifact every version on that base shares, or a hub id and commit — with the sha256 of each of
+its files) or ``base`` (a full ``save_pretrained`` directory, as versions registered before
+``base_ref`` existed, and ``registry.base_store: copy``, have it). A referenced base is downloaded once
+per machine into ``RLHF_BASE_CACHE`` and every file is checked against its recorded sha256 on each
+load. The model hashes the adapter weights file when it loads and returns that hash with every answer,
+so a client can check which weights are being served.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +96,87 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+BASE_CACHE_ENV = "RLHF_BASE_CACHE"
+"""Where a referenced base model is kept once downloaded (default ~/.cache/rlhf-lightning/bases)."""
+
+
+def _skipped(rel: Path) -> bool:
+    # Hidden entries are tooling state (huggingface_hub's `.cache` in a local_dir, `.git`), not the model.
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def base_manifest(base_dir: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a base model directory (hidden entries aside)."""
+    root = Path(base_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _skipped(p.relative_to(root)))
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def manifest_digest(manifest: dict[str, str]) -> str:
+    """One sha256 for a whole base: the identity a stored base is found by."""
+    text = "".join(f"{name}\t{sha}\n" for name, sha in sorted(manifest.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_base(base_dir: str | Path, manifest: dict[str, str], source: str, exact: bool = True) -> None:
+    """Raise, naming the files, unless `base_dir` holds the files of `manifest` with their sha256 (and,
+    if `exact`, no others)."""
+    have = base_manifest(base_dir)
+    missing = sorted(set(manifest) - set(have))
+    extra = sorted(set(have) - set(manifest)) if exact else []
+    changed = sorted(n for n in set(manifest) & set(have) if manifest[n] != have[n])
+    if missing or extra or changed:
+        parts = [f"{label}: {names[:5]}" for label, names in
+                 (("missing", missing), ("differ", changed), ("not registered", extra)) if names]
+        raise MlflowException(f"base model from {source} does not match the files registered with this version "
+                              f"({'; '.join(parts)}): it was modified after registration, or the download is "
+                              f"corrupt; the registered sha256 of each file is in the version's base_ref artifact")
+
+
+def base_cache_dir() -> Path:
+    return Path(os.environ.get(BASE_CACHE_ENV) or Path.home() / ".cache" / "rlhf-lightning" / "bases")
+
+
+def fetch_base(ref: dict[str, Any]) -> str:
+    """The local directory of the base that `ref` (a version's base_ref) names. A logged base: from the
+    cache when it is there and intact, else downloaded, checked file by file against the recorded
+    sha256, and moved into the cache in one rename (a concurrent loader never sees half a copy)."""
+    files, digest = ref["files"], ref["digest"]
+    if manifest_digest(files) != digest:
+        raise MlflowException(f"base_ref: the file list does not hash to its digest {digest}; the artifact was edited")
+    if not ref.get("uri"):
+        # A hub base stays in the hub cache (no second copy of its weights): the snapshot of that commit,
+        # downloaded if missing, with every registered file checked. Files fetched beside them for other
+        # uses of the same snapshot may be there too.
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(ref["hub_id"], revision=ref["revision"], allow_patterns=sorted(files))
+        check_base(local, files, f"hub {ref['hub_id']}@{ref['revision']}", exact=False)
+        return local
+    cached = base_cache_dir() / digest
+    if cached.is_dir():
+        try:
+            check_base(cached, files, str(cached))
+            return str(cached)
+        except MlflowException:
+            shutil.rmtree(cached, ignore_errors=True)  # a damaged cached copy: fetch it again
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=cached.parent))
+    try:
+        source = ref["uri"]
+        (tmp / "dl").mkdir()
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp / "dl")))
+        check_base(local, files, source)
+        try:
+            os.replace(local, cached)
+        except OSError:
+            if not cached.is_dir():  # another loader's rename won the race: theirs is the same files
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(cached)
 
 
 def _invalid(message: str) -> MlflowException:
@@ -227,6 +316,13 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
     was trained with, used instead of the tokenizer's.
     """
 
+    @staticmethod
+    def base_dir(artifacts: dict[str, str]) -> str:
+        """The base model's local directory: inside the version (`base`), or the one `base_ref` names."""
+        if "base" in artifacts:
+            return artifacts["base"]
+        return fetch_base(json.loads(Path(artifacts["base_ref"]).read_text()))
+
     def load_context(self, context) -> None:
         # Imported here, not at the top: registry.py imports this module for SIGNATURE and should not
         # pay peft's import time (~7 s) for it.
@@ -234,7 +330,7 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         config = context.model_config or {}
-        base_dir, adapter_dir = context.artifacts["base"], context.artifacts["adapter"]
+        adapter_dir = context.artifacts["adapter"]
         self.weights_sha256 = sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
         expected = config.get("weights_sha256")
         if expected and expected != self.weights_sha256:
@@ -243,7 +339,8 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
                 f"registered {expected}; the model directory is corrupt or was modified after logging"
             )
 
-        tok = AutoTokenizer.from_pretrained(base_dir)
+        base_dir = self.base_dir(context.artifacts)
+        tok = AutoTokenizer.from_pretrained(context.artifacts.get("tokenizer") or base_dir)
         # The template the policy was trained with, as the registry recorded it (the user's, the
         # tokenizer's, or a plain one; system messages folded where the tokenizer's refuses them).
         # Versions registered before it was recorded use the tokenizer's own.

@@ -1,9 +1,11 @@
 """Log the tuned policy as an MLflow pyfunc model, register a version, tag its lineage, set aliases.
 
-The logged model is `pyfunc_model.py` as models-from-code (see that module for why) with two artifacts:
-the base model directory (weights + tokenizer + chat template) and the LoRA adapter (only the files
-peft needs, not the PPO value head). Tracking and registry URIs come from MLflow itself
-(``MLFLOW_TRACKING_URI`` or its default); nothing here picks a server.
+The logged model is `pyfunc_model.py` as models-from-code (see that module for why) with the LoRA
+adapter (only the files peft needs, not the PPO value head), the tokenizer, and a reference to the base
+model (`registry.base_store`): by default the base is logged once, as the artifact of a `base` run found
+again by the sha256 of its files, and every version on it references that run, so ten PPO runs of one
+base store it once. Tracking and registry URIs come from MLflow itself (``MLFLOW_TRACKING_URI`` or its
+default); nothing here picks a server.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -103,6 +106,63 @@ def _check_base_dir(base_model_dir: str) -> None:
         raise FileNotFoundError(f"{base}: no tokenizer; save it there with `tokenizer.save_pretrained(dir)`")
 
 
+BASE_DIGEST_TAG = "rlhf.base.digest"
+"""On a `base` run: the sha256 of its files' manifest (pyfunc_model.manifest_digest), its identity."""
+BASE_COMPLETE_TAG = "rlhf.base.complete"
+"""Set on a `base` run once every file is uploaded: a crashed upload is never referenced."""
+
+
+def _find_base_run(client: MlflowClient, digest: str) -> str | None:
+    """The id of a complete, active `base` run holding the base with this digest, in any experiment."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for start in range(0, len(experiments), 100):  # search_runs takes at most 100 experiments per call
+        runs = client.search_runs(experiments[start:start + 100], max_results=1,
+                                  filter_string=f"tags.`{BASE_DIGEST_TAG}` = '{digest}' and "
+                                                f"tags.`{BASE_COMPLETE_TAG}` = 'true'")
+        if runs:
+            return runs[0].info.run_id
+    return None
+
+
+def store_base(cfg: RLHFConfig, base_model_dir: str, experiment_id: str) -> tuple[dict, dict[str, str]]:
+    """(the version's base_ref: where its base is and the sha256 of each file; tags for the version).
+
+    `shared`: the base run with these files if one exists, else a new one in `experiment_id` with the
+    files logged under `base/`. `hub`: the hub id at the commit the local copy came from."""
+    files = pyfunc_model.base_manifest(base_model_dir)
+    digest = pyfunc_model.manifest_digest(files)
+    ref: dict = {"model": cfg.policy.model, "digest": digest, "files": files}
+    if cfg.registry.base_store == "hub":
+        snapshot = Path(base_model_dir)
+        if snapshot.parent.name != "snapshots" or not snapshot.parents[1].name.startswith("models--"):
+            raise RegistryError(
+                f"registry.base_store: hub needs policy.model to be a hub id (its files in the hub cache); "
+                f"{cfg.policy.model!r} is at {base_model_dir}, which the serving side cannot fetch from the hub. "
+                f"Use base_store: shared (the default) or copy")
+        ref.update(hub_id=cfg.policy.model, revision=snapshot.name)
+        return ref, {"base.hub": f"{cfg.policy.model}@{snapshot.name}", "base.digest": digest}
+    client = MlflowClient()
+    run_id = _find_base_run(client, digest)
+    if run_id is None:
+        run = client.create_run(experiment_id, run_name=f"base {cfg.policy.model}"[:250], tags={
+            BASE_DIGEST_TAG: digest, "rlhf.base.model": cfg.policy.model,
+            "mlflow.note.content": "A base model that registered policy versions reference (their base_ref "
+                                   "artifact): deleting this run breaks serving them."})
+        run_id = run.info.run_id
+        root = Path(base_model_dir)
+        for name in files:  # file by file: exactly the files the manifest hashes, no staged copy
+            parent = Path("base", name).parent.as_posix()
+            client.log_artifact(run_id, str(root / name), artifact_path=parent)
+        client.log_dict(run_id, files, "manifest.json")
+        client.set_tag(run_id, BASE_COMPLETE_TAG, "true")
+        client.set_terminated(run_id)
+        print(f"stored base {cfg.policy.model} once ({len(files)} files) in run {run_id}")
+    else:
+        print(f"base {cfg.policy.model} already stored in run {run_id}: this version references it")
+    ref.update(uri=f"runs:/{run_id}/base", run_id=run_id)
+    return ref, {"base.run_id": run_id, "base.digest": digest}
+
+
 @contextlib.contextmanager
 def _in_run(run_id: str):
     """Log into `run_id`: the active run if it is that one, else resume it (nested under any other
@@ -147,11 +207,25 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
             if not src.is_file():
                 raise FileNotFoundError(f"{src}: missing; the adapter dir must come from peft `save_pretrained`")
             shutil.copy2(src, staged / fname)
+        artifacts = {"adapter": str(staged)}
+        base_tags: dict[str, str] = {}
+        if cfg.registry.base_store == "copy":
+            artifacts["base"] = base_model_dir
+        else:
+            from transformers import AutoTokenizer
+
+            experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+            ref, base_tags = store_base(cfg, base_model_dir, experiment_id)
+            (Path(tmp) / "base_ref.json").write_text(json.dumps(ref, indent=1))
+            artifacts["base_ref"] = str(Path(tmp) / "base_ref.json")
+            # The tokenizer travels with the version (a few MB): clients read it without the base.
+            AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(Path(tmp) / "tokenizer")
+            artifacts["tokenizer"] = str(Path(tmp) / "tokenizer")
         with _in_run(run_id):
             info = mlflow.pyfunc.log_model(
                 name="policy",
                 python_model=pyfunc_model.__file__,  # models-from-code: MLflow copies the file
-                artifacts={"base": base_model_dir, "adapter": str(staged)},
+                artifacts=artifacts,
                 # weights_sha256: load fails if the adapter artifact differs; chat_template: the one the
                 # policy was trained with, so that serving renders prompts alike.
                 model_config={"weights_sha256": sha, "chat_template": chat_template},
@@ -186,7 +260,7 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
 
     client = MlflowClient()
     version_tags = {**tags, "weights_sha256": sha, "base_model": cfg.policy.model,
-                    "quantization": cfg.policy.quantization}
+                    "quantization": cfg.policy.quantization, "base.store": cfg.registry.base_store, **base_tags}
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     client.update_model_version(name, version, description=_description(cfg, sha, run_id, version_tags))

@@ -8,6 +8,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Metaflow needs a user name and rejects root.
 os.environ.setdefault("USERNAME", "rlhf-tests")
+# Served models keep the bases they download here, not in the user's ~/.cache (Batch jobs of the
+# offline AWS test get a fresh HOME and no such variable: each downloads its own, as a container does).
+if "RLHF_BASE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["RLHF_BASE_CACHE"] = tempfile.mkdtemp(prefix="rlhf-test-bases-")
 
 # torch first: imported after Metaflow's Runner has reloaded its CLI modules, torch's typing fails
 # (`Type parameter ~_R without a default follows ...`) when a test unpickles an artifact.

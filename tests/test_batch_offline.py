@@ -99,7 +99,7 @@ def test_every_step_ran_as_its_own_batch_job_in_a_fresh_container(batch_run, aws
 
 
 def test_the_tracking_server_holds_the_whole_run(batch_run, aws):
-    _, env, _, run_id = batch_run
+    _, env, jobs, run_id = batch_run
     client = MlflowClient(tracking_uri=aws[1].url, registry_uri=aws[1].url)
     exp = client.get_experiment_by_name("rlhf-lightning")
     (parent,) = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{run_id}'")
@@ -119,6 +119,15 @@ def test_the_tracking_server_holds_the_whole_run(batch_run, aws):
     assert tags["lineage.ppo_run_id"] == stages["reinforce"].info.run_id
     assert tags["lineage.reward_model_run_id"] == stages["train_reward_model"].info.run_id
     assert tags["lineage.evaluate_run_id"] == stages["evaluate"].info.run_id
+    # The base is stored once, through the server, and referenced; the containers that load the model
+    # (register's serving check, deploy's load check, inference's server) each fetched it into their own
+    # fresh HOME, from the server.
+    assert tags["base.store"] == "shared"
+    (base_run,) = client.search_runs([exp.experiment_id], f"tags.`rlhf.base.digest` = '{tags['base.digest']}'")
+    assert base_run.info.run_id == tags["base.run_id"] and client.list_artifacts(base_run.info.run_id, "base")
+    fetched = {j["name"].split("-")[-3] for j in jobs
+               if (Path(j["home"]) / ".cache" / "rlhf-lightning" / "bases" / tags["base.digest"] / "config.json").is_file()}
+    assert fetched == {"register", "deploy", "inference"}, fetched
     aliases = client.get_model_version("rlhf-policy", version.version).aliases
     promoted = tags["gate.promote"] == "True"
     assert "candidate" in aliases and ("champion" in aliases) == promoted

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -16,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
-from rlhf_lightning import registry
+from rlhf_lightning import pyfunc_model, registry
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models import generation, loading
 
@@ -73,23 +75,32 @@ def test_versions_have_aliases_tags_and_lineage(registered):
     champion_tags = {k: v for k, v in mv.tags.items() if k.startswith("champion.")}
     assert champion_tags.pop("champion.promoted_at")
     assert champion_tags == {"champion.previous": "1", "champion.reason": "beat v1"}
-    assert {k: v for k, v in mv.tags.items() if not k.startswith("champion.")} == {
+    base_tags = {k: v for k, v in mv.tags.items() if k.startswith("base.")}
+    assert {k: v for k, v in mv.tags.items() if not k.startswith(("champion.", "base."))} == {
         "lineage.metaflow.run_id": "2", "weights_sha256": v2.weights_sha256, "base_model": "tiny:llama",
         "quantization": "none"}
+    assert sorted(base_tags) == ["base.digest", "base.run_id", "base.store"] and base_tags["base.store"] == "shared"
     assert v2.weights_sha256 in mv.description and "| lineage.metaflow.run_id | 2 |" in mv.description
     v1_mv = client.get_model_version(MODEL_NAME, "1")
     assert v1_mv.tags["eval.gold_win_rate"] == "0.4" and v1_mv.tags["champion.previous"] == ""
     assert "| gold_win_rate | 0.4 |" in v1_mv.description
 
 
-def test_logged_model_is_self_contained(registered):
-    """Models-from-code with explicit pins; only the peft files of the adapter were logged."""
+def test_logged_model_is_self_contained(registered, tiny_policy):
+    """Models-from-code with explicit pins; only the peft files of the adapter were logged, the
+    tokenizer, and a reference to the base with each of its files' sha256 (not the base's weights)."""
     _, v2, _ = registered
     local = Path(mlflow.artifacts.download_artifacts(v2.model_uri))
     info = mlflow.models.Model.load(local)
     assert info.flavors["python_function"]["model_code_path"].endswith("pyfunc_model.py")
+    assert sorted(p.name for p in (local / "artifacts").iterdir()) == ["adapter", "base_ref.json", "tokenizer"]
     assert sorted(p.name for p in (local / "artifacts" / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
+    assert not list(local.rglob("model.safetensors"))
+    ref = json.loads((local / "artifacts" / "base_ref.json").read_text())
+    base_dir = Path(tiny_policy[2])
+    assert ref["files"]["model.safetensors"] == hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert ref["uri"] == f"runs:/{ref['run_id']}/base" and ref["model"] == "tiny:llama"
     assert info.metadata["weights_sha256"] == v2.weights_sha256
     # The signature and the example describe both input forms and every param; the limits are declared.
     assert [p.name for p in info.signature.params.params] == ["max_new_tokens", "temperature", "top_p", "seed"]
@@ -295,3 +306,142 @@ def test_a_version_is_registered_with_an_example_its_template_answers(mlflow_tra
     answer = served.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Hi"}]]}),
                             params={"max_new_tokens": 2, "temperature": 0.0})
     assert len(answer) == 1
+
+
+def _stored(root: Path) -> dict[str, int]:
+    """{path: size} of every file in an artifact store."""
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def _other_adapter(adapter_dir: str, dst: Path) -> str:
+    """A second policy on the same base: the adapter's weights, changed."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter_dir, dst)
+    weights = load_file(dst / "adapter_model.safetensors")
+    save_file({k: v + 0.25 for k, v in weights.items()}, dst / "adapter_model.safetensors")
+    return str(dst)
+
+
+def test_a_base_is_stored_once_and_a_second_version_adds_only_its_adapter(mlflow_tracking, tiny_policy, tmp_path):
+    """Ten PPO runs of one base must not store ten copies of it: the second version on a base adds the
+    model files, tokenizer and adapter, none of the base's weights, and references the same base run.
+    Both versions serve from it, each with its own weights."""
+    _, adapter_dir, base_dir = tiny_policy
+    name = "rlhf-policy-once"
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "registry": {"model_name": name}})
+    store = mlflow_tracking / "artifacts"
+    with mlflow.start_run() as run:
+        first = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+    before = _stored(store)
+    with mlflow.start_run() as run:
+        second = registry.log_and_register(cfg, _other_adapter(adapter_dir, tmp_path / "a2"), base_dir,
+                                           run.info.run_id, tags={})
+    added = {k: n for k, n in _stored(store).items() if k not in before}
+
+    client = MlflowClient()
+    tags = [client.get_model_version(name, v.version).tags for v in (first, second)]
+    files = pyfunc_model.base_manifest(base_dir)
+    digest = pyfunc_model.manifest_digest(files)
+    assert tags[0]["base.digest"] == tags[1]["base.digest"] == digest
+    assert tags[0]["base.run_id"] == tags[1]["base.run_id"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert len(client.search_runs(experiments, filter_string=f"tags.`rlhf.base.digest` = '{digest}'")) == 1
+    # What the second version added: its own small files, one weights file (the adapter's).
+    assert sorted(Path(k).name for k in added if k.endswith(".safetensors")) == ["adapter_model.safetensors"]
+    assert not any("/base/" in k for k in added)
+    base_bytes = sum((Path(base_dir) / f).stat().st_size for f in files)
+    assert sum(added.values()) < base_bytes / 2, (sum(added.values()), base_bytes)
+
+    answers = [mlflow.pyfunc.load_model(v.model_uri).predict(pd.DataFrame({"prompt": PROMPTS}),
+                                                                params={"max_new_tokens": 8}) for v in (first, second)]
+    assert [set(a["weights_sha256"]) for a in answers] == [{first.weights_sha256}, {second.weights_sha256}]
+    assert first.weights_sha256 != second.weights_sha256
+    assert answers[0]["response"].tolist() != answers[1]["response"].tolist()
+
+
+def test_the_served_base_is_checked_file_by_file(registered, monkeypatch, tmp_path):
+    """A base downloaded into the cache is checked against the sha256 recorded at registration on every
+    load: a damaged cached copy is fetched again; a stored base changed after registration stops the
+    load with the file named, and is not cached."""
+    _, v2, _ = registered
+    monkeypatch.setenv(pyfunc_model.BASE_CACHE_ENV, str(tmp_path / "cache"))
+    tags = MlflowClient().get_model_version(MODEL_NAME, v2.version).tags
+    cached = tmp_path / "cache" / tags["base.digest"]
+    mlflow.pyfunc.load_model(v2.model_uri)
+    config = (cached / "config.json").read_text()
+    (cached / "config.json").write_text("{}")
+    mlflow.pyfunc.load_model(v2.model_uri)
+    assert (cached / "config.json").read_text() == config
+
+    run_root = urllib.parse.urlparse(MlflowClient().get_run(tags["base.run_id"]).info.artifact_uri).path
+    stored = Path(run_root) / "base" / "model.safetensors"
+    original = stored.read_bytes()
+    shutil.rmtree(cached)
+    stored.write_bytes(original + b"\0")
+    try:
+        with pytest.raises(MlflowException, match=r"does not match the files registered .*differ: \['model.safetensors'\]"):
+            mlflow.pyfunc.load_model(v2.model_uri)
+    finally:
+        stored.write_bytes(original)
+    assert not cached.exists() and not list((tmp_path / "cache").iterdir())
+
+
+def test_a_version_with_its_base_inside_serves_the_same_answers(mlflow_tracking, tiny_policy, candidate, tmp_path):
+    """`registry.base_store: copy` (and every version registered before bases were shared) holds the
+    whole base: it loads without the base run and answers exactly as the shared-base version does."""
+    _, adapter_dir, base_dir = tiny_policy
+    cfg = from_dict({"policy": {"model": "tiny:llama"},
+                     "registry": {"model_name": "rlhf-policy-copy", "base_store": "copy"}})
+    with mlflow.start_run() as run:
+        info = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    # MLflow names an artifact directory after its source: the base is `llama-v1`, tiny:llama's directory.
+    assert sorted(p.name for p in (local / "artifacts").iterdir()) == ["adapter", Path(base_dir).name]
+    assert (local / "artifacts" / Path(base_dir).name / "model.safetensors").is_file()
+    assert "base.run_id" not in MlflowClient().get_model_version(info.name, info.version).tags
+    rows, params = pd.DataFrame({"prompt": PROMPTS}), {"max_new_tokens": 10}
+    copied = mlflow.pyfunc.load_model(str(local)).predict(rows, params=params)
+    assert copied.equals(candidate.predict(rows, params=params))
+
+
+def test_a_hub_base_is_referenced_by_id_and_commit(mlflow_tracking, tiny_policy, candidate, tmp_path, monkeypatch):
+    """`base_store: hub`: the version names the hub id and the commit its snapshot came from, stores none
+    of the base, and the served model loads that snapshot through huggingface_hub (here from a hub cache
+    laid out as huggingface_hub writes it, offline), checking every file; a changed file stops it."""
+    import huggingface_hub.constants
+
+    _, adapter_dir, base_dir = tiny_policy
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(base_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert loading.base_model_dir("acme/tiny-chat", str(tmp_path / "work")) == str(snapshot)
+
+    cfg = from_dict({"policy": {"model": "acme/tiny-chat"},
+                     "registry": {"model_name": "rlhf-policy-hub", "base_store": "hub"}})
+    store = mlflow_tracking / "artifacts"
+    before = _stored(store)
+    with mlflow.start_run() as run:
+        info = registry.log_and_register(cfg, adapter_dir, str(snapshot), run.info.run_id, tags={})
+    added = [k for k in _stored(store) if k not in before]
+    assert [Path(k).name for k in added if k.endswith(".safetensors")] == ["adapter_model.safetensors"]
+    assert MlflowClient().get_model_version(info.name, info.version).tags["base.hub"] == f"acme/tiny-chat@{commit}"
+    rows, params = pd.DataFrame({"prompt": PROMPTS}), {"max_new_tokens": 10}
+    assert mlflow.pyfunc.load_model(info.model_uri).predict(rows, params=params).equals(
+        candidate.predict(rows, params=params))
+
+    (snapshot / "config.json").write_text((snapshot / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    with pytest.raises(MlflowException, match=r"hub acme/tiny-chat@0123.*differ: \['config.json'\]"):
+        mlflow.pyfunc.load_model(info.model_uri)
+
+    from rlhf_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"registry.base_store: hub needs policy.model to be a hub id .*'tiny:llama'"):
+        from_dict({"policy": {"model": "tiny:llama"}, "registry": {"base_store": "hub"}})
+    # A hub id whose local copy is not a hub snapshot (saved elsewhere) cannot be referenced either.
+    with mlflow.start_run() as run, pytest.raises(registry.RegistryError, match="hub needs policy.model to be a hub id"):
+        registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})

@@ -311,14 +311,28 @@ def load_reward_backbone(ref: str) -> tuple[torch.nn.Module, PreTrainedTokenizer
     return model, tok
 
 
+# The files of a hub model that loading it needs: configs, safetensors weights, tokenizer files and
+# templates. Not the `original/` checkpoints (Llama 3 ships a second copy of its weights there) nor
+# .bin/.pth/GGUF duplicates of the safetensors.
+BASE_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
+BASE_IGNORE_PATTERNS = ["original/*", "*/original/*", "*.bin", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
+
+
 def base_model_dir(ref: str, workdir: str) -> str:
-    """A local transformers directory (weights + tokenizer) of the base policy, for packaging into the
-    registered model. Local refs are used in place; hub ids are downloaded once and saved into `workdir`."""
+    """A local transformers directory (weights + tokenizer) of the base policy, for the registry.
+    Local refs are used in place; a hub id is its snapshot in the hub cache, as published (its dtype,
+    its files; the commit is the snapshot's name), fetched with the patterns above. A model published
+    without safetensors is loaded and saved as safetensors into `workdir`, in its own dtype."""
     path = resolve_model(ref)
     if Path(path).is_dir():
         return path
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(path, allow_patterns=BASE_FILE_PATTERNS, ignore_patterns=BASE_IGNORE_PATTERNS))
+    if any(snapshot.glob("*.safetensors")):
+        return str(snapshot)
     out = Path(workdir) / "base_model"
     if not (out / "config.json").exists():
-        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).save_pretrained(out)
+        AutoModelForCausalLM.from_pretrained(path, dtype="auto").save_pretrained(out)
         AutoTokenizer.from_pretrained(path).save_pretrained(out)
     return str(out)
