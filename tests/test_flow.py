@@ -63,6 +63,22 @@ def _task(root: int, step: str, attempt: int) -> psutil.Process | None:
     return None
 
 
+def flow_config(work: Path) -> Path:
+    """configs/tiny.yaml with a policy in Gemma 2's shape (tests/families.py), built in `work`: the whole
+    flow on a non-Llama family, whose template refuses system messages and whose turns end with
+    <end_of_turn>, not the tokenizer's eos."""
+    import yaml
+
+    from families import build_family
+
+    path = work / "run.yaml"
+    if not path.exists():
+        model = build_family("gemma2", work / "gemma2")
+        path.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "policy": {"model": model},
+                                        "data": {"prompt_length": 64}}))
+    return path
+
+
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
     from metaflow import Run, get_metadata, metadata, namespace
@@ -79,7 +95,7 @@ def flow_run(tmp_path_factory):
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.pop("MLFLOW_RUN_ID", None)
-    flow = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(REPO / "configs" / "tiny.yaml")]
+    flow = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(flow_config(work))]
     log = open(work / "flow.log", "w")
     # keep_serving: the test itself talks to the endpoint after the flow, then stops it.
     first = subprocess.Popen([*flow, "run", "--max-workers", "2", "--ppo_iterations", str(ITERATIONS),
@@ -235,7 +251,7 @@ def test_registered_version_aliases_follow_the_gate_and_the_checks(flow_run):
 
 
 def test_registered_version_carries_its_lineage(flow_run):
-    run, _, _, _ = flow_run
+    run, work, _, _ = flow_run
     client = MlflowClient()
     info = run["register"].task.data.model_version
     tags = client.get_model_version("rlhf-policy", info.version).tags
@@ -248,7 +264,7 @@ def test_registered_version_carries_its_lineage(flow_run):
     digests = run["preprocess"].task.data.data.digests()
     for split, digest in digests.items():
         assert tags[f"lineage.data.{split}_sha256"] == digest
-    assert tags["base_model"] == "tiny:llama" and tags["weights_sha256"] == info.weights_sha256
+    assert tags["base_model"] == str(work / "gemma2") and tags["weights_sha256"] == info.weights_sha256
     ev = run["evaluate"].task.data.evaluation
     assert tags["gate.promote"] == str(ev.promote) and tags["gate.reason"] == ev.reason
     assert float(tags["eval.gold_win_rate"]) == pytest.approx(ev.metrics["eval/gold_win_rate"], abs=1e-4)
@@ -276,7 +292,7 @@ def test_ppo_continued_from_its_checkpoints_after_each_kill(flow_run, tmp_path):
     from rlhf_lightning.judge import has_gold_judge
     from rlhf_lightning.models.ppo import train_ppo
 
-    run, _, _, faults = flow_run
+    run, work, _, faults = flow_run
     k0, k1 = faults["task_killed_after"], faults["run_killed_after"]
     assert 0 < k0 < k1 < ITERATIONS
     out = faults["output"]
@@ -286,7 +302,7 @@ def test_ppo_continued_from_its_checkpoints_after_each_kill(flow_run, tmp_path):
     assert out.count("PPO: resuming from the checkpoint") == 2
 
     task = run["reinforce"].task
-    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    cfg = load_config(flow_config(work))
     cfg.ppo.iterations = ITERATIONS
     rm_dir = task.data.reward_model.extract(str(tmp_path / "rm"))
     straight = train_ppo(cfg, task.data.prompts.rl, rm_dir, str(tmp_path / "ppo"), gold_judge=has_gold_judge(cfg))
