@@ -150,6 +150,9 @@ def test_ppo_trains_adapter_and_value_head_only(tmp_path, reward_model_dir, weig
 def test_4bit_lora_gets_gradients_after_generate_and_checkpoint_reloads(tmp_path, reward_model_dir):
     cfg = tiny_cfg(policy={"quantization": "4bit"}, ppo={"iterations": 1})
     module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    # Outside a Trainer nothing moves the module: on a GPU host bitsandbytes put the 4-bit policy on
+    # the GPU and the value head must follow it there.
+    module.value_head.to(next(module.policy.parameters()).device)
     randomise_lora(module)  # with lora_B = 0 every lora_A gradient is 0 by construction
     rows = prompt_rows(module.tokenizer)
     sampled = module.rollout([r["prompt_chat"] for r in rows])  # the no-grad forward that broke bnb on CPU
@@ -347,3 +350,45 @@ class _RankFiles(Callback):
     def on_train_end(self, trainer, pl_module):
         lines = [str(trainer.world_size), *self.prompts]
         (self.directory / f"rank{trainer.global_rank}").write_text("\n".join(lines))
+
+
+def _clip_norms(cfg, rows, reward_model_dir, monkeypatch, plugins) -> list[float]:
+    """The total gradient norm each PPO optimiser step's clip measured, in a one-iteration fit."""
+    import lightning as L
+
+    from rlhf_lightning.models.ppo import prompt_loader
+
+    seen: list[float] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        norm = real(parameters, max_norm, *args, **kwargs)
+        seen.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    torch.manual_seed(0)
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    randomise_lora(module)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, plugins=plugins)
+    trainer.fit(module, prompt_loader(rows, cfg.ppo))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real)
+    return seen
+
+
+def test_16_mixed_clips_the_unscaled_gradients(reward_model_dir, monkeypatch):
+    """16-mixed (T4, V100) scales the loss by 65 536 at first; the clip must measure the gradients once
+    the scaler has unscaled them: the norms it sees equal a 32-bit run's on the same rollout, not 65 536
+    times them (fp16 on the CPU here, through Lightning's own 16-mixed plugin with a CPU GradScaler)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    cfg = tiny_cfg(ppo={"iterations": 1, "minibatch_size": 2, "max_grad_norm": 1.0})
+    rows = prompt_rows(load_tokenizer("tiny:llama"))
+    full = _clip_norms(cfg, rows, reward_model_dir, monkeypatch, plugins=None)
+    scaled = MixedPrecision("16-mixed", "cpu")
+    assert scaled.scaler is not None and scaled.scaler.get_scale() == 65536.0
+    mixed = _clip_norms(cfg, rows, reward_model_dir, monkeypatch, plugins=[scaled])
+    assert len(full) == len(mixed) == 2 and all(n > 0 for n in full)
+    for a, b in zip(full, mixed):
+        assert b == pytest.approx(a, rel=0.1), (full, mixed)

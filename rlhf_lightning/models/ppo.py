@@ -245,8 +245,7 @@ class PPOModule(L.LightningModule):
                     stats |= {"value_loss": vf_loss, "value_clip_fraction": vf_clip_fraction}
                 opt.zero_grad()
                 self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
+                opt.step()  # clipped in on_before_optimizer_step, once the gradients are unscaled
                 steps += 1
                 for name, value in stats.items():
                     totals[name].append(value.item())
@@ -254,6 +253,12 @@ class PPOModule(L.LightningModule):
                 break
         return {**{name: fmean(v) for name, v in totals.items()}, "updates": float(steps),
                 "early_stop": float(stopped)}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The precision plugin calls this inside `opt.step()`, after 16-mixed's GradScaler unscaled the
+        # gradients and before the step: clipped any earlier, the norm would be that of the scaled
+        # gradients (x65 536 at first), the clip would always fire, and every update would shrink to noise.
+        self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         k = self.ppo.samples_per_prompt
