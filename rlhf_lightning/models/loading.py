@@ -194,7 +194,7 @@ def load_base_causal_lm(policy: PolicyConfig) -> torch.nn.Module:
     if policy.quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        compute = quantized_compute_dtype()
         bnb_cfg = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True,
@@ -228,14 +228,32 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def resolve_precision(precision: str, accelerator: str = "auto", cpuinfo: str | None = None) -> str:
+def cuda_has_bf16(capability: tuple[int, int] | None = None) -> bool:
+    """Does this GPU compute in bf16 natively (compute capability 8.0+: A100, A10G, L4, H100)? T4 (7.5)
+    and V100 (7.0) only emulate it, slower than fp16 (`torch.cuda.is_bf16_supported()` counts that
+    emulation as support). `capability`: (major, minor), default the current device's."""
+    major, _ = capability if capability is not None else torch.cuda.get_device_capability()
+    return major >= 8
+
+
+def resolve_precision(precision: str, accelerator: str = "auto", cpuinfo: str | None = None,
+                      cuda_capability: tuple[int, int] | None = None) -> str:
     """`trainer.precision` for Lightning: `auto` is `bf16-mixed` where the hardware computes in bf16 (a
-    GPU that supports it; a CPU with AMX or AVX512-BF16), else `32-true`; anything else is kept."""
+    GPU of compute capability 8.0+; a CPU with AMX or AVX512-BF16), `16-mixed` on older GPUs (T4, V100:
+    fp16 with a gradient scaler), `32-true` on other CPUs; anything else is kept."""
     if precision != "auto":
         return precision
-    if compute_device(accelerator).type == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if cuda_capability is not None or compute_device(accelerator).type == "cuda":
+        return "bf16-mixed" if cuda_has_bf16(cuda_capability) else "16-mixed"
     return "bf16-mixed" if cpu_has_bf16(cpuinfo) else "32-true"
+
+
+def quantized_compute_dtype(capability: tuple[int, int] | None = None) -> torch.dtype:
+    """The dtype 4-bit layers compute in: bf16 on a GPU that has it natively, fp16 on older GPUs, fp32
+    on the CPU (bitsandbytes' CPU kernels)."""
+    if capability is None and not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if cuda_has_bf16(capability) else torch.float16
 
 
 def to_compute_device(model: torch.nn.Module, accelerator: str = "auto", quantized: bool = False) -> torch.nn.Module:
