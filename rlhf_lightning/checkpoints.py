@@ -161,7 +161,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # Device by device, only those this machine has: a checkpoint written on more GPUs than a resume
+        # gets (a smaller instance, or one process of a former ddp run) would make set_rng_state_all
+        # fail on the missing ones. Devices the checkpoint did not know keep their own streams.
+        for device, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
 
 
 class PeriodicCheckpoint(Checkpoint):

@@ -198,3 +198,20 @@ def test_reward_model_resumed_mid_epoch_matches_an_uninterrupted_run(tmp_path):
 def test_periodic_checkpoint_rejects_nonsense():
     with pytest.raises(ValueError):
         PeriodicCheckpoint("x", "y", every_n_batches=0, keep_last=1, fingerprint="f")
+
+
+def test_rng_states_restore_on_fewer_gpus_than_they_were_saved_with(monkeypatch):
+    """A checkpoint written with 4 GPUs' RNG states, resumed on a 1-GPU machine: device 0 gets its saved
+    stream, the others are not asked for (CUDA's API played here: this machine has no GPU)."""
+    import torch
+
+    from rlhf_lightning.checkpoints import rng_states, set_rng_states
+
+    saved = {**rng_states(), "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, int(state[0]))))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("would fail on missing devices"))
+    set_rng_states(saved)
+    assert restored == [(0, 0)]
