@@ -17,13 +17,39 @@ except ImportError:
 from cards import StepCard  # noqa: E402  (flows/cards.py)
 from faults import checkpoint_plan  # noqa: E402  (flows/faults.py)
 from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
-from rlhf_lightning.config import parse_yaml_config  # noqa: E402
+from rlhf_lightning.config import ConfigError, parse_yaml_config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
 # The heavy steps run again on another machine when theirs dies (a spot reclaim, an OOM kill); the
 # training steps continue from their last checkpoint (faults.checkpoint_plan).
 RETRY = {"times": config_expr("cfg.faults.retries"),
          "minutes_between_retries": config_expr("cfg.faults.minutes_between_retries")}
+
+
+def parse_config(text: str) -> dict:
+    """`parse_yaml_config` for Metaflow's `Config`, which calls it while it reads the command line: an
+    exception there prints a traceback, but a config error is the user's to fix, so it is said as one."""
+    import yaml
+
+    try:
+        return parse_yaml_config(text)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except yaml.YAMLError as exc:  # Metaflow hands over the text only: its line and column say where
+        print(f"error: config (the --config file): not valid YAML: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def gpus(cfg, count: int) -> int:
+    """GPUs a step's job asks for: `count` where the configured accelerator may be a GPU, else none."""
+    return int(count) if cfg.trainer.accelerator in ("auto", "gpu", "cuda") else 0
+
+
+# The training steps ask for trainer.devices GPUs: a container has only the GPUs its job asked for, and
+# Lightning refuses `devices: 2` where it sees one. Sampling and evaluation generate on one.
+TRAIN_GPUS = config_expr("gpus(cfg, cfg.trainer.devices)")
+ONE_GPU = config_expr("gpus(cfg, 1)")
 
 
 @remote_ready
@@ -61,7 +87,7 @@ class RLHFFlow(FlowSpec):
           and logs into the same MLflow parent run (README, "When a run dies").
     """
 
-    cfg = Config("cfg", default=DEFAULT_CONFIG, parser=parse_yaml_config,
+    cfg = Config("cfg", default=DEFAULT_CONFIG, parser=parse_config,
                  help="YAML file of the config tree (rlhf_lightning/config.py); default configs/default.yaml")
     ppo_iterations = Parameter("ppo_iterations", type=int, default=config_expr("cfg.ppo.iterations"),
                                help="Overrides ppo.iterations: PPO rollout+update iterations.")
@@ -101,7 +127,7 @@ class RLHFFlow(FlowSpec):
         self.next(self.sample_builtin_task, foreach="sampling_shards")
 
     # A GPU: the built-in task samples thousands of responses from the policy here.
-    @resources(cpu=4, memory=16000, gpu=1)
+    @resources(cpu=4, memory=16000, gpu=ONE_GPU)
     @retry(**RETRY)
     @step
     def sample_builtin_task(self):
@@ -137,7 +163,7 @@ class RLHFFlow(FlowSpec):
         self.next(self.train_reward_model, self.prepare_prompts)
 
     @card(type="blank")
-    @resources(cpu=4, memory=16000, gpu=1)
+    @resources(cpu=4, memory=16000, gpu=TRAIN_GPUS)
     @retry(**RETRY)
     @step
     def train_reward_model(self):
@@ -164,7 +190,7 @@ class RLHFFlow(FlowSpec):
         self.next(self.reinforce)
 
     @card(type="blank")
-    @resources(cpu=4, memory=16000, gpu=1)
+    @resources(cpu=4, memory=16000, gpu=TRAIN_GPUS)
     @retry(**RETRY)
     @step
     def reinforce(self):
@@ -177,7 +203,7 @@ class RLHFFlow(FlowSpec):
         self.next(self.evaluate)
 
     @card(type="blank")
-    @resources(cpu=4, memory=16000, gpu=1)
+    @resources(cpu=4, memory=16000, gpu=ONE_GPU)
     @retry(**RETRY)
     @step
     def evaluate(self):

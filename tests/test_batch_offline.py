@@ -189,18 +189,16 @@ def test_remote_steps_with_a_local_tracking_store_stop_at_start(aws):
     assert "Traceback" not in log
 
 
-def test_step_functions_jobs_carry_the_same_environment_and_resources(aws):
-    """`step-functions create --only-json`: every state is a Batch job whose overrides carry the tracking
-    URI the flow was created with, and the GPU steps ask for a GPU. (Deploying the state machine needs
-    real AWS: not run here.)"""
+def _state_machine(aws, config: Path, where: str) -> tuple[dict, set]:
+    """`step-functions create --only-json` of the flow on `config`: (its Batch states' parameters by step,
+    the steps inside a Map state)."""
     emulator, tracking, root = aws
-    cwd = root / "sfn"
+    cwd = root / where
     cwd.mkdir()
     env = {"PATH": os.environ["PATH"], "HOME": str(cwd), "USERNAME": "tester", "HF_HUB_OFFLINE": "1",
            "MLFLOW_TRACKING_URI": tracking.url, **emulator.env}
-    done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg",
-                           str(REPO / "configs" / "tiny.yaml"), "--with", f"batch:queue={QUEUE}",
-                           "step-functions", "create", "--only-json"],
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", str(config),
+                           "--with", f"batch:queue={QUEUE}", "step-functions", "create", "--only-json"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     machine = json.loads(done.stdout[done.stdout.index("{"):])
@@ -217,11 +215,41 @@ def test_step_functions_jobs_carry_the_same_environment_and_resources(aws):
                 collect(state["Iterator"]["States"])
 
     collect(machine["States"])
+    return states, mapped
+
+
+def _gpus(params: dict) -> str | None:
+    return {r["Type"]: r["Value"] for r in params["ContainerOverrides"].get("ResourceRequirements", [])}.get("GPU")
+
+
+def test_step_functions_jobs_carry_the_same_environment_and_resources(aws):
+    """`step-functions create --only-json`: every state is a Batch job whose overrides carry the tracking
+    URI the flow was created with, and the GPU steps ask for a GPU. (Deploying the state machine needs
+    real AWS: not run here.)"""
+    tracking = aws[1]
+    states, mapped = _state_machine(aws, REPO / "configs" / "tiny.yaml", "sfn")
     assert set(states) == set(STEPS)
     assert "sample_builtin_task" in mapped  # fanned out
     for name, params in states.items():
         overrides = params["ContainerOverrides"]
         job_env = {e["Name"]: e.get("Value", e.get("Value.$")) for e in overrides["Environment"]}  # .$: run-time values
         assert job_env["MLFLOW_TRACKING_URI"] == tracking.url and job_env["HF_HUB_OFFLINE"] == "1", name
-        gpus = {r["Type"]: r["Value"] for r in overrides.get("ResourceRequirements", [])}.get("GPU")
-        assert (gpus == "1") == (name in ("sample_builtin_task", "train_reward_model", "reinforce", "evaluate")), name
+        assert (_gpus(params) == "1") == (name in ("sample_builtin_task", "train_reward_model", "reinforce",
+                                                   "evaluate")), name
+
+
+def test_the_gpus_a_job_asks_for_follow_the_config(aws, tmp_path):
+    """trainer.devices: 2 makes the training steps' jobs ask for 2 GPUs (a container has only those its
+    job asked for; Lightning refuses devices=2 where it sees one), sampling and evaluation for one; a
+    CPU accelerator asks for none."""
+    import yaml
+
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"devices": 2, "strategy": "ddp_spawn"}}))
+    states, _ = _state_machine(aws, two, "sfn-two")
+    assert {name: _gpus(p) for name, p in states.items() if _gpus(p)} == {
+        "train_reward_model": "2", "reinforce": "2", "sample_builtin_task": "1", "evaluate": "1"}
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"accelerator": "cpu"}}))
+    states, _ = _state_machine(aws, cpu, "sfn-cpu")
+    assert not [name for name, p in states.items() if _gpus(p)]

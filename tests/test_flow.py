@@ -391,3 +391,20 @@ def test_expected_failures_stop_the_run_with_their_message_and_no_traceback(tmp_
     assert parent.info.status == "FAILED"
     assert parent.data.tags["failure.step"] == "validate" and parent.data.tags["failure.kind"] == "expected"
     assert "data validation failed" in parent.data.tags["failure.reason"]
+
+
+def test_a_bad_config_stops_the_flow_before_it_starts_with_its_message_and_no_traceback(tmp_path):
+    """Metaflow parses the --config file while it reads the command line, where an exception prints a
+    traceback: a config that fails its checks, or is not YAML, is said as the user's error (exit 2)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "USERNAME": "tester"}
+    env.pop("MLFLOW_RUN_ID", None)
+    for text, message in (("include: configs/tiny.yaml\ntrainer: {strategy: ddp}\n",
+                           "error: config: trainer.strategy: ddp re-launches the whole Metaflow step; use ddp_spawn"),
+                          ("trainer: [1\n", "error: config (the --config file): not valid YAML: while parsing")):
+        (tmp_path / "cfg.yaml").write_text(text)
+        done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg",
+                               str(tmp_path / "cfg.yaml"), "run"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith(message), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr + done.stdout
+        assert not (tmp_path / "mlflow.db").exists()  # stopped before the start step
