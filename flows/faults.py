@@ -5,10 +5,10 @@
     which records every Metaflow run id; stage runs whose task died (the killed run's, an earlier attempt's)
     are ended KILLED; a parent ended FAILED by an earlier attempt runs again;
   - when the step raises, it ends the parent FAILED with the step and the reason. An expected failure
-    (bad config, bad data, a failed gate) then stops the run with its message and no traceback (a
-    MetaflowException: Metaflow prints its message alone, locally and in a remote task's log), and a
-    retry of it fails at once with the same message instead of training again to the same end. Anything
-    else is a bug and keeps its traceback.
+    (bad config, bad data, a failed gate, a GPU the machine cannot use) then stops the run with its
+    message and no traceback (a MetaflowException: Metaflow prints its message alone, locally and in a
+    remote task's log), and a retry of it fails at once with the same message instead of training again
+    to the same end. Anything else is a bug and keeps its traceback.
 - `checkpoint_plan` says where a training step keeps its checkpoints: in the Metaflow datastore (the one
   storage every container of the run reaches, local or S3), per run and step. A retry of the step finds
   its own run's checkpoints; a `resume` also looks at the run it resumes.
@@ -45,8 +45,9 @@ def _expected(exc: BaseException) -> bool:
     from rlhf_lightning.config import ConfigError
     from rlhf_lightning.data.formats import DataError
     from rlhf_lightning.gates import GateError
+    from rlhf_lightning.hardware import HardwareError
 
-    return isinstance(exc, (ConfigError, DataError, GateError))
+    return isinstance(exc, (ConfigError, DataError, GateError, HardwareError))
 
 
 @user_step_decorator

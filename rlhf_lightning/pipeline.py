@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rlhf_lightning import gates, judge, tracking
+from rlhf_lightning import gates, hardware, judge, tracking
 from rlhf_lightning.config import RLHFConfig, to_dict
 
 if TYPE_CHECKING:
@@ -178,6 +178,7 @@ def sample_builtin_task(cfg: RLHFConfig, shard: Shard | None) -> dict[tuple[int,
     """One shard's responses of the built-in task (`builtin.sample_shard`); {} for None."""
     if shard is None:
         return {}
+    hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning.data import builtin
 
     return builtin.sample_shard(cfg.data.builtin, cfg.policy, *shard)
@@ -230,6 +231,7 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, 
     """Train and measure the reward model; raise `gates.GateError` (stopping the run before RL) when
     its held-out accuracy is below `reward_model.min_eval_accuracy`. `checkpoints`: where to save
     checkpoints and look for one to resume from."""
+    hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning import checkpoints as ckpt
     from rlhf_lightning.models import reward_model as rm
 
@@ -282,6 +284,7 @@ def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_mode
     """PPO; logs the per-iteration history, training curves and the over-optimisation plot.
     `checkpoints`: where to save checkpoints and look for one to resume from (a resumed run continues
     the iterations, metrics and history of the checkpoint)."""
+    hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning import checkpoints as ckpt
     from rlhf_lightning import plots
     from rlhf_lightning.models import ppo
@@ -324,6 +327,7 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model
              workdir: str, card: Card = NoCard()) -> Evaluated:
     """Policy vs reference (and vs the current champion) on the held-out prompts, and the promotion gate.
     The decision and the numbers behind it are recorded on the evaluate run (metrics + `gate.*` tags)."""
+    hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning import evaluation, registry
 
     rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))

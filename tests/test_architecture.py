@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_lightning"
 # Lowest first (docs/architecture.md, "What may import what").
 LAYERS = [
     {"rlhf_lightning", "rlhf_lightning.config", "rlhf_lightning.cache", "rlhf_lightning.chat",
-     "rlhf_lightning.task_prompts", "rlhf_lightning.judge", "rlhf_lightning.stats", "rlhf_lightning.gates"},
+     "rlhf_lightning.hardware", "rlhf_lightning.task_prompts", "rlhf_lightning.judge", "rlhf_lightning.stats",
+     "rlhf_lightning.gates"},
     {"rlhf_lightning.models"},  # and every module under it
     {"rlhf_lightning.data"},
     {"rlhf_lightning.evaluation", "rlhf_lightning.monitor", "rlhf_lightning.plots"},

@@ -408,3 +408,19 @@ def test_a_bad_config_stops_the_flow_before_it_starts_with_its_message_and_no_tr
         assert done.returncode == 2 and done.stderr.startswith(message), done.stderr[-2000:]
         assert "Traceback" not in done.stderr + done.stdout
         assert not (tmp_path / "mlflow.db").exists()  # stopped before the start step
+
+
+def test_a_gpu_the_step_cannot_use_stops_the_run_with_what_to_change(tmp_path):
+    """A container given a GPU (NVIDIA_VISIBLE_DEVICES, as the ECS GPU runtime sets it) that torch cannot
+    use (here: there is none; on AWS, a driver too old for this torch build) would train on the CPU for
+    hours: the first GPU step stops the run instead, saying which driver and instances work."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "USERNAME": "tester",
+           "NVIDIA_VISIBLE_DEVICES": "GPU-5f1c"}
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg",
+                           str(REPO / "configs" / "tiny.yaml"), "run"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "rlhf-lightning stopped the run" in out, out[-3000:]
+    assert "sample_builtin_task: this step was given GPU(s) (NVIDIA_VISIBLE_DEVICES=GPU-5f1c)" in out
+    assert "R580 or newer" in out and "Traceback" not in out

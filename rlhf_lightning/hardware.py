@@ -1,0 +1,73 @@
+"""Whether this machine can run what a GPU step asked for, checked before the step loads anything.
+
+A GPU container whose NVIDIA driver is too old for the installed torch build sees no GPU at all:
+`torch.cuda.is_available()` is False and every step would train on the CPU, silently and for hours. A
+GPU the build has no kernels for (V100 under a CUDA 13 build) fails at the first operation with "no
+kernel image is available". Both are said here, with what to change, as the user's to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+
+
+class HardwareError(RuntimeError):
+    """The machine cannot run what the step asked for; the message says what to change."""
+
+
+def _needs(torch_version: str, cuda_version: str | None) -> str:
+    return (f"torch {torch_version} is a CUDA {cuda_version} build: it needs an NVIDIA driver new enough for "
+            f"CUDA {cuda_version} (R580 or newer for CUDA 13; `nvidia-smi` shows the driver) and a GPU of "
+            "compute capability 7.5 or newer (T4, A10G, L4, L40S, A100, H100: AWS g4dn, g5, g6, g6e, p4d, p5; "
+            "not V100/p3). On AWS Batch, give the GPU queue a compute environment on the ECS GPU-optimised "
+            "AMI with such a driver (README, 'GPUs')")
+
+
+def _runs_on(capability: tuple[int, int], arches: Sequence[str]) -> bool:
+    """Whether a build with `arches` (torch.cuda.get_arch_list(): sm_XY cubins, compute_XY PTX) has code for
+    a GPU of `capability`: a cubin of the same major version and a minor not above it, or PTX not above it."""
+    major, minor = capability
+    for arch in arches:
+        found = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
+        if not found:
+            continue
+        kind, a_major, a_minor = found.group(1), int(found.group(2)), int(found.group(3))
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def check_gpu(accelerator: str, environ: Mapping[str, str] | None = None, *, cuda_available: bool | None = None,
+              capability: tuple[int, int] | None = None, arches: Sequence[str] | None = None) -> None:
+    """Raise HardwareError where a GPU step cannot use the GPU it was given: the container was assigned
+    one (NVIDIA_VISIBLE_DEVICES, which the ECS and Kubernetes GPU runtimes set) or `trainer.accelerator`
+    demands one, and torch sees none; or torch sees one it has no kernels for. Quiet on a CPU machine
+    with `auto` (the laptop run) and for `trainer.accelerator: cpu`. The keyword arguments stand in for
+    the machine (tests)."""
+    if accelerator not in GPU_ACCELERATORS:
+        return
+    import torch
+
+    env = os.environ if environ is None else environ
+    assigned = env.get("NVIDIA_VISIBLE_DEVICES", "").strip()
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if not available:
+        if assigned and assigned.lower() not in ("void", "none"):
+            raise HardwareError(f"this step was given GPU(s) (NVIDIA_VISIBLE_DEVICES={assigned}) but torch cannot "
+                                f"use them, so it would run on the CPU: {_needs(torch.__version__, torch.version.cuda)}")
+        if accelerator != "auto":
+            raise HardwareError(f"trainer.accelerator: {accelerator}, but torch sees no GPU on this machine: run "
+                                f"on one, or set trainer.accelerator: auto (the CPU where there is none). "
+                                f"{_needs(torch.__version__, torch.version.cuda)}")
+        return
+    have = capability if capability is not None else torch.cuda.get_device_capability()
+    built = torch.cuda.get_arch_list() if arches is None else arches
+    if built and not _runs_on(have, built):
+        raise HardwareError(f"this GPU (compute capability {have[0]}.{have[1]}) has no kernels in this torch build "
+                            f"(it has {', '.join(built)}): {_needs(torch.__version__, torch.version.cuda)}")

@@ -1,0 +1,37 @@
+"""A GPU step stops, saying what to change, where it cannot use the GPU it was given: a container
+assigned one whose driver is too old for this torch build (torch sees none), `accelerator: gpu` on a
+machine without one, a GPU this build has no kernels for. The machine is stated (this one has no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_lightning.hardware import HardwareError, check_gpu
+
+BUILT = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # a CUDA 13 build's list
+
+
+def test_a_gpu_the_container_was_given_but_torch_cannot_use_stops_the_step():
+    with pytest.raises(HardwareError) as exc:
+        check_gpu("auto", {"NVIDIA_VISIBLE_DEVICES": "GPU-1a2b"}, cuda_available=False)
+    message = str(exc.value)
+    assert "given GPU(s) (NVIDIA_VISIBLE_DEVICES=GPU-1a2b) but torch cannot use them, so it would run on the CPU" in message
+    assert "R580 or newer" in message and "g5, g6" in message and "not V100/p3" in message
+
+
+def test_accelerator_gpu_without_one_stops_and_auto_runs_on_the_cpu():
+    with pytest.raises(HardwareError, match="trainer.accelerator: gpu, but torch sees no GPU on this machine"):
+        check_gpu("gpu", {}, cuda_available=False)
+    check_gpu("auto", {}, cuda_available=False)  # a laptop: the CPU, as documented
+    check_gpu("auto", {"NVIDIA_VISIBLE_DEVICES": "void"}, cuda_available=False)  # the runtime's "no GPU here"
+    check_gpu("cpu", {"NVIDIA_VISIBLE_DEVICES": "all"}, cuda_available=False)  # asked for none
+
+
+@pytest.mark.parametrize("capability, ok", [((7, 0), False), ((7, 5), True), ((8, 0), True), ((8, 6), True),
+                                            ((8, 9), True), ((9, 0), True), ((12, 1), True), ((6, 1), False)])
+def test_a_gpu_without_kernels_in_this_build_stops_the_step(capability, ok):
+    if ok:
+        check_gpu("auto", {}, cuda_available=True, capability=capability, arches=BUILT)
+    else:
+        with pytest.raises(HardwareError, match=rf"compute capability {capability[0]}\.{capability[1]}\) has no kernels"):
+            check_gpu("auto", {}, cuda_available=True, capability=capability, arches=BUILT)
