@@ -214,6 +214,9 @@ class RLHFFlow(FlowSpec):
                                             self.policy, self._workdir("evaluate"), card=StepCard(current.card))
         self.next(self.register)
 
+    # The steps that load the whole base (register hashes and uploads it and runs the model once on
+    # the version's example; deploy and inference serve it): Metaflow's 4 GB default holds no real model.
+    @resources(cpu=4, memory=16000)
     @step
     def register(self):
         """Log the pyfunc model and register it with its lineage, as `candidate`."""
@@ -226,6 +229,7 @@ class RLHFFlow(FlowSpec):
                                                self._workdir("register"), lineage)
         self.next(self.deploy)
 
+    @resources(cpu=4, memory=16000)
     @step
     def deploy(self):
         """Deploy the new candidate through MLflow's deployments API (serving.target)."""
@@ -235,6 +239,7 @@ class RLHFFlow(FlowSpec):
         self.next(self.inference)
 
     @card(type="blank")
+    @resources(cpu=4, memory=16000)
     @step
     def inference(self):
         """Verify the deployed version and weights, send the inference template through the same

@@ -236,6 +236,9 @@ def test_step_functions_jobs_carry_the_same_environment_and_resources(aws):
         assert job_env["MLFLOW_TRACKING_URI"] == tracking.url and job_env["HF_HUB_OFFLINE"] == "1", name
         assert (_gpus(params) == "1") == (name in ("sample_builtin_task", "train_reward_model", "reinforce",
                                                    "evaluate")), name
+        asked = {r["Type"]: r["Value"] for r in overrides.get("ResourceRequirements", [])}
+        if name in ("register", "deploy", "inference"):  # they load the whole base
+            assert asked.get("MEMORY") == "16000" and asked.get("VCPU") == "4", (name, asked)
 
 
 def test_the_gpus_a_job_asks_for_follow_the_config(aws, tmp_path):

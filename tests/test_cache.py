@@ -98,6 +98,26 @@ def test_builtin_task_fanned_out_gives_the_same_files_as_one_sampler(tmp_path, o
     assert builtin.cached_task(task, policy) is None
 
 
+def test_a_4bit_policy_samples_the_builtin_task_from_its_nf4_base(tmp_path, one_torch_thread, monkeypatch):
+    """Under `quantization: 4bit` the built-in task's responses come from the base as the policy loads it
+    (nf4: the reference policy's, and a large base in a quarter of the memory), kept under their own
+    cache key; without it the key and the files are as they were."""
+    import bitsandbytes as bnb
+
+    from rlhf_lightning.models import loading
+
+    task = BuiltinTaskConfig(n_preference_prompts=4, n_rl_prompts=2, n_eval_prompts=2, max_new_tokens=4,
+                             batch_size=4, output_dir=str(tmp_path))
+    plain, nf4 = PolicyConfig(model="tiny:llama"), PolicyConfig(model="tiny:llama", quantization="4bit")
+    assert builtin.cache_key(task, plain) != builtin.cache_key(task, nf4)
+    sampled_with = []
+    real = loading.load_base_causal_lm
+    monkeypatch.setattr(loading, "load_base_causal_lm", lambda p: sampled_with.append(real(p)) or sampled_with[-1])
+    responses = builtin.sample_shard(task, nf4)
+    assert responses and all(len(texts) for texts in responses.values())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in sampled_with[0].modules())
+
+
 def test_dequantised_policy_is_fetched_instead_of_converted(shared, tmp_path, monkeypatch):
     """A fresh container (empty RLHF_LIGHTNING_CACHE) gets the converted GGUF policy from the shared cache;
     converting again would fail here (the file is not a real GGUF)."""

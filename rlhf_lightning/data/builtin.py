@@ -54,8 +54,10 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
     # A template of the user's own words the prompts otherwise: part of the key only when set, so that
     # the files of runs without one keep their key.
     template = [policy.chat_template] if policy.chat_template else []
-    return hashlib.sha256(json.dumps([settings, policy.model, version, *template], sort_keys=True).encode()
-                          ).hexdigest()[:12]
+    # A 4-bit policy's responses come from its nf4 base (sample_shard): another key, only then.
+    quantized = [policy.quantization] if policy.quantization != "none" else []
+    return hashlib.sha256(json.dumps([settings, policy.model, version, *template, *quantized], sort_keys=True
+                                     ).encode()).hexdigest()[:12]
 
 
 def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig) -> Path:
@@ -105,8 +107,11 @@ def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, 
     jobs = [(k, first) for k in range(task.responses_per_prompt) for first in batches][shard::shards]
     if not jobs:
         return {}
-    # Sample from the unquantised base, on the GPU when there is one (thousands of responses).
-    model = to_compute_device(load_base_causal_lm(PolicyConfig(model=policy.model)))
+    # Sample from the base as the policy loads it (nf4 under `quantization: 4bit`: the reference policy's
+    # responses, and an 8B base in 5 GB instead of 32), on the GPU when there is one (thousands of responses).
+    quantized = policy.quantization == "4bit"
+    model = to_compute_device(load_base_causal_lm(PolicyConfig(model=policy.model, quantization=policy.quantization)),
+                              quantized=quantized)
     model.eval()
     out = {}
     for k in range(task.responses_per_prompt):

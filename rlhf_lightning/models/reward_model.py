@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from rlhf_lightning import judge
 from rlhf_lightning.config import LoraConfig, RLHFConfig
-from rlhf_lightning.models.loading import load_reward_backbone, peft_lora_config
+from rlhf_lightning.models.loading import compute_device, load_reward_backbone, peft_lora_config
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
 from rlhf_lightning.models.trainer import build_trainer
@@ -331,7 +331,10 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     trainer.fit(module, train_loader, eval_loader, ckpt_path=ckpt_path, weights_only=False)
 
     # Measure the final model exactly as PPO and evaluation will use it: through a RewardScorer.
-    scorer = RewardScorer(module.export_model(), module.tokenizer, rm.max_length)
+    # On the step's GPU when it has one: Lightning's teardown moved the model back to the CPU, where
+    # scoring every training and held-out pair of a large set would take longer than the fit.
+    scorer = RewardScorer(module.export_model(), module.tokenizer, rm.max_length).to(
+        compute_device(cfg.trainer.accelerator))
     train_chosen, train_rejected = scorer.score_pairs(train_rows)
     all_train = torch.cat([train_chosen, train_rejected])  # (2N,)
     scorer.mean, scorer.std = all_train.mean().item(), all_train.std().clamp(min=1e-6).item()
