@@ -279,6 +279,9 @@ def served_here_and_on_cpu(device: str):
 
     cfg = from_dict({"policy": {"model": "tiny:llama"}, "registry": {"model_name": "gpu-check"}})
     adapter = str(WORK / "ppo-straight" / "adapter")
+    # Artifacts under WORK too (the default experiment would write ./mlruns where the script runs).
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().create_experiment(
+        "gpu-check", artifact_location=str(WORK / "artifacts")))
     with mlflow.start_run() as run:
         info = registry.log_and_register(cfg, adapter, loading.base_model_dir("tiny:llama", str(WORK)),
                                          run.info.run_id, tags={})

@@ -60,8 +60,10 @@ LIMITS: dict[str, Any] = {
 """What the model accepts; a request outside these limits gets HTTP 400 saying which limit. Recorded in
 the MLmodel metadata (`limits`) so clients can read them without calling the model."""
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": None}
-# Prompts per `generate` call: on CPU, batches of 8-16 give most of the throughput.
+# Prompts per `generate` call: on CPU, batches of 8-16 give most of the throughput; a GPU decodes a
+# whole request (at most LIMITS["max_rows"]) at about the cost of one row.
 GENERATE_BATCH_SIZE = 8
+GPU_GENERATE_BATCH_SIZE = 64
 OUTPUT_COLUMNS = ["response", "prompt_tokens", "completion_tokens", "finish_reason", "weights_sha256"]
 
 # One request holds either plain prompts or chat conversations: MLflow's schema check rejects a batch
@@ -354,7 +356,13 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = tok
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        # Half precision on a GPU (bf16 where it is native, compute capability 8.0+; fp16 before): a 7B
+        # policy serves in 14 GB instead of 28, as the training steps hold their frozen base; fp32 on a CPU.
+        dtype, self.batch_size = torch.float32, GENERATE_BATCH_SIZE
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+            self.batch_size = GPU_GENERATE_BATCH_SIZE
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
         # Merging once makes every forward a plain Llama forward (no adapter branches).
         self.model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(self.device).eval()
         self.max_positions = int(self.model.config.max_position_embeddings)
@@ -375,8 +383,8 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
             if gen.seed is not None:
                 # Seeds the whole request: the same request with the same seed gives the same answers.
                 torch.manual_seed(gen.seed)
-            for start in range(0, len(chats), GENERATE_BATCH_SIZE):
-                rows.extend(self._generate(chats[start : start + GENERATE_BATCH_SIZE], start, gen))
+            for start in range(0, len(chats), self.batch_size):
+                rows.extend(self._generate(chats[start : start + self.batch_size], start, gen))
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
     @torch.no_grad()

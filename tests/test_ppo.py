@@ -392,3 +392,27 @@ def test_16_mixed_clips_the_unscaled_gradients(reward_model_dir, monkeypatch):
     assert len(full) == len(mixed) == 2 and all(n > 0 for n in full)
     for a, b in zip(full, mixed):
         assert b == pytest.approx(a, rel=0.1), (full, mixed)
+
+
+def test_a_half_precision_base_trains_fp32_adapters(reward_model_dir):
+    """`policy.dtype` (auto: bf16 on a GPU that has it, fp16 on T4/V100, fp32 on the CPU): the frozen base
+    in half precision, the LoRA adapter and the value head in fp32, and a PPO forward/backward reaches
+    every adapter matrix (here bf16 on the CPU, stated; the machine choice from stated capabilities)."""
+    from rlhf_lightning.models.loading import base_dtype
+
+    assert base_dtype("auto", cuda=False) == torch.float32
+    assert base_dtype("auto", cuda=True, capability=(8, 6)) == torch.bfloat16
+    assert base_dtype("auto", cuda=True, capability=(7, 5)) == torch.float16
+    assert base_dtype("float32", cuda=True, capability=(9, 0)) == torch.float32
+    cfg = tiny_cfg(policy={"dtype": "bfloat16"})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    randomise_lora(module)
+    frozen = {p.dtype for n, p in module.policy.named_parameters() if not p.requires_grad}
+    trained = {p.dtype for p in module.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    sampled = module.rollout([r["prompt_chat"] for r in prompt_rows(module.tokenizer)], seed=0)
+    module.policy.train()
+    logp, values, _ = module(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, sampled.response_mask)
+    (logp.sum() + values.sum()).backward()
+    grads = [p.grad for n, p in module.policy.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

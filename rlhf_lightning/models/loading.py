@@ -188,8 +188,19 @@ def _fix_bnb_cpu(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def base_dtype(dtype: str = "auto", *, cuda: bool | None = None,
+               capability: tuple[int, int] | None = None) -> torch.dtype:
+    """`policy.dtype` as a torch dtype: `auto` is bf16 on a GPU that has it natively, fp16 on older GPUs,
+    fp32 on the CPU. `cuda` and `capability` stand in for the machine (tests)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return torch.float32
+    return torch.bfloat16 if cuda_has_bf16(capability) else torch.float16
+
+
 def load_base_causal_lm(policy: PolicyConfig) -> torch.nn.Module:
-    """The frozen base policy, fp32 or nf4 (bitsandbytes) as configured."""
+    """The frozen base policy: nf4 (bitsandbytes) under `quantization: 4bit`, else in `policy.dtype`."""
     path = resolve_model(policy.model)
     if policy.quantization == "4bit":
         from transformers import BitsAndBytesConfig
@@ -202,7 +213,7 @@ def load_base_causal_lm(policy: PolicyConfig) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_cfg, dtype=compute)
         _fix_bnb_cpu(model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype(policy.dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
