@@ -416,3 +416,30 @@ def test_a_half_precision_base_trains_fp32_adapters(reward_model_dir):
     (logp.sum() + values.sum()).backward()
     grads = [p.grad for n, p in module.policy.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_gradients(reward_model_dir):
+    """`trainer.gradient_checkpointing`: the forward keeps far fewer tensors for the backward pass (each
+    layer's input, not its insides: counted through autograd's saved-tensor hooks), and the adapter's
+    gradients equal those of the run that kept them all."""
+    cfg = tiny_cfg(policy={"lora": {"dropout": 0.0}})
+
+    def run(checkpointing: bool) -> tuple[dict, int]:
+        torch.manual_seed(0)
+        module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, gradient_checkpointing=checkpointing)
+        randomise_lora(module)
+        sampled = module.rollout([r["prompt_chat"] for r in prompt_rows(module.tokenizer)], seed=0)
+        module.policy.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logp, values, _ = module(sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids,
+                                     sampled.response_mask)
+        (logp.sum() + values.sum()).backward()
+        return {n: p.grad.clone() for n, p in module.policy.named_parameters() if "lora_" in n}, sum(saved)
+
+    kept, all_saved = run(False)
+    recomputed, few_saved = run(True)
+    assert few_saved < all_saved / 2, (few_saved, all_saved)
+    assert set(kept) == set(recomputed)
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], rtol=1e-5, atol=1e-6, msg=name)

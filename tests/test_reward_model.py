@@ -252,3 +252,19 @@ def test_learning_rate_schedule(tmp_path, schedule):
         assert seen == [3e-3] * steps
     else:
         assert seen == pytest.approx([3e-3 * (1 - k / steps) for k in range(steps)])
+
+
+def test_gradient_checkpointing_trains_the_reward_model_alike(tmp_path):
+    """`trainer.gradient_checkpointing` reaches the reward model's backbone, and a fit with it learns
+    what the fit without it learns (the same weights, up to rounding)."""
+    def fit(on: bool, out):
+        cfg = tiny_cfg(epochs=1, dropout=0.0)
+        cfg.trainer.gradient_checkpointing = on
+        result = train_reward_model(cfg, preference_rows(32, 0), preference_rows(8, 1), str(out))
+        return RewardScorer.load(result.model_dir).model.state_dict()
+
+    plain, checkpointed = fit(False, tmp_path / "a"), fit(True, tmp_path / "b")
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    module = RewardModel("tiny:bert", gradient_checkpointing=True)
+    assert module.model.is_gradient_checkpointing

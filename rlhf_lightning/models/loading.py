@@ -326,6 +326,13 @@ def load_policy(policy: PolicyConfig, adapter_dir: str | None = None, *, trainab
     return model
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (`trainer.gradient_checkpointing`). The
+    non-reentrant form: it needs no input that requires grad (the frozen embeddings of a LoRA model have
+    none) and replays dropout with the same random numbers."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_reward_backbone(ref: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A sequence-classification model with one output (the scalar reward) and its tokenizer."""
     path = resolve_model(ref)

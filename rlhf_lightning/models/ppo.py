@@ -39,7 +39,7 @@ from torch import nn
 from rlhf_lightning import judge
 from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
-from rlhf_lightning.models.loading import load_policy, policy_tokenizer, stop_token_ids
+from rlhf_lightning.models.loading import enable_gradient_checkpointing, load_policy, policy_tokenizer, stop_token_ids
 from rlhf_lightning.models.logprobs import ended_with_eos, response_forward, token_logprobs
 from rlhf_lightning.models.losses import (
     AdaptiveKLController,
@@ -100,9 +100,11 @@ class Experience:
 class PPOModule(L.LightningModule):
     """LoRA policy (+ scalar value head for gae), trained by PPO against a frozen reward model."""
 
-    def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str, gold_judge: bool = False):
+    def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str, gold_judge: bool = False,
+                 gradient_checkpointing: bool = False):
         """`gold_judge`: also score the rollouts with the built-in task's gold judge, for monitoring
-        only (`ppo/gold_score`); it never enters the reward."""
+        only (`ppo/gold_score`); it never enters the reward. `gradient_checkpointing`: the policy
+        recomputes its layers' activations in the backward pass (`trainer.gradient_checkpointing`)."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # several optimiser steps per rollout
@@ -111,6 +113,8 @@ class PPOModule(L.LightningModule):
         self.ppo = ppo
         self.gold_judge = gold_judge
         self.policy = load_policy(policy)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
         self.tokenizer = policy_tokenizer(policy)  # left padding for generate
         self.value_head: nn.Linear | None = None
         if ppo.estimator == "gae":
@@ -403,5 +407,5 @@ def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, ou
     `gold_judge` logs the built-in task's gold score of the rollouts (monitoring only); `callbacks`
     e.g. monitor.HeldoutMonitor or a checkpoint callback; `ckpt_path`: resume from that checkpoint."""
     L.seed_everything(cfg.ppo.seed)
-    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, gold_judge)
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, gold_judge, cfg.trainer.gradient_checkpointing)
     return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks, ckpt_path)

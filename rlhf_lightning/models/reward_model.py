@@ -25,7 +25,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from rlhf_lightning import judge
 from rlhf_lightning.config import LoraConfig, RLHFConfig
-from rlhf_lightning.models.loading import compute_device, load_reward_backbone, peft_lora_config
+from rlhf_lightning.models.loading import (compute_device, enable_gradient_checkpointing, load_reward_backbone,
+                                           peft_lora_config)
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
 from rlhf_lightning.models.trainer import build_trainer
@@ -148,7 +149,7 @@ class RewardModel(L.LightningModule):
 
     def __init__(self, backbone: str, finetune: Literal["full", "lora"] = "full", lora: LoraConfig | None = None,
                  learning_rate: float = 5e-5, max_length: int = 160, dropout: float | None = None,
-                 lr_schedule: Literal["linear", "constant"] = "linear"):
+                 lr_schedule: Literal["linear", "constant"] = "linear", gradient_checkpointing: bool = False):
         super().__init__()
         if finetune == "lora" and lora is None:
             raise ValueError("finetune='lora' needs a LoraConfig")
@@ -166,6 +167,8 @@ class RewardModel(L.LightningModule):
             # Task type SEQ_CLS makes peft add the new head ("classifier" / "score") to modules_to_save,
             # so the randomly initialised head trains alongside the adapter.
             model = get_peft_model(model, peft_lora_config(lora, "SEQ_CLS", model, "reward_model.lora"))
+        if gradient_checkpointing:  # trainer.gradient_checkpointing
+            enable_gradient_checkpointing(model)
         self.model = model
         self.encoder = PairEncoder(self.tokenizer, max_length, pad_to_multiple_of=TRAIN_PAD_MULTIPLE)
 
@@ -318,7 +321,7 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     module = RewardModel(backbone=resolve_backbone(cfg), finetune=rm.finetune,
                          lora=rm.lora if rm.finetune == "lora" else None,
                          learning_rate=rm.learning_rate, max_length=rm.max_length, dropout=rm.dropout,
-                         lr_schedule=rm.lr_schedule)
+                         lr_schedule=rm.lr_schedule, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     train_loader = group_loader(train_rows, rm.batch_size, True, module.encoder, rm.seed)
     eval_loader = group_loader(eval_rows, rm.batch_size, False, module.encoder)
     trainer = build_trainer(
