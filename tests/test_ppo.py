@@ -337,6 +337,42 @@ def test_ddp_spawn_on_two_cpu_processes_brings_weights_and_history_back(tmp_path
         torch.testing.assert_close(tensor, match.detach())
 
 
+class _Base4bitProbe(Callback):
+    """Each training process writes base<N>: the class of its 4-bit layers' weights, and whether each
+    carries its quantisation state."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module):
+        import bitsandbytes as bnb
+
+        layers = [m for m in pl_module.policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        kinds = sorted({type(m.weight).__name__ for m in layers})
+        with_state = all(getattr(m.weight, "quant_state", None) is not None for m in layers)
+        (self.directory / f"base{trainer.global_rank}").write_text(f"{len(layers)} {kinds} {with_state}")
+
+
+def test_a_4bit_policy_under_ddp_spawn_is_built_in_each_process(tmp_path, reward_model_dir):
+    """bitsandbytes' 4-bit weights do not survive the pickling that hands the module to ddp_spawn's
+    workers (they arrive as plain Parameters, their quantisation state on the parent's GPU): each
+    process builds its own nf4 base, starts from the parent's adapter, and the trained adapter comes
+    back to the parent."""
+    from rlhf_lightning.models.ppo import fit_ppo
+
+    cfg = from_dict({"policy": {"model": "tiny:llama", "quantization": "4bit"},
+                     "ppo": {"iterations": 1, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1,
+                             "max_new_tokens": 6, "learning_rate": 1e-2},
+                     "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}})
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    fit_ppo(module, cfg, prompt_rows(module.tokenizer), str(tmp_path), callbacks=[_Base4bitProbe(tmp_path)])
+    seen = sorted(p.read_text() for p in tmp_path.glob("base*"))
+    assert len(seen) == 2 and all(s.endswith("['Params4bit'] True") and not s.startswith("0 ") for s in seen), seen
+    now = dict(module.named_parameters())
+    assert all(not torch.equal(before, now[name]) for name, before in trainable.items())
+
+
 class _RankFiles(Callback):
     """Each training process writes rank<N>: its world size, then the prompts it rolled out."""
 

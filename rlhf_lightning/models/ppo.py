@@ -128,6 +128,30 @@ class PPOModule(L.LightningModule):
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.history: list[dict[str, float]] = []
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if self.hparams.policy.quantization == "4bit":
+            # bitsandbytes' 4-bit weights do not survive pickling, which is how ddp_spawn hands the module
+            # to its workers: they arrive as plain Parameters whose quantisation state stays on the
+            # parent's GPU. So the base is left out and each process builds its own (configure_model),
+            # with the adapter and everything else that trains as they are here.
+            modules = dict(state["_modules"])
+            policy = modules.pop("policy")
+            state["_modules"] = modules
+            state["_policy_weights"] = {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}
+        return state
+
+    def configure_model(self) -> None:
+        weights = self.__dict__.pop("_policy_weights", None)
+        if weights is None:  # built in __init__, in this process
+            return
+        self.policy = load_policy(self.hparams.policy)
+        if self.hparams.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+        missing = set(weights) - {n for n, p in self.policy.named_parameters() if p.requires_grad}
+        assert not missing, f"rebuilt policy lacks {sorted(missing)[:3]}"
+        self.policy.load_state_dict(weights, strict=False)
+
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
 
