@@ -18,6 +18,7 @@ from cards import StepCard  # noqa: E402  (flows/cards.py)
 from faults import checkpoint_plan  # noqa: E402  (flows/faults.py)
 from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
 from rlhf_lightning.config import ConfigError, parse_yaml_config  # noqa: E402
+from rlhf_lightning.hardware import GPU_ACCELERATORS  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
 # The heavy steps run again on another machine when theirs dies (a spot reclaim, an OOM kill); the
@@ -43,7 +44,7 @@ def parse_config(text: str) -> dict:
 
 def gpus(cfg, count: int) -> int:
     """GPUs a step's job asks for: `count` where the configured accelerator may be a GPU, else none."""
-    return int(count) if cfg.trainer.accelerator in ("auto", "gpu", "cuda") else 0
+    return int(count) if cfg.trainer.accelerator in GPU_ACCELERATORS else 0
 
 
 # The training steps ask for trainer.devices GPUs: a container has only the GPUs its job asked for, and

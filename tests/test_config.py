@@ -83,11 +83,11 @@ def test_auto_precision_is_bf16_where_the_hardware_computes_in_bf16():
     assert resolve_precision("32-true", "cpu", amx) == "32-true"  # an explicit choice is kept
     # GPUs by compute capability: bf16 where it is native (A100 8.0, A10G 8.6, H100 9.0); fp16 with a
     # gradient scaler on T4 (7.5) and V100 (7.0), which only emulate bf16.
-    from rlhf_lightning.models.loading import quantized_compute_dtype
+    from rlhf_lightning.models.loading import base_dtype
 
     for capability, expected, dtype in (((8, 0), "bf16-mixed", torch.bfloat16), ((8, 6), "bf16-mixed", torch.bfloat16),
                                         ((9, 0), "bf16-mixed", torch.bfloat16), ((7, 5), "16-mixed", torch.float16),
                                         ((7, 0), "16-mixed", torch.float16)):
         assert resolve_precision("auto", "gpu", cuda_capability=capability) == expected, capability
-        assert quantized_compute_dtype(capability) == dtype
+        assert base_dtype(cuda=True, capability=capability) == dtype  # also the 4-bit compute dtype
     assert resolve_precision("32-true", "gpu", cuda_capability=(7, 5)) == "32-true"

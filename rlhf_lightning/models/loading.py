@@ -32,6 +32,7 @@ from transformers import (
 from rlhf_lightning import cache
 from rlhf_lightning.chat import template_for
 from rlhf_lightning.config import ConfigError, LoraConfig, PolicyConfig
+from rlhf_lightning.hardware import GPU_ACCELERATORS
 from rlhf_lightning.task_prompts import tokenizer_corpus
 
 # ChatML, the format SmolLM2 uses, so tiny models exercise the same template path.
@@ -205,7 +206,9 @@ def load_base_causal_lm(policy: PolicyConfig) -> torch.nn.Module:
     if policy.quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
-        compute = quantized_compute_dtype()
+        # The dtype 4-bit layers compute in: as an unquantised base would be stored (bitsandbytes' CPU
+        # kernels compute in fp32).
+        compute = base_dtype()
         bnb_cfg = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True,
@@ -222,7 +225,7 @@ def load_base_causal_lm(policy: PolicyConfig) -> torch.nn.Module:
 def compute_device(accelerator: str = "auto") -> torch.device:
     """Where sampling and scoring outside Lightning run: the GPU when there is one and the configured
     accelerator (`trainer.accelerator`) allows it, else the CPU."""
-    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    wants_gpu = accelerator in GPU_ACCELERATORS
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
@@ -257,14 +260,6 @@ def resolve_precision(precision: str, accelerator: str = "auto", cpuinfo: str | 
     if cuda_capability is not None or compute_device(accelerator).type == "cuda":
         return "bf16-mixed" if cuda_has_bf16(cuda_capability) else "16-mixed"
     return "bf16-mixed" if cpu_has_bf16(cpuinfo) else "32-true"
-
-
-def quantized_compute_dtype(capability: tuple[int, int] | None = None) -> torch.dtype:
-    """The dtype 4-bit layers compute in: bf16 on a GPU that has it natively, fp16 on older GPUs, fp32
-    on the CPU (bitsandbytes' CPU kernels)."""
-    if capability is None and not torch.cuda.is_available():
-        return torch.float32
-    return torch.bfloat16 if cuda_has_bf16(capability) else torch.float16
 
 
 def to_compute_device(model: torch.nn.Module, accelerator: str = "auto", quantized: bool = False) -> torch.nn.Module:
