@@ -14,7 +14,7 @@ The checks: the environment (torch, CUDA, compute capability, the precision `aut
 kernels on the device); a bf16-mixed reward-model fit and its scoring on the device; PPO in bf16 with a
 checkpoint, and a resume from it that must end where the uninterrupted run ends; PPO on an nf4 base,
 checkpointed and reloaded; 16-mixed gradient norms against 32-bit ones on the same rollout (the clip
-must see unscaled gradients); the evaluation; the built-in task's sampling; the registered pyfunc served
+must see unscaled gradients); the evaluation; the nf4 run's evaluation with its served-vs-evaluated check; the built-in task's sampling; the registered pyfunc served
 on this device and on the CPU from the same version, answering alike; one 4-bit PPO iteration on SmolLM2.
 """
 
@@ -253,8 +253,20 @@ def evaluation(device: str, rm_dir: str):
 
     cfg = cfg_for(device)
     result = evaluate(cfg, prompt_rows(load_tokenizer("tiny:llama")), str(WORK / "ppo-straight" / "adapter"), rm_dir)
-    win = result.metrics.get("eval/gold_win_rate", result.metrics.get("eval/reward_win_rate"))
+    win = result.metrics.get("eval/gold_win_rate", result.metrics.get("eval/rm_win_rate"))
     return f"{len(result.samples)} samples, win rate {win:.2f}, promote={result.promote}", None
+
+
+def evaluation_nf4_served(device: str, rm_dir: str):
+    """The nf4 run's evaluation and its served-vs-evaluated check (the served form: full precision, merged)."""
+    from rlhf_lightning.evaluation import evaluate
+    from rlhf_lightning.models.loading import load_tokenizer
+
+    cfg = cfg_for(device, policy={"quantization": "4bit"}, evaluation={"served_check_prompts": len(PROMPTS)})
+    result = evaluate(cfg, prompt_rows(load_tokenizer("tiny:llama")), str(WORK / "ppo-nf4" / "adapter"), rm_dir)
+    m = result.metrics
+    return (f"served vs evaluated: {m['eval/served_greedy_match']:.0%} identical greedy answers, reward gap "
+            f"{m['eval/served_rm_gap']:+.3f} ± {m['eval/served_rm_gap_ci95']:.3f} std"), None
 
 
 def builtin_sampling(device: str):
@@ -337,6 +349,7 @@ def main() -> int:
     checks.run("ppo_nf4_checkpoint", lambda: ppo_nf4(d, rm_dir))
     checks.run("grad_norms_16_mixed", lambda: grad_norms_16_mixed(d, rm_dir))
     checks.run("evaluation", lambda: evaluation(d, rm_dir))
+    checks.run("evaluation_nf4_served", lambda: evaluation_nf4_served(d, rm_dir))
     checks.run("builtin_sampling", lambda: builtin_sampling(d))
     checks.run("served_here_and_cpu", lambda: served_here_and_on_cpu(d))
     checks.run("smollm2", lambda: smollm2_nf4(d, rm_dir))

@@ -484,9 +484,20 @@ class EvaluationConfig:
     """Held-out prompts (one sample each) used by the in-training evaluation."""
     seed: int = 1
     """Sampling seed."""
+    served_check_prompts: int = 32
+    """A `policy.quantization: 4bit` run is evaluated on its nf4 base, but served (`mlflow models serve`)
+    from the base in full precision (bf16 on a GPU, fp32 on a CPU) with the adapter merged. This many
+    held-out prompts are answered greedily by both; their agreement and reward-model scores are reported
+    (`eval/served_*`, MLflow artifact `evaluation/served_vs_evaluated.json`) and gate promotion
+    (`served_max_rm_drop`). 0 = off. Other runs serve the weights they were evaluated with."""
+    served_max_rm_drop: float = 0.5
+    """Stay candidate when the served answers score below the evaluated ones by more than this many of
+    the reward model's standard deviations, with a 95% interval that excludes no difference."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.promotion_margin < 0.5, "evaluation.promotion_margin", "must lie in [0, 0.5)")
+        _check(self.served_check_prompts >= 0, "evaluation.served_check_prompts", "must be >= 0 (0 = off)")
+        _check(self.served_max_rm_drop >= 0, "evaluation.served_max_rm_drop", "must be >= 0")
         _check(self.samples_per_prompt > 0 and self.batch_size > 0 and self.max_new_tokens > 0,
                "evaluation.samples_per_prompt/batch_size/max_new_tokens", "must be positive integers")
         _check(self.temperature > 0, "evaluation.temperature", "must be > 0 (KL is measured on samples)")

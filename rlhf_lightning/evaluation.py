@@ -10,6 +10,10 @@ the policy's on the same base weights. Reported (`eval/...`):
 - response length, share of responses that end with an end token, distinct-1/2.
 A gap between the learned-reward and the gold win rate is over-optimisation of the reward model.
 
+A 4-bit run is evaluated on its nf4 base but served from the base in full precision with the adapter
+merged (`served_policy`); `served_check` has both answer the same prompts greedily and reports how alike
+they answer (`eval/served_...`), which the promotion gate reads.
+
 `evaluate` ends with the promotion gate (`gates.promotion_decision`); `monitor.HeldoutMonitor` runs
 `compare` on a few held-out prompts during PPO, for the over-optimisation curve.
 """
@@ -17,6 +21,8 @@ A gap between the learned-reward and the gold win rate is over-optimisation of t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 from dataclasses import dataclass, field
 from statistics import fmean
 
@@ -31,7 +37,7 @@ from rlhf_lightning.models.loading import (compute_device, load_policy, policy_t
 from rlhf_lightning.models.logprobs import ended_with_eos, sequence_logprobs
 from rlhf_lightning.models.losses import per_token_kl
 from rlhf_lightning.models.reward_model import RewardScorer
-from rlhf_lightning.stats import distinct_n, win_rate
+from rlhf_lightning.stats import distinct_n, mean_difference, win_rate
 
 CHAMPION_ADAPTER = "champion"
 
@@ -42,6 +48,8 @@ class EvalResult:
     promote: bool
     reason: str
     samples: list[dict] = field(default_factory=list)
+    served: list[dict] = field(default_factory=list)
+    """A 4-bit run's served-vs-evaluated greedy answers (`served_check`); empty otherwise."""
 
 
 # ---------------------------------------------------------------- sampling the models
@@ -150,6 +158,52 @@ def compare(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int,
     return {f"{prefix}{k}": v for k, v in m.items()}, samples
 
 
+def served_policy(policy_cfg, adapter_dir: str, accelerator: str = "auto") -> torch.nn.Module:
+    """The model the registered version serves for `adapter_dir` (pyfunc_model.RLHFPolicyModel): the base
+    unquantised in the serving dtype (bf16 on a GPU with it, fp16 on older GPUs, fp32 on the CPU:
+    `policy.dtype: auto`), the adapter merged into it."""
+    served = dataclasses.replace(policy_cfg, quantization="none", dtype="auto")
+    model = load_policy(served, adapter_dir, trainable=False).merge_and_unload().eval()
+    return to_compute_device(model, accelerator)
+
+
+def served_agreement(evaluated: list[str], served: list[str], evaluated_rm: list[float],
+                     served_rm: list[float], rm_std: float) -> dict[str, float]:
+    """How alike the served and the evaluated model answer the same prompts greedily: the share of
+    identical answers, each one's mean reward, and the paired reward difference served - evaluated in the
+    reward model's standard deviations (`rm_std`) with its 95% half-width."""
+    gap, ci = mean_difference(served_rm, evaluated_rm)
+    return {
+        "served_greedy_match": fmean(float(a == b) for a, b in zip(evaluated, served)),
+        "served_rm_score": fmean(served_rm),
+        "evaluated_greedy_rm_score": fmean(evaluated_rm),
+        "served_rm_gap": gap / rm_std,
+        "served_rm_gap_ci95": ci / rm_std,
+        "served_n": float(len(served)),
+    }
+
+
+def greedy_kwargs(cfg: RLHFConfig) -> dict:
+    return dict(max_new_tokens=cfg.evaluation.max_new_tokens, temperature=0.0, batch_size=cfg.evaluation.batch_size,
+                seed=cfg.evaluation.seed)
+
+
+def served_check(cfg: RLHFConfig, tokenizer, scorer, rows: list[dict], evaluated: list[str], adapter_dir: str,
+                 prefix: str = "eval/") -> tuple[dict[str, float], list[dict]]:
+    """The served form of the adapter (`served_policy`) answers `rows` greedily beside `evaluated`, the
+    evaluated model's greedy answers to them; both scored by the reward model. Returns the metrics
+    (`served_agreement`) and the answers side by side."""
+    chats, prompts = [r["prompt_chat"] for r in rows], [r["prompt"] for r in rows]
+    served_model = served_policy(cfg.policy, adapter_dir, cfg.trainer.accelerator)
+    served = generate(served_model, tokenizer, chats, "policy", **greedy_kwargs(cfg)).texts
+    del served_model
+    evaluated_rm, served_rm = scorer.score(prompts, evaluated).tolist(), scorer.score(prompts, served).tolist()
+    m = served_agreement(evaluated, served, evaluated_rm, served_rm, float(scorer.std))
+    table = [{"prompt": p, "evaluated": e, "served": s_, "rm evaluated": round(er, 3), "rm served": round(sr, 3)}
+             for p, e, s_, er, sr in zip(prompts, evaluated, served, evaluated_rm, served_rm)]
+    return {f"{prefix}{k}": v for k, v in m.items()}, table
+
+
 def side_by_side(samples: list[dict], n: int = 5) -> list[dict]:
     """What the tuned policy now says next to what the reference said, for people to read: the `n`
     answers where the policy gained most over the reference, the `n` where it lost most (by the gold
@@ -211,5 +265,19 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     metrics, samples = compare(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
                                temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed, gold=gold,
                                champion=champion is not None)
-    decision = promotion_decision(metrics, ev.promotion_margin, gold, champion[1] if champion else None)
-    return EvalResult(metrics=metrics, promote=decision.promote, reason=decision.reason, samples=samples)
+    served: list[dict] = []
+    check_rows = prompts[: ev.served_check_prompts] if cfg.policy.quantization == "4bit" else []
+    evaluated = (generate(policy, tok, [r["prompt_chat"] for r in check_rows], "policy", **greedy_kwargs(cfg)).texts
+                 if check_rows else [])
+    # One base in memory at a time: the nf4 model goes before the served one loads.
+    del policy
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if check_rows:
+        served_metrics, served = served_check(cfg, tok, scorer, check_rows, evaluated, adapter_dir)
+        metrics |= served_metrics
+    decision = promotion_decision(metrics, ev.promotion_margin, gold, champion[1] if champion else None,
+                                  served_max_drop=ev.served_max_rm_drop)
+    return EvalResult(metrics=metrics, promote=decision.promote, reason=decision.reason, samples=samples,
+                      served=served)

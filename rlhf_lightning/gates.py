@@ -37,11 +37,16 @@ class GateDecision:
 
 
 def promotion_decision(metrics: dict[str, float], margin: float, gold: bool,
-                       champion: str | None = None) -> GateDecision:
+                       champion: str | None = None, served_max_drop: float | None = None) -> GateDecision:
     """Gate before promotion: the policy's win rate against the reference, and against the champion when
     one was compared (`champion` names it), must exceed 0.5 + margin, and its 95% interval must lie above
     0.5 (a tie). Judged by the gold judge when there is one, else by the reward model (which the policy
-    was trained on: a weaker test). `metrics` are the evaluation's (`eval/...`)."""
+    was trained on: a weaker test). `metrics` are the evaluation's (`eval/...`).
+
+    Where the served form of the policy differs from the evaluated one (a 4-bit run: `eval/served_rm_gap`,
+    the served minus the evaluated greedy answers' reward, in the reward model's standard deviations) and
+    `served_max_drop` is set, the served answers must not be worse by more than `served_max_drop` with a
+    95% interval that excludes no difference: what would be served is then not what passed."""
     judge_name = "gold" if gold else "rm"
     threshold = 0.5 + margin
     against = [("reference", "")] + ([(f"champion {champion}", "champion_")] if champion else [])
@@ -54,6 +59,13 @@ def promotion_decision(metrics: dict[str, float], margin: float, gold: bool,
         ok &= wr > threshold and clear
         parts.append(f"vs {who} {wr:.3f} ± {ci:.3f} {'>' if wr > threshold else '<='} {threshold:.3f}"
                      + ("" if clear or wr <= threshold else " but its 95% interval reaches 0.5"))
+    if served_max_drop is not None and "eval/served_rm_gap" in metrics:
+        gap, ci = metrics["eval/served_rm_gap"], metrics["eval/served_rm_gap_ci95"]
+        worse = gap < -served_max_drop and gap + ci < 0  # nan interval (one prompt): not shown worse
+        ok &= not worse
+        parts.append(f"served vs evaluated reward {gap:+.2f} ± {ci:.2f} std "
+                     + (f"< -{served_max_drop:.2f}: the served model answers worse than the one evaluated"
+                        if worse else f"(allowed down to -{served_max_drop:.2f})"))
     verdict = "promote to champion" if ok else "stays candidate"
     reason = (f"{judge_name} win rate {'; '.join(parts)} (n={int(metrics['eval/n'])}, "
               f"KL {metrics['eval/kl']:.2f} nats): {verdict}")

@@ -345,11 +345,22 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model
         tracking.log_table(shown, "evaluation/side_by_side.json")  # a table in the MLflow UI
         tracking.set_tags({"gate.promote": result.promote, "gate.reason": result.reason,
                            "gate.champion": champion_note})
+        served = ""
+        if result.served:
+            tracking.log_table(result.served, "evaluation/served_vs_evaluated.json")
+            served = ("## What is served, beside what was evaluated\n\nThis 4-bit run was evaluated on its nf4 "
+                      "base; the registered version serves the base in full precision with the adapter merged. "
+                      f"Both answered {len(result.served)} held-out prompts greedily: "
+                      f"{metrics['eval/served_greedy_match']:.0%} of the answers are identical, reward "
+                      f"{metrics['eval/served_rm_gap']:+.2f} ± {metrics['eval/served_rm_gap_ci95']:.2f} std "
+                      "(served − evaluated). The first few (all: MLflow artifact "
+                      f"`evaluation/served_vs_evaluated.json`):\n\n"
+                      f"{evaluation.side_by_side_markdown(result.served[:5])}\n\n")
         card.markdown(f"# Evaluation\n\n**Gate:** {result.reason}\n\nChampion: {champion_note}\n\n"
                       "## What the policy says, beside the reference\n\nThe held-out answers the policy "
                       "improved most and least, then a few as they came (all of them: MLflow artifact "
                       f"`evaluation/samples.json`).\n\n{evaluation.side_by_side_markdown(shown)}\n\n"
-                      f"## Figures\n\n{_metrics_table(metrics)}")
+                      f"{served}## Figures\n\n{_metrics_table(metrics)}")
     print(f"evaluation: {result.reason} ({champion_note})")
     return Evaluated(metrics=metrics, promote=result.promote, reason=result.reason, champion=champion_note,
                      mlflow_run_id=run.info.run_id)

@@ -1,4 +1,5 @@
-"""Statistics of the evaluation figures: win rates with cluster-robust intervals, distinct-n.
+"""Statistics of the evaluation figures: win rates with cluster-robust intervals, paired differences,
+distinct-n.
 
 Pure Python on lists of numbers and texts; imported by the reward model (its held-out accuracy interval)
 and by the evaluation.
@@ -34,6 +35,18 @@ def win_rate(a: list[float], b: list[float], groups: list | None = None) -> tupl
         return p, float("nan")  # one cluster: no estimate of the spread between clusters
     var = k / (k - 1) * sum(t * t for t in totals) / len(wins) ** 2
     return p, 1.96 * math.sqrt(var)
+
+
+def mean_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of the paired differences a - b and its 95% normal-approximation half-width (nan for one pair)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a paired difference needs two equally long, non-empty lists, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, float("nan")
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, 1.96 * math.sqrt(var / len(d))
 
 
 def distinct_n(texts: list[str], n: int) -> float:

@@ -54,6 +54,24 @@ def test_distinct_n_by_hand():
     assert stats.distinct_n(["hi"], 2) == 0.0
 
 
+def test_mean_difference_by_hand():
+    # differences 1, 3, 2 -> mean 2, sample variance ((1-2)^2 + (3-2)^2 + 0) / 2 = 1, half-width 1.96 / sqrt(3)
+    mean, ci = stats.mean_difference([2.0, 4.0, 2.0], [1.0, 1.0, 0.0])
+    assert mean == 2.0 and ci == pytest.approx(1.96 / math.sqrt(3))
+    assert math.isnan(stats.mean_difference([1.0], [0.0])[1])
+    with pytest.raises(ValueError, match="paired difference"):
+        stats.mean_difference([1.0], [])
+
+
+def test_served_agreement_by_hand():
+    # identical answers: 1 of 2; served - evaluated rewards: -1, -3 -> mean -2, sd sqrt(2), in rm std 2: -1
+    m = evaluation.served_agreement(["a", "b"], ["a", "c"], [1.0, 4.0], [0.0, 1.0], rm_std=2.0)
+    assert m["served_greedy_match"] == 0.5 and m["served_n"] == 2
+    assert m["served_rm_score"] == 0.5 and m["evaluated_greedy_rm_score"] == 2.5
+    assert m["served_rm_gap"] == -1.0
+    assert m["served_rm_gap_ci95"] == pytest.approx(1.96 * math.sqrt(2) / math.sqrt(2) / 2.0)
+
+
 def metrics(gold_wr=0.7, rm_wr=0.9, champion_gold_wr=None):
     m = {"eval/gold_win_rate": gold_wr, "eval/gold_win_rate_ci95": 0.05, "eval/rm_win_rate": rm_wr,
          "eval/rm_win_rate_ci95": 0.04, "eval/n": 256.0, "eval/kl": 2.5}
@@ -81,6 +99,20 @@ def test_promotion_needs_the_margin_against_the_champion_too():
     d = gates.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.6), margin=0.05, gold=True,
                                       champion="v3")
     assert d.promote
+
+
+def test_a_served_model_that_answers_worse_than_the_evaluated_one_stays_candidate():
+    """A 4-bit run: promoted on its win rates alone, held back when the served (full-precision, merged)
+    answers score clearly lower than the evaluated (nf4) ones; a drop within its noise does not count."""
+    worse = metrics() | {"eval/served_rm_gap": -0.8, "eval/served_rm_gap_ci95": 0.3}
+    d = gates.promotion_decision(worse, margin=0.05, gold=True, served_max_drop=0.5)
+    assert not d.promote and "served vs evaluated reward -0.80 ± 0.30 std < -0.50" in d.reason
+    assert gates.promotion_decision(worse, margin=0.05, gold=True).promote  # no limit given: not read
+    noisy = metrics() | {"eval/served_rm_gap": -0.8, "eval/served_rm_gap_ci95": 0.9}  # interval reaches 0
+    assert gates.promotion_decision(noisy, margin=0.05, gold=True, served_max_drop=0.5).promote
+    close = metrics() | {"eval/served_rm_gap": -0.1, "eval/served_rm_gap_ci95": 0.05}
+    d = gates.promotion_decision(close, margin=0.05, gold=True, served_max_drop=0.5)
+    assert d.promote and "served vs evaluated reward -0.10 ± 0.05 std (allowed down to -0.50)" in d.reason
 
 
 def test_without_a_gold_judge_the_reward_model_decides():
@@ -176,3 +208,49 @@ def test_side_by_side_shows_the_best_and_worst_answers_then_others():
     assert rows[0]["prompt"] == "p0" and "rm gain" in rows[0] and len({r["prompt"] for r in rows}) == len(rows) == 7
     table = side_by_side_markdown([{"case": "best", "prompt": "a|b\nc"}])
     assert table.splitlines() == ["| case | prompt |", "|---|---|", "| best | a\\|b c |"]
+
+
+def test_a_4bit_run_checks_what_is_served_against_what_was_evaluated(tiny_policy, reward_model_dir,
+                                                                     registered_policy):
+    """Evaluated on the nf4 base, served full precision with the adapter merged: the check's served answers
+    are the registered version's own greedy answers (the pyfunc model `mlflow models serve` runs), its
+    evaluated answers the 4-bit policy's, and its figures are computed from the two."""
+    import mlflow
+    import pandas as pd
+
+    from rlhf_lightning.models.generation import sample
+    from rlhf_lightning.models.loading import load_policy
+    from rlhf_lightning.models.reward_model import RewardScorer
+
+    _, adapter_dir, _ = tiny_policy
+    cfg = from_dict({"policy": {"model": "tiny:llama", "quantization": "4bit"},
+                     "evaluation": {"max_new_tokens": 6, "samples_per_prompt": 1, "batch_size": 4,
+                                    "served_check_prompts": 2}})
+    tok = load_tokenizer("tiny:llama")
+    result = evaluation.evaluate(cfg, rows(tok), adapter_dir, reward_model_dir)
+    m = result.metrics
+
+    served = mlflow.pyfunc.load_model(registered_policy.model_uri).predict(
+        pd.DataFrame({"prompt": PROMPTS[:2]}), params={"max_new_tokens": 6, "temperature": 0.0})
+    assert [r["served"] for r in result.served] == served["response"].tolist()
+    nf4 = load_policy(cfg.policy, adapter_dir, trainable=False)
+    evaluated = sample(nf4, tok, [r["prompt_chat"] for r in rows(tok)[:2]], max_new_tokens=6, temperature=0.0).texts
+    assert [r["evaluated"] for r in result.served] == evaluated
+    scorer = RewardScorer.load(reward_model_dir)
+    assert [r["rm served"] for r in result.served] == [round(x, 3) for x in scorer.score(PROMPTS[:2], served["response"].tolist()).tolist()]
+    assert m["eval/served_n"] == 2
+    assert m["eval/served_greedy_match"] == sum(e == s for e, s in zip(evaluated, served["response"])) / 2
+    assert m["eval/served_rm_gap"] == pytest.approx(
+        sum(r["rm served"] - r["rm evaluated"] for r in result.served) / 2, abs=2e-3)
+    assert "served vs evaluated reward" in result.reason
+
+
+def test_the_served_form_is_unquantised_and_merged(tiny_policy):
+    import bitsandbytes as bnb
+
+    _, adapter_dir, _ = tiny_policy
+    model = evaluation.served_policy(from_dict({"policy": {"model": "tiny:llama", "quantization": "4bit"}}).policy,
+                                     adapter_dir)
+    assert not [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert not [n for n, _ in model.named_parameters() if "lora" in n]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the CPU's serving dtype
