@@ -71,3 +71,24 @@ def check_gpu(accelerator: str, environ: Mapping[str, str] | None = None, *, cud
     if built and not _runs_on(have, built):
         raise HardwareError(f"this GPU (compute capability {have[0]}.{have[1]}) has no kernels in this torch build "
                             f"(it has {', '.join(built)}): {_needs(torch.__version__, torch.version.cuda)}")
+
+
+def available_memory(meminfo: str | None = None, cgroup_dir: str = "/sys/fs/cgroup") -> int:
+    """Bytes this process can still allocate: the kernel's MemAvailable, capped by the container's
+    cgroup limit less its usage (a Batch job's `memory` is such a limit, below the host's RAM)."""
+    if meminfo is None:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            meminfo = fh.read()
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)
+    available = int(found.group(1)) * 1024 if found else 0
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        try:
+            limit = open(os.path.join(cgroup_dir, limit_file), encoding="ascii").read().strip()
+            usage = int(open(os.path.join(cgroup_dir, usage_file), encoding="ascii").read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or v1's huge number: no limit
+            available = min(available, max(int(limit) - usage, 0))
+        break
+    return available

@@ -24,7 +24,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from rlhf_lightning import pyfunc_model
+from rlhf_lightning import hardware, pyfunc_model
 from rlhf_lightning.chat import refuses_system, template_for
 from rlhf_lightning.config import RLHFConfig
 
@@ -187,6 +187,40 @@ def _description(cfg: RLHFConfig, sha: str, run_id: str, tags: dict[str, str]) -
     return "\n".join(lines)
 
 
+def fp32_bytes(base_model_dir: str) -> int:
+    """What the base takes in memory loaded in fp32, as the served model loads it on a CPU: 4 bytes a
+    parameter, the parameters counted from the safetensors headers (a `.bin` checkpoint: its size)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(base_model_dir).glob("*.safetensors"))
+    if not files:
+        return sum(f.stat().st_size for f in Path(base_model_dir).glob("*.bin"))
+    numel = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                n = 1
+                for dim in fh.get_slice(key).get_shape():
+                    n *= dim
+                numel += n
+    return 4 * numel
+
+
+def example_check(base_model_dir: str, available: int | None = None) -> tuple[bool, str]:
+    """Whether MLflow may run the input example through the model while logging it (it loads the whole
+    model in this process, in fp32 on a CPU). Not when that would take more than half the memory left:
+    an 8B base needs 32 GB, and a register step killed for memory loses the run; the deploy and
+    inference steps check the served model on the live endpoint anyway. (ok, why)"""
+    need = fp32_bytes(base_model_dir)
+    available = hardware.available_memory() if available is None else available
+    if need <= available // 2:
+        return True, ""
+    return False, (f"the base takes {need / 2**30:.1f} GiB in fp32 and this step has {available / 2**30:.1f} GiB "
+                   "left: the version is logged without an input example (MLflow would load the whole model "
+                   "here to check it); its request examples are in the model's metadata, and the deploy and "
+                   "inference steps check the live endpoint")
+
+
 def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run_id: str,
                      tags: dict[str, str]) -> ModelVersionInfo:
     """Log base + adapter as a pyfunc model in run `run_id`, register it as `cfg.registry.model_name`,
@@ -221,6 +255,9 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
             # The tokenizer travels with the version (a few MB): clients read it without the base.
             AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(Path(tmp) / "tokenizer")
             artifacts["tokenizer"] = str(Path(tmp) / "tokenizer")
+        example_ok, example_note = example_check(base_model_dir)
+        if not example_ok:
+            print(f"register: {example_note}")
         with _in_run(run_id):
             info = mlflow.pyfunc.log_model(
                 name="policy",
@@ -241,7 +278,7 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                     ]]}),
                     {"max_new_tokens": min(template[0]["max_new_tokens"], 8), "temperature": 0.7,
                      "top_p": 0.9, "seed": 0},
-                ),
+                ) if example_ok else None,
                 pip_requirements=pip_requirements(),
                 metadata={"weights_sha256": sha, "base_model": cfg.policy.model, "inference_template": template,
                           "limits": pyfunc_model.LIMITS,
@@ -260,7 +297,8 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
 
     client = MlflowClient()
     version_tags = {**tags, "weights_sha256": sha, "base_model": cfg.policy.model,
-                    "quantization": cfg.policy.quantization, "base.store": cfg.registry.base_store, **base_tags}
+                    "quantization": cfg.policy.quantization, "base.store": cfg.registry.base_store, **base_tags,
+                    "input_example": "logged; MLflow ran it through the model" if example_ok else example_note}
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     client.update_model_version(name, version, description=_description(cfg, sha, run_id, version_tags))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_lightning.hardware import HardwareError, check_gpu
+from rlhf_lightning.hardware import HardwareError, available_memory, check_gpu
 
 BUILT = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # a CUDA 13 build's list
 
@@ -35,3 +35,15 @@ def test_a_gpu_without_kernels_in_this_build_stops_the_step(capability, ok):
     else:
         with pytest.raises(HardwareError, match=rf"compute capability {capability[0]}\.{capability[1]}\) has no kernels"):
             check_gpu("auto", {}, cuda_available=True, capability=capability, arches=BUILT)
+
+
+def test_available_memory_is_capped_by_the_container_limit(tmp_path):
+    meminfo = "MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n"
+    assert available_memory(meminfo, cgroup_dir=str(tmp_path)) == 20000000 * 1024  # no cgroup files
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    assert available_memory(meminfo, cgroup_dir=str(tmp_path)) == 20000000 * 1024  # no limit
+    (tmp_path / "memory.max").write_text(f"{16 * 2**30}\n")  # a Batch job's 16 GB, 4 GiB of it in use
+    (tmp_path / "memory.current").write_text(f"{4 * 2**30}\n")
+    assert available_memory(meminfo, cgroup_dir=str(tmp_path)) == 12 * 2**30
+    assert available_memory() > 0  # this machine's own

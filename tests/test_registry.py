@@ -78,7 +78,7 @@ def test_versions_have_aliases_tags_and_lineage(registered):
     base_tags = {k: v for k, v in mv.tags.items() if k.startswith("base.")}
     assert {k: v for k, v in mv.tags.items() if not k.startswith(("champion.", "base."))} == {
         "lineage.metaflow.run_id": "2", "weights_sha256": v2.weights_sha256, "base_model": "tiny:llama",
-        "quantization": "none"}
+        "quantization": "none", "input_example": "logged; MLflow ran it through the model"}
     assert sorted(base_tags) == ["base.digest", "base.run_id", "base.store"] and base_tags["base.store"] == "shared"
     assert v2.weights_sha256 in mv.description and "| lineage.metaflow.run_id | 2 |" in mv.description
     v1_mv = client.get_model_version(MODEL_NAME, "1")
@@ -445,3 +445,30 @@ def test_a_hub_base_is_referenced_by_id_and_commit(mlflow_tracking, tiny_policy,
     # A hub id whose local copy is not a hub snapshot (saved elsewhere) cannot be referenced either.
     with mlflow.start_run() as run, pytest.raises(registry.RegistryError, match="hub needs policy.model to be a hub id"):
         registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+
+
+def test_a_base_too_big_for_the_step_is_registered_without_running_the_example(mlflow_tracking, tiny_policy,
+                                                                                   tmp_path, capsys, monkeypatch):
+    """MLflow runs an input example through the whole model while logging it; a base whose fp32 load
+    would take more than half the memory left is logged without one, and the version says why."""
+    from mlflow.models import Model
+    from safetensors.torch import load_file
+
+    _, adapter_dir, base_dir = tiny_policy
+    numel = sum(t.numel() for t in load_file(f"{base_dir}/model.safetensors").values())
+    assert registry.fp32_bytes(base_dir) == 4 * numel
+    assert registry.example_check(base_dir, available=8 * numel) == (True, "")
+    ok, note = registry.example_check(base_dir, available=8 * numel - 1)
+    assert not ok and "in fp32" in note
+
+    monkeypatch.setattr(registry.hardware, "available_memory", lambda: 4 * numel)
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "registry": {"model_name": "rlhf-policy-big"}})
+    with mlflow.start_run() as run:
+        info = registry.log_and_register(cfg, adapter_dir, base_dir, run.info.run_id, tags={})
+    assert "logged without an input example" in capsys.readouterr().out
+    model = Model.load(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    assert model.saved_input_example_info is None and model.signature is not None
+    tag = MlflowClient().get_model_version("rlhf-policy-big", info.version).tags["input_example"]
+    assert "logged without an input example" in tag
+    served = mlflow.pyfunc.load_model(info.model_uri)  # the version itself serves as any other
+    assert len(served.predict(pd.DataFrame({"prompt": ["Hi"]}), params={"max_new_tokens": 2})) == 1
