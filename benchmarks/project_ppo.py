@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ from collections import defaultdict
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from devices import accelerator, add_device_flag, peak_fields  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("RLHF_BENCH_DATA", os.path.join(REPO, "..", "shared", "data", "hh-rlhf-harmless-base",
@@ -75,6 +76,7 @@ def main() -> int:
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
     ap.add_argument("--precision", default=None,
                     help="trainer.precision (32-true, bf16-mixed, auto; default: the config's, auto)")
+    add_device_flag(ap)
     args = ap.parse_args()
     t_script = time.perf_counter()
 
@@ -93,7 +95,7 @@ def main() -> int:
                 "ppo_epochs": 1, "max_new_tokens": args.max_new_tokens, "temperature": 0.7, "samples_per_prompt": 1,
                 # the workload as first measured: lr 1e-4 and a fixed KL coefficient 0.05, not the default run's
                 "learning_rate": 1e-4, "kl_coef": 0.05, "kl_target": None},
-        "trainer": {"accelerator": "cpu"} | ({"precision": args.precision} if args.precision else {}),
+        "trainer": {"accelerator": accelerator(args.device)} | ({"precision": args.precision} if args.precision else {}),
     })
     prompts = hh_prompts(load_tokenizer(POLICY), args.episodes, args.max_prompt_tokens)
     totals: dict[str, float] = defaultdict(float)
@@ -105,14 +107,13 @@ def main() -> int:
         RewardScorer(model, tok, max_length=args.max_prompt_tokens + args.max_new_tokens + 16).save(f"{out}/rm")
         del model
         result = ppo.train_ppo(cfg, prompts, f"{out}/rm", f"{out}/ppo", callbacks=[clock])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     length = sum(h["ppo/response_length"] for h in result.history) / len(result.history)
     phases = " ".join(f"{k}_s={v:.1f}" for k, v in totals.items())
     print(f"[info] threads={torch.get_num_threads()} mean response length {length:.1f} tokens; "
           f"phases: {phases}", flush=True)
-    print(f"SUMMARY project_ppo precision={resolve_precision(cfg.trainer.precision, 'cpu')} episodes={args.episodes} batch={args.batch} "
+    print(f"SUMMARY project_ppo device={args.device} precision={resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)} episodes={args.episodes} batch={args.batch} "
           f"response_len={args.max_new_tokens} mean_response_len={length:.1f} fit_s={clock.wall:.1f} "
-          f"episodes_per_s={args.episodes / clock.wall:.3f} {phases} peak_rss_gb={peak:.2f} "
+          f"episodes_per_s={args.episodes / clock.wall:.3f} {phases} {peak_fields(args.device)} "
           f"script_wall_s={time.perf_counter() - t_script:.1f}", flush=True)
     return 0
 

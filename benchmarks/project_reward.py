@@ -23,7 +23,6 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from devices import accelerator, add_device_flag, peak_fields  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("RLHF_BENCH_DATA", os.path.join(REPO, "..", "shared", "data", "hh-rlhf-harmless-base",
@@ -65,6 +66,7 @@ def main() -> int:
     ap.add_argument("--dropout", type=float, default=None, help="reward_model.dropout (default: the config's)")
     ap.add_argument("--lr-schedule", choices=["linear", "constant"], default=None,
                     help="reward_model.lr_schedule (default: the config's, linear)")
+    add_device_flag(ap)
     args = ap.parse_args()
     t_script = time.perf_counter()
 
@@ -91,7 +93,7 @@ def main() -> int:
         rm["dropout"] = args.dropout
     if args.lr_schedule is not None:
         rm["lr_schedule"] = args.lr_schedule
-    cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": "cpu"} | ({"precision": args.precision} if args.precision else {})})
+    cfg = from_dict({"reward_model": rm, "trainer": {"accelerator": accelerator(args.device)} | ({"precision": args.precision} if args.precision else {})})
 
     clock, phases = FitClock(), StepPhases()
     t0 = time.perf_counter()
@@ -99,14 +101,13 @@ def main() -> int:
         result = train_reward_model(cfg, train, held_out, out, callbacks=[clock, phases])
     stage_s = time.perf_counter() - t0
     steps = " ".join(f"{k}_s={v:.1f}" for k, v in phases.seconds.items())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"[info] rows kept whole (no shared prompt): train {fb_train}, eval {fb_eval}; "
           f"threads={torch.get_num_threads()}", flush=True)
-    print(f"SUMMARY project_reward precision={resolve_precision(cfg.trainer.precision, 'cpu')} "
+    print(f"SUMMARY project_reward device={args.device} precision={resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)} "
           f"dropout={cfg.reward_model.dropout} lr_schedule={cfg.reward_model.lr_schedule} "
           f"max_length={args.max_length} train_rows={len(train)} train_wall_s={clock.wall:.1f} "
           f"pairs_per_s={len(train) / clock.wall:.2f} eval_rows={len(held_out)} "
-          f"eval_acc={result.metrics['eval_accuracy']:.4f} stage_s={stage_s:.1f} {steps} peak_rss_gb={peak:.2f} "
+          f"eval_acc={result.metrics['eval_accuracy']:.4f} stage_s={stage_s:.1f} {steps} {peak_fields(args.device)} "
           f"script_wall_s={time.perf_counter() - t_script:.1f}", flush=True)
     return 0
 
