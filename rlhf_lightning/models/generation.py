@@ -84,7 +84,14 @@ def sample(model, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, te
         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, do_sample=False,
         logits_processor=processors,
     )
-    response = out[:, enc["input_ids"].shape[1]:]
+    return finish_sampled(tokenizer, enc, out[:, enc["input_ids"].shape[1]:], stops)
+
+
+def finish_sampled(tokenizer, enc: dict[str, torch.Tensor], response: torch.Tensor,
+                   stops: int | Sequence[int]) -> Sampled:
+    """`Sampled` from the left-padded prompts `enc` and their generated `response` ids (B, R): pad after
+    the first end token, the mask up to and including it, the texts without it. Shared by HF `generate`
+    and the vLLM engine, so both hand PPO and the evaluation the same layout."""
     mask = response_mask_from_ids(response, stops)
     response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     # The text stops before the end token, special or not (a generation config may name any token).

