@@ -168,7 +168,7 @@ def sampling_shards(cfg: RLHFConfig) -> list[Shard | None]:
         return [None]
     from rlhf_lightning.data import builtin
 
-    if builtin.cached_task(cfg.data.builtin, cfg.policy):
+    if builtin.cached_task(cfg.data.builtin, cfg.policy, cfg.generation):
         return [None]
     count = cfg.data.builtin.sampling_workers
     return [(index, count) for index in range(count)]
@@ -181,7 +181,7 @@ def sample_builtin_task(cfg: RLHFConfig, shard: Shard | None) -> dict[tuple[int,
     hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning.data import builtin
 
-    return builtin.sample_shard(cfg.data.builtin, cfg.policy, *shard)
+    return builtin.sample_shard(cfg.data.builtin, cfg.policy, *shard, generation=cfg.generation)
 
 
 def preprocess(cfg: RLHFConfig, parent_run_id: str, workdir: str,
@@ -193,7 +193,7 @@ def preprocess(cfg: RLHFConfig, parent_run_id: str, workdir: str,
 
     with tracking.stage_run(parent_run_id, "preprocess"):
         if responses:
-            builtin.write_task(cfg.data.builtin, cfg.policy, responses)
+            builtin.write_task(cfg.data.builtin, cfg.policy, responses, cfg.generation)
             tracking.log_metrics({"builtin/sampling_workers": cfg.data.builtin.sampling_workers})
         data = pre.preprocess(cfg, workdir)
         for name, path in data.files.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,31 @@ def test_seeded_sampling_repeats_and_follows_the_seed(engine, tiny32):
     other = engine.sample(tok, chats, seed=6, **kw)
     assert torch.equal(one.response_ids, again.response_ids)
     assert not torch.equal(one.response_ids, other.response_ids)
+    # A row's tokens follow its own seed, whatever rows are sampled beside it (what lets the built-in
+    # task's sampling be split over workers): rows 3 and 9 alone, with the seeds they had in the batch.
+    alone = engine.sample(tok, [chats[3], chats[9]], seed=[5 + 3, 5 + 9], **kw)
+    for i, row in enumerate((3, 9)):
+        n = int(one.response_mask[row].sum())
+        assert alone.response_ids[i, :n].tolist() == one.response_ids[row, :n].tolist()
+
+
+@needs_vllm
+def test_the_builtin_task_samples_through_the_engine_under_its_own_cache_key(tmp_path, tiny32):
+    import json
+
+    from rlhf_lightning.config import BuiltinTaskConfig
+    from rlhf_lightning.data import builtin
+
+    task = BuiltinTaskConfig(n_preference_prompts=16, n_rl_prompts=4, n_eval_prompts=4, max_new_tokens=8,
+                             responses_per_prompt=2, batch_size=8, output_dir=str(tmp_path))
+    policy, gen = PolicyConfig(model=tiny32), GenerationConfig(backend="vllm")
+    assert builtin.cache_key(task, policy, gen) != builtin.cache_key(task, policy)
+    assert builtin.cache_key(task, policy, GenerationConfig()) == builtin.cache_key(task, policy)
+    paths = builtin.generate_builtin_task(task, policy, gen)
+    stats = json.loads(Path(paths["stats"]).read_text())
+    assert stats["engine"] == "vllm" and stats["prompts"] == 16
+    assert stats["pairs"] + sum(stats["pairs_dropped"].values()) == 16  # 2 candidates: one pair a prompt
+    assert builtin.cached_task(task, policy, gen) == paths and builtin.cached_task(task, policy) is None
 
 
 # ---------------------------------------------------------------- PPO with the engine

@@ -22,7 +22,7 @@ from pathlib import Path
 from rlhf_lightning import cache, judge
 from rlhf_lightning.data.text import clean_text
 from rlhf_lightning.task_prompts import all_prompts
-from rlhf_lightning.config import SOURCE_ROLES, BuiltinTaskConfig, PolicyConfig
+from rlhf_lightning.config import SOURCE_ROLES, BuiltinTaskConfig, GenerationConfig, PolicyConfig
 
 def split_prompts(task: BuiltinTaskConfig) -> tuple[list[str], list[str], list[str]]:
     """Three disjoint prompt sets: preference, RL, evaluation."""
@@ -41,7 +41,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.rename(path)
 
 
-def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
+def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig | None = None) -> str:
     """What the files depend on: the task settings and the policy that wrote the responses — not where
     they are stored (`output_dir`) nor how many tasks sampled them (`sampling_workers`): a relative and an
     absolute path share one cache, and so do runs fanned out differently."""
@@ -56,12 +56,14 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig) -> str:
     template = [policy.chat_template] if policy.chat_template else []
     # A 4-bit policy's responses come from its nf4 base (sample_shard): another key, only then.
     quantized = [policy.quantization] if policy.quantization != "none" else []
-    return hashlib.sha256(json.dumps([settings, policy.model, version, *template, *quantized], sort_keys=True
-                                     ).encode()).hexdigest()[:12]
+    # vLLM draws other texts from the same seeds than HF generate: another key, only then.
+    engine = [["vllm", generation.dtype]] if generation is not None and generation.backend == "vllm" else []
+    return hashlib.sha256(json.dumps([settings, policy.model, version, *template, *quantized, *engine],
+                                     sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig) -> Path:
-    return Path(task.output_dir) / f"builtin-{cache_key(task, policy)}"
+def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig | None = None) -> Path:
+    return Path(task.output_dir) / f"builtin-{cache_key(task, policy, generation)}"
 
 
 def _paths(out: Path) -> dict[str, str]:
@@ -70,10 +72,11 @@ def _paths(out: Path) -> dict[str, str]:
     return paths
 
 
-def cached_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str] | None:
+def cached_task(task: BuiltinTaskConfig, policy: PolicyConfig,
+                generation: GenerationConfig | None = None) -> dict[str, str] | None:
     """The paths of the task's files when they were written with these settings, here or (downloaded
     now) in the shared cache; None when they must be sampled."""
-    out = _task_dir(task, policy)
+    out = _task_dir(task, policy, generation)
     paths = _paths(out)
     if Path(paths["stats"]).exists():  # written last: its presence marks the files complete
         return paths
@@ -88,11 +91,13 @@ def cached_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str]
 Job = tuple[int, int]
 
 
-def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, shards: int = 1) -> dict[Job, list[str]]:
-    """Sample the jobs of shard `shard` of `shards` (every shards-th of the task's jobs).
+def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, shards: int = 1,
+                 generation: GenerationConfig | None = None) -> dict[Job, list[str]]:
+    """Sample the jobs of shard `shard` of `shards` (every shards-th of the task's jobs), with HF
+    `generate` or (`generation.backend: vllm`) a vLLM engine over the base.
 
-    Each batch is seeded by its own job, not by the order the jobs ran in, so the responses are the same
-    texts however many shards (Metaflow foreach workers) they are split into."""
+    Each batch is seeded by its own job (each row, with vLLM), not by the order the jobs ran in, so the
+    responses are the same texts however many shards (Metaflow foreach workers) they are split into."""
     from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches, sample_texts
     from rlhf_lightning.models.loading import load_base_causal_lm, policy_tokenizer, to_compute_device
 
@@ -107,6 +112,8 @@ def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, 
     jobs = [(k, first) for k in range(task.responses_per_prompt) for first in batches][shard::shards]
     if not jobs:
         return {}
+    if generation is not None and generation.backend == "vllm":
+        return _sample_with_vllm(task, policy, generation, tok, chats, batches, jobs)
     # Sample from the base as the policy loads it (nf4 under `quantization: 4bit`: the reference policy's
     # responses, and an 8B base in 5 GB instead of 32), on the GPU when there is one (thousands of responses).
     quantized = policy.quantization == "4bit"
@@ -125,13 +132,51 @@ def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, 
     return out
 
 
-def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Job, list[str]]) -> dict[str, str]:
+def _sample_with_vllm(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig, tok,
+                      chats: list[str], batches: dict[int, list[int]], jobs: list[Job]) -> dict[Job, list[str]]:
+    """`sample_shard`'s jobs through one vLLM engine: every job of a candidate index in one request list
+    (the engine batches them itself), each row seeded by (candidate, row). The engine holds the base
+    unquantised in its dtype, also under `quantization: 4bit`."""
+    from transformers import AutoConfig
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from rlhf_lightning.models.engines import VLLMEngine
+    from rlhf_lightning.models.loading import generation_stop_ids, resolve_model
+
+    base = resolve_model(policy.model)
+    try:
+        listed = HFGenerationConfig.from_pretrained(base)
+    except OSError:  # a model without generation_config.json: the tokenizer's eos alone
+        listed = None
+    stops = generation_stop_ids(listed, tok)
+    positions = int(getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", 4096) or 4096)
+    engine = VLLMEngine(base, generation, lora_rank=0, max_model_len=min(positions, 4096), seed=task.seed)
+    out: dict[Job, list[str]] = {}
+    try:
+        for k in range(task.responses_per_prompt):
+            mine = [(first, batches[first]) for kk, first in jobs if kk == k]
+            rows = [r for _, rs in mine for r in rs]
+            if not rows:
+                continue
+            seeds = [(task.seed * 1000 + k) * 1_000_003 + r for r in rows]
+            sampled = engine.sample(tok, [chats[r] for r in rows], max_new_tokens=task.max_new_tokens,
+                                    temperature=task.temperature, seed=seeds, stop_ids=stops, adapter=False)
+            texts = dict(zip(rows, sampled.texts))
+            out |= {(k, first): [texts[r] for r in rs] for first, rs in mine}
+            print(f"builtin candidates {k}: {len(rows)} responses from the vLLM engine", flush=True)
+    finally:
+        engine.close()
+    return out
+
+
+def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Job, list[str]],
+               generation: GenerationConfig | None = None) -> dict[str, str]:
     """Label the sampled responses (every job of the task, from any number of shards) with the simulated
     annotator, write the task's files, share them, and return their paths (as `generate_builtin_task`)."""
     from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches
     from rlhf_lightning.models.loading import policy_tokenizer
 
-    out = _task_dir(task, policy)
+    out = _task_dir(task, policy, generation)
     paths = _paths(out)
     pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
     tok = policy_tokenizer(policy)
@@ -176,14 +221,17 @@ def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Jo
         "mean_gold_score": sum(golds) / max(len(golds), 1),
         "config": asdict(task),
         "policy": policy.model,
+        "engine": generation.backend if generation is not None else "hf",
     }
     Path(paths["stats"]).write_text(json.dumps(stats, indent=2))  # last: its presence marks the files complete
     cache.publish(f"builtin/{out.name}", out)
     return paths
 
 
-def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig) -> dict[str, str]:
+def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig,
+                          generation: GenerationConfig | None = None) -> dict[str, str]:
     """Write the task's files (or reuse them when generated with the same settings) and return their
     paths: {"preferences", "prompts", "eval_prompts", "stats"}. Sampled here in one shard; the flow fans
     the sampling out over `data.builtin.sampling_workers` tasks (`sample_shard`, then `write_task`)."""
-    return cached_task(task, policy) or write_task(task, policy, sample_shard(task, policy))
+    return (cached_task(task, policy, generation)
+            or write_task(task, policy, sample_shard(task, policy, generation=generation), generation))

@@ -172,7 +172,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     """The tokens that end a response: the model's `generation_config.eos_token_id` (an int or a list:
     Gemma ends a turn with `<end_of_turn>` while its tokenizer's eos is `<eos>`; Llama 3 instruct lists
     `<|eot_id|>` and `<|end_of_text|>`; Qwen `<|im_end|>` and `<|endoftext|>`) and the tokenizer's eos."""
-    listed = model.generation_config.eos_token_id if model.generation_config is not None else None
+    return generation_stop_ids(model.generation_config, tokenizer)
+
+
+def generation_stop_ids(generation_config, tokenizer) -> list[int]:
+    """`stop_token_ids` from a `transformers.GenerationConfig` (or None) without the model."""
+    listed = generation_config.eos_token_id if generation_config is not None else None
     ids = set([listed] if isinstance(listed, int) else listed or [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
