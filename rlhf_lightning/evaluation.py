@@ -32,8 +32,8 @@ from rlhf_lightning import judge
 from rlhf_lightning.config import RLHFConfig
 from rlhf_lightning.gates import promotion_decision
 from rlhf_lightning.models.generation import length_sorted_batches, sample
-from rlhf_lightning.models.loading import (compute_device, load_policy, policy_tokenizer, stop_token_ids,
-                                           to_compute_device)
+from rlhf_lightning.models.loading import (compute_device, load_policy, policy_tokenizer, resolve_model,
+                                           stop_token_ids, to_compute_device)
 from rlhf_lightning.models.logprobs import ended_with_eos, sequence_logprobs
 from rlhf_lightning.models.losses import per_token_kl
 from rlhf_lightning.models.reward_model import RewardScorer
@@ -81,17 +81,35 @@ class Responses:
     seq_kl: list[float]  # KL(model || reference) of each response, on its own tokens (policy only)
 
 
+def engine_arm(engine, policy, name: str) -> bool:
+    """Point `engine` at model `name` (the policy's adapter, the champion's, or none for the reference);
+    whether the engine samples with an adapter."""
+    if name == "reference":
+        return False
+    engine.sync(policy, adapter_name="default" if name == "policy" else CHAMPION_ADAPTER)
+    return True
+
+
 @torch.no_grad()
 def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: int, temperature: float,
-             batch_size: int, seed: int, with_kl: bool = False) -> Responses:
+             batch_size: int, seed: int, with_kl: bool = False, engine=None) -> Responses:
     """Sample from model `name` in batches seeded by position, so every model sees the same random
-    stream; with `with_kl` also the sequence KL to the reference on the sampled tokens."""
+    stream; with `with_kl` also the sequence KL to the reference on the sampled tokens (always the
+    trainer's log-probs). `engine` (a VLLMEngine): it samples instead of HF `generate`."""
     n = len(chats)
     out = Responses([""] * n, [0] * n, [False] * n, [0.0] * n if with_kl else [])
+    with_adapter = engine_arm(engine, policy, name) if engine is not None else False
+    device = next(policy.parameters()).device
     for i, rows in length_sorted_batches(tokenizer, chats, batch_size):
         with active_model(policy, name):
-            s = sample(policy, tokenizer, [chats[r] for r in rows], max_new_tokens=max_new_tokens,
-                       temperature=temperature, seed=seed * 100_003 + i)
+            batch = [chats[r] for r in rows]
+            if engine is not None:
+                s = engine.sample(tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  seed=seed * 100_003 + i, stop_ids=stop_token_ids(policy, tokenizer),
+                                  adapter=with_adapter, device=device)
+            else:
+                s = sample(policy, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                           seed=seed * 100_003 + i)
             if with_kl:
                 inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
                 logp = sequence_logprobs(policy, *inputs, temperature=temperature)  # (b, R)
@@ -108,12 +126,13 @@ def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: 
 
 def compare(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int, temperature: float,
             batch_size: int, seed: int, gold: bool, champion: bool = False,
-            prefix: str = "eval/") -> tuple[dict[str, float], list[dict]]:
+            prefix: str = "eval/", engine=None) -> tuple[dict[str, float], list[dict]]:
     """Sample policy, reference (and champion) on `rows` (`prompt`, `prompt_chat`); return the metrics
-    and the paired samples. `gold`: score with the gold judge too."""
+    and the paired samples. `gold`: score with the gold judge too. `engine`: a VLLMEngine samples."""
     policy.eval()
     chats, prompts = [r["prompt_chat"] for r in rows], [r["prompt"] for r in rows]
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
+              engine=engine)
     arms = {"policy": generate(policy, tokenizer, chats, "policy", with_kl=True, **kw),
             "reference": generate(policy, tokenizer, chats, "reference", **kw)}
     if champion:
@@ -262,9 +281,20 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     gold = judge.has_gold_judge(cfg)
     prompts = eval_prompts[: ev.max_prompts] if ev.max_prompts else eval_prompts
     rows = [r for r in prompts for _ in range(ev.samples_per_prompt)]
-    metrics, samples = compare(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
-                               temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed, gold=gold,
-                               champion=champion is not None)
+    engine = None
+    if cfg.generation.backend == "vllm":
+        from rlhf_lightning.models.engines import VLLMEngine
+
+        positions = int(getattr(policy.config, "max_position_embeddings", 4096) or 4096)
+        engine = VLLMEngine(resolve_model(cfg.policy.model), cfg.generation, lora_rank=cfg.policy.lora.r,
+                            max_model_len=min(positions, 4096), seed=ev.seed)
+    try:
+        metrics, samples = compare(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
+                                   temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed, gold=gold,
+                                   champion=champion is not None, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     served: list[dict] = []
     check_rows = prompts[: ev.served_check_prompts] if cfg.policy.quantization == "4bit" else []
     evaluated = (generate(policy, tok, [r["prompt_chat"] for r in check_rows], "policy", **greedy_kwargs(cfg)).texts

@@ -27,7 +27,8 @@ class HeldoutMonitor(Callback):
             return
         metrics, _ = compare(pl_module.policy, pl_module.tokenizer, pl_module.scorer, self.rows,
                              max_new_tokens=self.ev.max_new_tokens, temperature=self.ev.temperature,
-                             batch_size=self.ev.batch_size, seed=self.ev.seed, gold=self.gold, prefix="heldout/")
+                             batch_size=self.ev.batch_size, seed=self.ev.seed, gold=self.gold, prefix="heldout/",
+                             engine=getattr(pl_module, "engine", None))
         pl_module.history[-1].update(metrics)
         # Straight to the loggers, at the iteration: `log_dict` from a callback keeps the values in
         # Lightning's step results, which then re-logs them, stale, at every later iteration.

@@ -223,34 +223,35 @@ class EngineWatch(Callback):
 
 @needs_vllm
 def test_ppo_with_the_engine_resumes_to_where_an_uninterrupted_run_ends(tmp_path, tiny32, reward_model_dir):
-    """4 iterations, a checkpoint every 2, rollouts from the engine. A run interrupted before iteration 4
-    (iteration 3 done, not checkpointed) and resumed from the checkpoint after 2 ends with the
-    uninterrupted run's adapter and history: the engine's per-row seeds do not depend on what it sampled
-    before. Every rollout sampled with a freshly handed-over adapter."""
+    """4 iterations, a checkpoint every 2, rollouts from the engine. Every rollout samples with a freshly
+    handed-over adapter, and after training the engine's greedy tokens from the trained adapter are HF's.
+    A run interrupted before iteration 4 (iteration 3 done, not checkpointed) and resumed from the
+    checkpoint after 2 ends with the uninterrupted run's adapter and history: the engine's per-row seeds
+    do not depend on what it sampled before."""
+    from rlhf_lightning.checkpoints import checkpointing
+    from rlhf_lightning.models.ppo import train_ppo
     from test_ppo import prompt_rows
 
     cfg = vllm_cfg(tiny32)
-    tok = loading.load_tokenizer(tiny32)
-    rows = prompt_rows(tok)
+    rows = prompt_rows(loading.load_tokenizer(tiny32))
     watch = EngineWatch([r["prompt_chat"] for r in rows])
-    from rlhf_lightning.models.ppo import train_ppo
-
-    straight = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "watched"), callbacks=[watch])
+    callback, _ = checkpointing(CheckpointPlan(save_to=str(tmp_path / "straight" / "store")),
+                                local_dir=tmp_path / "straight" / "local", every_n_batches=2, keep_last=2,
+                                fingerprint="ppo")
+    straight = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "straight"), callbacks=[callback, watch])
     assert watch.ids == [1, 2, 3, 4]  # a new adapter id at every rollout
     got, want = watch.greedy
     assert torch.equal(got, want)  # the trained adapter: the engine's greedy tokens are HF's
-    moved = [k for k, v in _adapter(straight).items() if "lora_B" in k and v.abs().sum() > 0]
-    assert moved  # PPO trained the adapter the engine sampled with
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in _adapter(straight).items())
 
-    first, _ = _ppo_run(cfg, rows, reward_model_dir, tmp_path / "straight")
     plan = CheckpointPlan(save_to=str(tmp_path / "store"), resume_from=[str(tmp_path / "store")])
     with pytest.raises(Interrupted):
         _ppo_run(cfg, rows, reward_model_dir, tmp_path / "first", plan, stop_at=3)
     resumed_result, resumed = _ppo_run(cfg, rows, reward_model_dir, tmp_path / "second", plan)
     assert resumed is not None and resumed.batches == 2
-    for a, b in zip(first.history, resumed_result.history):
+    for a, b in zip(straight.history, resumed_result.history):
         assert a == pytest.approx(b, abs=1e-6)
-    want_w, got_w = _adapter(first), _adapter(resumed_result)
+    want_w, got_w = _adapter(straight), _adapter(resumed_result)
     for name in want_w:
         torch.testing.assert_close(got_w[name], want_w[name], rtol=0, atol=1e-6, msg=name)
 
@@ -272,3 +273,31 @@ def test_the_default_policy_trained_with_the_engine_answers_greedily_as_hf(tmp_p
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in _adapter(result).items())
     got, want = watch.greedy
     assert torch.equal(got, want)
+
+
+@needs_vllm
+def test_the_evaluation_samples_every_arm_through_the_engine(tmp_path, tiny32, reward_model_dir):
+    """Policy, reference and champion (another adapter) sampled by the engine at temperature 1e-6, which
+    vLLM decodes greedily (below its 1e-5) and HF's sampler all but so: each arm answers as HF's greedy
+    decoding of that model does, so each arm is the model it names. (At 1e-3 the tiny random model's
+    near-tied logits already let a few tokens be drawn otherwise.)"""
+    from rlhf_lightning import evaluation
+
+    tok = loading.load_tokenizer(tiny32)
+    policy, champion = randomised_policy(tiny32, 0.5, 3), randomised_policy(tiny32, 0.5, 4)
+    policy.save_pretrained(tmp_path / "policy")
+    champion.save_pretrained(tmp_path / "champion")
+    rows = [{"prompt": p, "prompt_chat": chat_prompt(tok, p)} for p in PROMPTS]
+    cfg = from_dict({"policy": {"model": tiny32}, "generation": {"backend": "vllm"},
+                     "evaluation": {"max_new_tokens": 10, "samples_per_prompt": 1, "batch_size": 4,
+                                    "temperature": 1e-6}})
+    result = evaluation.evaluate(cfg, rows, str(tmp_path / "policy"), reward_model_dir,
+                                 champion=(str(tmp_path / "champion"), "v1"))
+    chats = [r["prompt_chat"] for r in rows]
+    want = {"policy": greedy_hf(policy, tok, chats, 10).texts, "champion": greedy_hf(champion, tok, chats, 10).texts}
+    with policy.disable_adapter():
+        want["reference"] = greedy_hf(policy, tok, chats, 10).texts
+    for arm, texts in want.items():
+        assert [s[arm] for s in result.samples] == texts, arm
+    assert want["policy"] != want["champion"] != want["reference"]
+    assert "eval/kl" in result.metrics and "eval/champion_rm_win_rate" in result.metrics

@@ -87,17 +87,23 @@ class VLLMEngine:
         # lora_rank 0: the base alone (the built-in task samples it), without vLLM's adapter machinery.
         lora = (dict(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(lora_rank, gen.max_lora_rank))
                 if lora_rank else {})
+        # No chunked prefill: a prompt split over two engine steps has the token sampled after its first
+        # part thrown away, and vLLM then rewinds the request's seeded generator, which only CUDA
+        # generators can do ("CPU Generator does not use offset" killed the engine at a few hundred seeded
+        # requests). Whole prompts per step need a step budget of at least one whole sequence.
         self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=gen.enforce_eager, gpu_memory_utilization=gen.gpu_memory_utilization,
-                       enable_sleep_mode=self.sleeps, **lora)
+                       enable_sleep_mode=self.sleeps, enable_chunked_prefill=False,
+                       max_num_batched_tokens=max(max_model_len, 8192), **lora)
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
         self.lora = None  # the LoRARequest rollouts sample with
         self.syncs = 0
         self.asleep = False
 
     # -- the adapter -----------------------------------------------------------------------------------
-    def sync(self, policy) -> int:
-        """Hand the policy's (a PeftModel's) current adapter to the engine, under a new id; returns it."""
+    def sync(self, policy, adapter_name: str | None = None) -> int:
+        """Hand the policy's (a PeftModel's) current adapter (`adapter_name`, default the active one) to
+        the engine, under a new id; returns the id."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
@@ -106,9 +112,11 @@ class VLLMEngine:
         path = self.adapter_root / f"v{self.syncs}"
         path.mkdir()
         dtype = getattr(torch, self.dtype)
-        weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(policy).items()}
+        name = adapter_name or policy.active_adapter
+        weights = {k: v.detach().to("cpu", dtype).contiguous()
+                   for k, v in get_peft_model_state_dict(policy, adapter_name=name).items()}
         save_file(weights, str(path / "adapter_model.safetensors"))
-        policy.peft_config[policy.active_adapter].save_pretrained(str(path))  # adapter_config.json
+        policy.peft_config[name].save_pretrained(str(path))  # adapter_config.json
         previous, self.lora = self.lora, LoRARequest(f"policy-v{self.syncs}", self.syncs, str(path))
         self.wake()
         self.llm.llm_engine.add_lora(self.lora)
@@ -133,6 +141,8 @@ class VLLMEngine:
             raise RuntimeError("VLLMEngine.generate: no adapter handed over yet (call sync first)")
         seeds = seed if isinstance(seed, list) else [0 if seed is None else seed + i for i in range(len(prompt_ids))]
         self.wake()
+        # Below 1e-5 vLLM means greedy, but its CPU build then drew seeded tokens at random: say 0 outright.
+        temperature = 0.0 if temperature < 1e-5 else temperature
         # top_k 0 / top_p 1: the whole softmax(logits / T), as HF's sampler draws; no stop strings, only
         # the stop tokens, and no detokenising: the trainer decodes the ids itself.
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
