@@ -618,7 +618,8 @@ class GenerationConfig:
     """hf or vllm."""
     dtype: str = "auto"
     """vLLM's weights and adapter dtype: auto = bfloat16 on a GPU (float16 before compute capability
-    8.0), float32 on a CPU (greedy tokens then equal HF's); or bfloat16, float16, float32."""
+    8.0) and on a CPU that computes in bf16 natively (AMX, AVX512-BF16), else float32; or bfloat16,
+    float16, float32 (on a CPU the engine's greedy tokens then equal HF's fp32 ones exactly)."""
     gpu_memory_utilization: float = 0.3
     """Share of the GPU's memory the engine may take (weights + KV cache), leaving the rest to training
     on the same GPU."""
@@ -630,6 +631,10 @@ class GenerationConfig:
     sleep_during_update: bool = True
     """On a GPU, release the engine's memory while PPO updates the policy (vLLM's sleep mode) and take it
     back for the next rollout. vLLM has no sleep mode on a CPU: ignored there."""
+    adapter_sync: Literal["auto", "lora", "merge"] = "auto"
+    """How the engine gets the adapter: `lora` hands it over as an adapter (vLLM's LoRA kernels); `merge`
+    merges it into the engine's copy of the base weights at every hand-over (no adapter kernels: on a
+    CPU they made generation 5x slower). auto = lora on a GPU, merge on a CPU."""
     max_lora_rank: int = 0
     """The engine's largest adapter rank; 0 = the policy's `lora.r` rounded up to one of vLLM's sizes
     (8, 16, 32, 64, 128, 256, 320, 512)."""
@@ -641,6 +646,8 @@ class GenerationConfig:
         _check(0.0 < self.gpu_memory_utilization < 1.0, "generation.gpu_memory_utilization", "must lie in (0, 1)")
         _check(self.cpu_kv_cache_gib >= 1, "generation.cpu_kv_cache_gib", "must be a whole number of GiB, >= 1")
         _check(self.max_lora_rank >= 0, "generation.max_lora_rank", "must be >= 0 (0 = from policy.lora.r)")
+        _check(self.adapter_sync in ("auto", "lora", "merge"), "generation.adapter_sync",
+               f"got {self.adapter_sync!r}; use auto, lora or merge")
 
 
 @dataclass

