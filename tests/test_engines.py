@@ -87,8 +87,18 @@ def engines_in_process():
     """The engines of this module run in the test process (5 s to start instead of 30 on 2 cores);
     test_engine_processes.py runs the default policy through engines in their own processes, as
     training does."""
-    with pytest.MonkeyPatch.context() as mp:
+    import contextlib
+    import sys
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as stack:
         mp.setenv("RLHF_VLLM_IN_PROCESS", "1")
+        if "flask" in sys.modules:
+            # An engine starting in this process rebinds kernels by scanning every loaded module's
+            # attributes; Flask's request/app proxies (imported by the MLflow server tests) raise
+            # RuntimeError on that outside a request context, so one is open while engines start here.
+            import flask
+
+            stack.enter_context(flask.Flask("rlhf-engine-tests").test_request_context())
         yield
 
 
