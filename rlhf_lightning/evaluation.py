@@ -285,9 +285,8 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     if cfg.generation.backend == "vllm":
         from rlhf_lightning.models.engines import VLLMEngine
 
-        positions = int(getattr(policy.config, "max_position_embeddings", 4096) or 4096)
         engine = VLLMEngine(resolve_model(cfg.policy.model), cfg.generation, lora_rank=cfg.policy.lora.r,
-                            max_model_len=min(positions, 4096), seed=ev.seed)
+                            seed=ev.seed)
     try:
         metrics, samples = compare(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
                                    temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed, gold=gold,

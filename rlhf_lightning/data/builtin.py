@@ -137,7 +137,6 @@ def _sample_with_vllm(task: BuiltinTaskConfig, policy: PolicyConfig, generation:
     """`sample_shard`'s jobs through one vLLM engine: every job of a candidate index in one request list
     (the engine batches them itself), each row seeded by (candidate, row). The engine holds the base
     unquantised in its dtype, also under `quantization: 4bit`."""
-    from transformers import AutoConfig
     from transformers import GenerationConfig as HFGenerationConfig
 
     from rlhf_lightning.models.engines import VLLMEngine
@@ -149,8 +148,7 @@ def _sample_with_vllm(task: BuiltinTaskConfig, policy: PolicyConfig, generation:
     except OSError:  # a model without generation_config.json: the tokenizer's eos alone
         listed = None
     stops = generation_stop_ids(listed, tok)
-    positions = int(getattr(AutoConfig.from_pretrained(base), "max_position_embeddings", 4096) or 4096)
-    engine = VLLMEngine(base, generation, lora_rank=0, max_model_len=min(positions, 4096), seed=task.seed)
+    engine = VLLMEngine(base, generation, lora_rank=0, seed=task.seed)
     out: dict[Job, list[str]] = {}
     try:
         for k in range(task.responses_per_prompt):

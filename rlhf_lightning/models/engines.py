@@ -195,7 +195,8 @@ class VLLMEngine:
     """A vLLM engine over the base in `base_dir`, sampling with the adapter last given to `sync` (engines
     started with `lora_rank` 0 sample the base alone)."""
 
-    def __init__(self, base_dir: str, gen: GenerationConfig, *, lora_rank: int, max_model_len: int, seed: int):
+    def __init__(self, base_dir: str, gen: GenerationConfig, *, lora_rank: int, seed: int,
+                 max_model_len: int | None = None):
         try:
             from vllm import LLM
         except ImportError as exc:
@@ -205,7 +206,10 @@ class VLLMEngine:
         from transformers import AutoConfig
 
         self.cuda = torch.cuda.is_available()
-        check_model(AutoConfig.from_pretrained(base_dir), self.cuda)
+        config = AutoConfig.from_pretrained(base_dir)
+        check_model(config, self.cuda)
+        if max_model_len is None:  # the model's positions, capped: the KV cache is sized for one such sequence
+            max_model_len = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 4096)
         self.dtype = engine_dtype(gen.dtype, cuda=self.cuda)
         if not self.cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen.cpu_kv_cache_gib))

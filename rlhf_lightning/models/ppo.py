@@ -166,10 +166,8 @@ class PPOModule(L.LightningModule):
             # The base as published (the engine loads it in its own dtype, unquantised under 4-bit: the
             # rollouts then come from the full-precision base + adapter, the log-probs PPO trains on from
             # the nf4 one the trainer holds).
-            positions = int(getattr(self.policy.config, "max_position_embeddings", 4096) or 4096)
             self.engine = VLLMEngine(resolve_model(self.hparams.policy.model), self.generation,
-                                     lora_rank=self.hparams.policy.lora.r, max_model_len=min(positions, 4096),
-                                     seed=self.ppo.seed)
+                                     lora_rank=self.hparams.policy.lora.r, seed=self.ppo.seed)
 
     def on_fit_end(self) -> None:
         self.close_engine()
