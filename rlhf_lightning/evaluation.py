@@ -95,21 +95,26 @@ def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: 
              batch_size: int, seed: int, with_kl: bool = False, engine=None) -> Responses:
     """Sample from model `name` in batches seeded by position, so every model sees the same random
     stream; with `with_kl` also the sequence KL to the reference on the sampled tokens (always the
-    trainer's log-probs). `engine` (a VLLMEngine): it samples instead of HF `generate`."""
+    trainer's log-probs). `engine` (a VLLMEngine): it samples instead of HF `generate`, every prompt in
+    one call, row r seeded by itself, so every model still sees the same seeds."""
     n = len(chats)
     out = Responses([""] * n, [0] * n, [False] * n, [0.0] * n if with_kl else [])
-    with_adapter = engine_arm(engine, policy, name) if engine is not None else False
     device = next(policy.parameters()).device
-    for i, rows in length_sorted_batches(tokenizer, chats, batch_size):
+    stops = stop_token_ids(policy, tokenizer)
+    batches = length_sorted_batches(tokenizer, chats, batch_size)
+    if engine is not None:  # every prompt in one request list, each row seeded by its position
+        with_adapter = engine_arm(engine, policy, name)
+        engine_batches = engine.sample_batches(tokenizer, chats, [rows for _, rows in batches],
+                                               max_new_tokens=max_new_tokens, temperature=temperature,
+                                               seed=[seed * 100_003 + r for r in range(n)], stop_ids=stops,
+                                               adapter=with_adapter, device=device)
+    for k, (i, rows) in enumerate(batches):
         with active_model(policy, name):
-            batch = [chats[r] for r in rows]
             if engine is not None:
-                s = engine.sample(tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  seed=seed * 100_003 + i, stop_ids=stop_token_ids(policy, tokenizer),
-                                  adapter=with_adapter, device=device)
+                s = engine_batches[k]
             else:
-                s = sample(policy, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                           seed=seed * 100_003 + i)
+                s = sample(policy, tokenizer, [chats[r] for r in rows], max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed * 100_003 + i)
             if with_kl:
                 inputs = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
                 logp = sequence_logprobs(policy, *inputs, temperature=temperature)  # (b, R)
@@ -119,7 +124,7 @@ def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: 
             for r, kl in zip(rows, (per_token_kl(logp, ref_logp) * s.response_mask).sum(-1).tolist()):  # (b,)
                 out.seq_kl[r] = kl
         for r, text, length, ended in zip(rows, s.texts, s.response_mask.sum(-1).tolist(),
-                                          ended_with_eos(s, stop_token_ids(policy, tokenizer)).tolist()):
+                                          ended_with_eos(s, stops).tolist()):
             out.texts[r], out.lengths[r], out.ended[r] = text, length, ended
     return out
 
