@@ -140,7 +140,7 @@ def main() -> int:
                     print(f"  round {r + 1} {engine:5s} n={n}: {res['tok_per_s']} tok/s ({res['tokens']} tokens in "
                           f"{res['wall_s']} s; engine start {res['start_s']} s)", flush=True)
         key = "responses_per_s" if args.workload == "builtin" else "tok_per_s"
-        med = {e: statistics.median(x[key] for x in results[(e, n)]) for e in engines}
+        med = {e: round(statistics.median(x[key] for x in results[(e, n)]), 2) for e in engines}
         ratio = f" vllm/hf={med['vllm'] / med['hf']:.2f}" if {"hf", "vllm"} <= set(med) else ""
         print(f"SUMMARY engines workload={args.workload} prompts={n} "
               + " ".join(f"{e}_{key}={v}" for e, v in med.items()) + ratio, flush=True)

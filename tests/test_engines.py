@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import Callback
 
 from rlhf_lightning.config import GenerationConfig, PolicyConfig, from_dict
 from rlhf_lightning.models import loading
-from rlhf_lightning.models.engines import EngineError, VLLMEngine, check_model, engine_dtype, max_lora_rank
+from rlhf_lightning.models.engines import (EngineError, VLLMEngine, check_model, cpu_binding, engine_dtype,
+                                           max_lora_rank)
 from rlhf_lightning.models.generation import chat_prompt, sample
 
 from rlhf_lightning.checkpoints import CheckpointPlan
@@ -43,6 +44,12 @@ def test_dtype_and_rank_rules():
         max_lora_rank(8, 12)
     with pytest.raises(EngineError, match="lower policy.lora.r"):
         max_lora_rank(1024)
+
+
+def test_the_cpu_worker_computes_on_every_core_unless_the_user_chose_its_cores():
+    assert cpu_binding({}, {1, 0}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_binding({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, {3}) == {"VLLM_CPU_OMP_THREADS_BIND": "3"}
+    assert cpu_binding({"VLLM_CPU_OMP_THREADS_BIND": "0"}, {0, 1}) == {}
 
 
 def test_a_model_whose_heads_the_cpu_kernels_lack_is_refused_before_the_engine_starts():
