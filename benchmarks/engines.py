@@ -107,7 +107,7 @@ def main() -> int:
     ap.add_argument("--prompts", default="64,4096", help="prompt counts, comma-separated")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="auto", help="vLLM's generation.dtype (auto: float32 on a CPU)")
+    ap.add_argument("--dtype", default="auto", help="vLLM's generation.dtype (auto: bf16 on a CPU with native bf16, else float32)")
     ap.add_argument("--model", default="", help="policy.model (default: the default run's)")
     ap.add_argument("--workload", choices=["tokens", "builtin"], default="tokens")
     ap.add_argument("--run", help=argparse.SUPPRESS)
