@@ -20,7 +20,7 @@ from rlhf_lightning.chat import PLAIN_TEMPLATE, render
 from rlhf_lightning.config import PolicyConfig, from_dict
 from rlhf_lightning.data.preprocess import preprocess
 from rlhf_lightning.models.generation import sample
-from rlhf_lightning.models.loading import load_policy, policy_tokenizer, stop_token_ids
+from rlhf_lightning.models.loading import load_policy, policy_tokenizer, stop_token_ids, stop_token_ids_from_files
 from rlhf_lightning.models.logprobs import ended_with_eos
 from rlhf_lightning.models.ppo import train_ppo
 from rlhf_lightning.models.reward_model import RewardScorer, train_reward_model
@@ -132,6 +132,7 @@ def test_sampling_masks_and_the_served_model_stop_at_the_family_end_of_turn(name
     tok = policy_tokenizer(policy)
     eot = tok.convert_tokens_to_ids(family.end_of_turn)
     assert eot in stop_token_ids(model, tok)
+    assert stop_token_ids_from_files(zero, tok) == stop_token_ids(model, tok)  # what a vLLM engine stops on
     chats = [render(tok, SYSTEM_CHAT), render(tok, [{"role": "user", "content": PROMPTS[0]}])]
     sampled = sample(model, tok, chats, max_new_tokens=6, temperature=0.0)
     assert sampled.response_ids.tolist() == [[eot], [eot]] and sampled.response_mask.tolist() == [[1], [1]]

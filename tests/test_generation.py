@@ -57,6 +57,25 @@ def _always(model, token: int) -> None:
     model.set_output_embeddings(head)
 
 
+def test_end_tokens_read_from_the_files_are_the_loaded_models_even_without_a_generation_config(tmp_path):
+    """A vLLM engine's stop tokens come from the model's files (its weights are never loaded in the
+    step): with no generation_config.json they are the ones transformers derives from config.json."""
+    import json
+    import shutil
+
+    from rlhf_lightning.models.loading import resolve_model, stop_token_ids, stop_token_ids_from_files
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(resolve_model("tiny:llama"), model_dir)
+    tok = load_tokenizer(str(model_dir))
+    (model_dir / "generation_config.json").unlink()
+    config = json.loads((model_dir / "config.json").read_text())
+    config["eos_token_id"] = [tok.eos_token_id, 7]  # as Llama 3 lists its end tokens in config.json
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model = load_base_causal_lm(PolicyConfig(model=str(model_dir)))
+    assert stop_token_ids_from_files(str(model_dir), tok) == stop_token_ids(model, tok) == sorted({tok.eos_token_id, 7})
+
+
 def test_every_stop_token_of_the_model_ends_a_response():
     """Models list several end tokens in generation_config (Gemma's <end_of_turn> beside the tokenizer's
     <eos>, Llama 3's <|eot_id|>): sampling, the response mask and the EOS statistic stop at any of them."""

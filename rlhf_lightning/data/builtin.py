@@ -137,17 +137,11 @@ def _sample_with_vllm(task: BuiltinTaskConfig, policy: PolicyConfig, generation:
     """`sample_shard`'s jobs through one vLLM engine: every job of a candidate index in one request list
     (the engine batches them itself), each row seeded by (candidate, row). The engine holds the base
     unquantised in its dtype, also under `quantization: 4bit`."""
-    from transformers import GenerationConfig as HFGenerationConfig
-
     from rlhf_lightning.models.engines import VLLMEngine
-    from rlhf_lightning.models.loading import generation_stop_ids, resolve_model
+    from rlhf_lightning.models.loading import resolve_model, stop_token_ids_from_files
 
     base = resolve_model(policy.model)
-    try:
-        listed = HFGenerationConfig.from_pretrained(base)
-    except OSError:  # a model without generation_config.json: the tokenizer's eos alone
-        listed = None
-    stops = generation_stop_ids(listed, tok)
+    stops = stop_token_ids_from_files(base, tok)
     engine = VLLMEngine(base, generation, lora_rank=0, seed=task.seed)
     out: dict[Job, list[str]] = {}
     try:

@@ -21,6 +21,8 @@ imports it until an engine starts.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -196,6 +198,58 @@ class MergedAdapterLoader:
         return len(rebuild)
 
 
+class OneWeightDtypeWarning(logging.Filter):
+    """Keeps the first of vLLM's "Attempted to load weight ... with dtype" warnings and drops the rest.
+    vLLM warns once per tensor when a checkpoint's dtype is not the engine's: for the default policy
+    (fp32 files, a bf16 engine: a choice, not a fault) that was 122 lines in every step's log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Attempted to load weight"):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def logging_config(path: Path) -> dict[str, str]:
+    """Write vLLM's own logging config, plus `OneWeightDtypeWarning` on its handler, to `path`; the
+    environment that makes the engine's processes use it ({} where the user configures vLLM's logging).
+    This process's vLLM logger gets the filter directly: it configured itself when vLLM was imported."""
+    import copy
+    import json
+
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
+        return {}
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    config.setdefault("filters", {})["rlhf_weights"] = {"()": f"{__name__}.OneWeightDtypeWarning"}
+    config["handlers"]["vllm"].setdefault("filters", []).append("rlhf_weights")
+    path.write_text(json.dumps(config))
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, OneWeightDtypeWarning) for f in handler.filters):
+            handler.addFilter(OneWeightDtypeWarning())
+    return {"VLLM_LOGGING_CONFIG_PATH": str(path)}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """`values` set in os.environ for the block (the engine's processes start inside it), then put back."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _executor() -> dict:
     """`RLHF_VLLM_IN_PROCESS=1` (the test suite): the engine and its worker in this process instead of two
     processes of their own, which each take ~12 s to import vLLM on a 2-core CPU. Not for training: the
@@ -243,11 +297,17 @@ class VLLMEngine:
         # part thrown away, and vLLM then rewinds the request's seeded generator, which only CUDA
         # generators can do ("CPU Generator does not use offset" killed the engine at a few hundred seeded
         # requests). Whole prompts per step need a step budget of at least one whole sequence.
-        self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed, max_model_len=max_model_len,
-                       enforce_eager=gen.enforce_eager, gpu_memory_utilization=gen.gpu_memory_utilization,
-                       enable_sleep_mode=self.sleeps, enable_chunked_prefill=False,
-                       max_num_batched_tokens=max(max_model_len, 8192), **lora, **_executor())
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
+        with environment(logging_config(self.adapter_root / "vllm-logging.json")):
+            try:
+                self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed,
+                               max_model_len=max_model_len, enforce_eager=gen.enforce_eager,
+                               gpu_memory_utilization=gen.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
+                               enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
+                               **lora, **_executor())
+            except BaseException:
+                shutil.rmtree(self.adapter_root, ignore_errors=True)
+                raise
         self.lora = None  # the LoRARequest rollouts sample with (merge mode: _Merged, its files)
         self.merged = False  # merge mode: the engine's weights hold the last adapter (not the base)
         self.syncs = 0

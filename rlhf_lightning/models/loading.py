@@ -175,6 +175,19 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return generation_stop_ids(model.generation_config, tokenizer)
 
 
+def stop_token_ids_from_files(model_dir: str, tokenizer) -> list[int]:
+    """`stop_token_ids` of the model in `model_dir` without loading its weights (a vLLM engine holds
+    them): its generation_config.json, else the generation config transformers derives from its
+    config.json when it loads the model, so both read the same end tokens."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json
+        listed = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
+    return generation_stop_ids(listed, tokenizer)
+
+
 def generation_stop_ids(generation_config, tokenizer) -> list[int]:
     """`stop_token_ids` from a `transformers.GenerationConfig` (or None) without the model."""
     listed = generation_config.eos_token_id if generation_config is not None else None
