@@ -282,7 +282,6 @@ class VLLMEngine:
         self.dtype = engine_dtype(gen.dtype, cuda=self.cuda)
         if not self.cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen.cpu_kv_cache_gib))
-            os.environ.update(cpu_binding(os.environ, os.sched_getaffinity(0)))
         self.sleeps = self.cuda and gen.sleep_during_update
         self._threads = torch.get_num_threads()  # an in-process engine lowers them (RLHF_VLLM_IN_PROCESS)
         # lora_rank 0: the base alone (the built-in task samples it), without vLLM's adapter machinery.
@@ -298,7 +297,11 @@ class VLLMEngine:
         # generators can do ("CPU Generator does not use offset" killed the engine at a few hundred seeded
         # requests). Whole prompts per step need a step budget of at least one whole sequence.
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
-        with environment(logging_config(self.adapter_root / "vllm-logging.json")):
+        # The engine's processes read these settings as they start; this process's environment goes back.
+        settings = logging_config(self.adapter_root / "vllm-logging.json")
+        if not self.cuda:
+            settings |= cpu_binding(os.environ, os.sched_getaffinity(0))
+        with environment(settings):
             try:
                 self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed,
                                max_model_len=max_model_len, enforce_eager=gen.enforce_eager,
