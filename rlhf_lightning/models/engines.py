@@ -280,8 +280,6 @@ class VLLMEngine:
         if max_model_len is None:  # the model's positions, capped: the KV cache is sized for one such sequence
             max_model_len = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 4096)
         self.dtype = engine_dtype(gen.dtype, cuda=self.cuda)
-        if not self.cuda:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen.cpu_kv_cache_gib))
         self.sleeps = self.cuda and gen.sleep_during_update
         self._threads = torch.get_num_threads()  # an in-process engine lowers them (RLHF_VLLM_IN_PROCESS)
         # lora_rank 0: the base alone (the built-in task samples it), without vLLM's adapter machinery.
@@ -301,6 +299,8 @@ class VLLMEngine:
         settings = logging_config(self.adapter_root / "vllm-logging.json")
         if not self.cuda:
             settings |= cpu_binding(os.environ, os.sched_getaffinity(0))
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # the user's own size wins
+                settings["VLLM_CPU_KVCACHE_SPACE"] = str(gen.cpu_kv_cache_gib)
         with environment(settings):
             try:
                 self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed,
