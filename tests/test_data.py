@@ -24,6 +24,7 @@ from rlhf_lightning.data.preprocess import (
     preprocess,
     split_by_prompt,
 )
+from rlhf_lightning.data.text import is_blank
 from rlhf_lightning.data.validate import DataValidationError, validate
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -165,6 +166,57 @@ def test_clean_text_reports_each_reason():
     assert clean_text("  cafe\u0301 \r\nok\x00  go\tnow\n    indented ") == ("café \nok go\tnow\n    indented",
         ["unicode_nfc", "line_endings", "control_chars", "spaces", "ends"])
     assert clean_text("already clean") == ("already clean", [])
+
+
+INVISIBLE = "\u200b\u200d\ufeff\u00ad"  # zero-width space and joiner, byte-order mark, soft hyphen
+
+
+@pytest.mark.parametrize("text, blank", [
+    ("", True),
+    (" \t\n\u00a0\u3000", True),  # ordinary and no-break whitespace
+    ("\u200b", True), ("\u200c", True), ("\u200d", True), ("\u2060", True), ("\ufeff", True),
+    ("\u00ad", True), ("\x00", True), ("\x07", True), ("\u2028\u2029", True),  # Zl, Zp
+    ("\u200e\u202e", True),  # other format characters (bidi marks)
+    (" \u200b \ufeff\n", True), ("\t\u00ad  \x07", True),  # mixed with spaces
+    (INVISIBLE + "\u200c\u2060\x00\x07 \n\u200e", True),  # every class at once
+    ("a", False), (INVISIBLE + "a" + INVISIBLE, False),
+    ("\U0001F468\u200d\U0001F469\u200d\U0001F467", False),  # a family emoji joined by ZWJs
+    ("\u200d\U0001F44D\u200b", False),  # one emoji among invisibles
+    ("co\u00adoperate", False),  # a soft hyphen inside a word
+    ("\u0301", False),  # a lone combining mark draws something
+])
+def test_is_blank_means_no_visible_character(text, blank):
+    assert is_blank(text) is blank
+
+
+def test_invisible_only_text_is_an_empty_text_at_its_line(tmp_path):
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(6)]
+    rows[3]["chosen"] = INVISIBLE
+    rows[4]["prompt"] = "\x00\x07 \u2060"  # controls go in cleaning, the word joiner stays
+    rows[5]["rejected"] = "co\u00adoperate \U0001F468\u200d\U0001F469"  # visible: kept as it is
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = tiny_cfg(preferences=[str(path)], prompts=[str(FIXTURES / "prompts.jsonl")])
+    report = validate(preprocess(cfg, str(tmp_path / "out")), cfg)
+    empty = [(i.location, i.field, i.message) for i in report.errors if i.kind == "empty_text"]
+    assert empty == [
+        (f"{path}:4", "chosen", "empty or whitespace-only text: only invisible characters (U+200B, U+200D, U+FEFF, "
+                                "U+00AD) (write the text or remove the record)"),
+        (f"{path}:5", "prompt", "empty or whitespace-only text: only invisible characters (U+2060) (write the "
+                                "text or remove the record)"),
+    ]
+    assert not [i for i in report.errors if i.kind == "tie"]
+    with pytest.raises(DataValidationError, match=re.escape(f"{path}:4: chosen: empty or whitespace-only text")):
+        report.raise_if_errors("report.json")
+
+    # Dropped instead, they are counted as empty texts; the visible text with a ZWJ and a soft hyphen stays.
+    data = preprocess(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, drop_invalid_rows=True)),
+                      str(tmp_path / "dropped"))
+    c = data.counts
+    assert c["preferences.dropped.empty_text"] == 2 and c["preferences.kept"] == 4
+    assert c["preferences.read"] == c["preferences.kept"] + sum(v for k, v in c.items()
+                                                                 if k.startswith("preferences.dropped."))
+    assert "co\u00adoperate \U0001F468\u200d\U0001F469" in {r["rejected"] for r in data.pref_train + data.pref_eval}
 
 
 def test_prompts_keep_their_end_and_responses_their_start():

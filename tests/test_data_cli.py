@@ -62,3 +62,23 @@ def test_validate_command_exit_codes_and_report(tmp_path):
     bad_cfg = run("--config", str(tmp_path / "nope.yaml"), "--preferences", str(good), "--prompts", str(prompts),
                   cwd=tmp_path)
     assert bad_cfg.returncode == 2 and "file not found" in bad_cfg.stderr and "Traceback" not in bad_cfg.stderr
+
+
+def test_validate_command_reports_an_invisible_only_response_as_empty(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text('policy: {model: "tiny:llama"}\n')
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(6)]
+    rows[2]["chosen"] = "\u200b\u200d\ufeff\u00ad"  # zero-width space and joiner, byte-order mark, soft hyphen
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Other question {i}?"}) + "\n" for i in range(4)))
+
+    bad = run("--config", str(cfg), "--preferences", str(prefs), "--prompts", str(prompts), "--report",
+              str(tmp_path / "bad.json"), cwd=tmp_path)
+    assert bad.returncode == 1 and "Traceback" not in bad.stdout + bad.stderr
+    assert "data INVALID" in bad.stdout
+    assert (f"{prefs}:3: chosen: empty or whitespace-only text: only invisible characters (U+200B, U+200D, U+FEFF, "
+            "U+00AD) (write the text or remove the record)") in bad.stdout
+    errors = json.loads((tmp_path / "bad.json").read_text())["errors"]
+    assert [(e["location"], e["field"], e["kind"]) for e in errors] == [(f"{prefs}:3", "chosen", "empty_text")]

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_lightning import cache, judge
-from rlhf_lightning.data.text import clean_text
+from rlhf_lightning.data.text import clean_text, is_blank
 from rlhf_lightning.task_prompts import all_prompts
 from rlhf_lightning.config import SOURCE_ROLES, BuiltinTaskConfig, GenerationConfig, PolicyConfig
 
@@ -43,8 +43,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig | None = None) -> str:
     """What the files depend on: the task settings and the policy that wrote the responses — not where
-    they are stored (`output_dir`) nor how many tasks sampled them (`sampling_workers`): a relative and an
-    absolute path share one cache, and so do runs fanned out differently."""
+    they are stored (`output_dir`), nor, with HF `generate`, how many tasks sampled them
+    (`sampling_workers`): a relative and an absolute path share one cache, and so do runs fanned out
+    differently. With vLLM the fan-out is part of the key (below)."""
     settings = {k: v for k, v in asdict(task).items() if k not in ("output_dir", "sampling_workers")}
     if settings["responses_per_prompt"] == 2:  # files written before the option existed are the same: keep their key
         del settings["responses_per_prompt"]
@@ -56,8 +57,12 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig, generation: Generat
     template = [policy.chat_template] if policy.chat_template else []
     # A 4-bit policy's responses come from its nf4 base (sample_shard): another key, only then.
     quantized = [policy.quantization] if policy.quantization != "none" else []
-    # vLLM draws other texts from the same seeds than HF generate: another key, only then.
-    engine = [["vllm", generation.dtype]] if generation is not None and generation.backend == "vllm" else []
+    # vLLM draws other texts from the same seeds than HF generate: another key, only then. And the fan-out:
+    # a shard's requests are batched together by the engine, and on a GPU its kernels are not
+    # batch-invariant (a row's logits move in the last bits with the rows beside it), so shards of another
+    # size may write other texts. (HF batches are fixed jobs, the same whatever the shard.)
+    engine = ([["vllm", generation.dtype, task.sampling_workers]]
+              if generation is not None and generation.backend == "vllm" else [])
     return hashlib.sha256(json.dumps([settings, policy.model, version, *template, *quantized, *engine],
                                      sort_keys=True).encode()).hexdigest()[:12]
 
@@ -97,7 +102,10 @@ def sample_shard(task: BuiltinTaskConfig, policy: PolicyConfig, shard: int = 0, 
     `generate` or (`generation.backend: vllm`) a vLLM engine over the base.
 
     Each batch is seeded by its own job (each row, with vLLM), not by the order the jobs ran in, so the
-    responses are the same texts however many shards (Metaflow foreach workers) they are split into."""
+    responses are the same texts however many shards (Metaflow foreach workers) they are split into:
+    with HF on any device, with vLLM on a CPU. vLLM on a GPU batches a shard's rows together with kernels
+    whose results depend in the last bits on the batch, so there the texts may differ with the fan-out
+    (which its cache key therefore names)."""
     from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches, sample_texts
     from rlhf_lightning.models.loading import load_base_causal_lm, policy_tokenizer, to_compute_device
 
@@ -192,9 +200,9 @@ def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Jo
             # A pair validation would reject is not written: a model that answers with its end token at
             # once (empty text) or twice the same text gives no preference. Counted in stats.json.
             # Judged on the cleaned texts, as validation judges them: a response of control characters
-            # only (a random tiny model writes such) is empty once cleaned.
+            # only (a random tiny model writes such) is empty once cleaned, one of zero-width characters blank.
             a, b = clean_text(texts[i])[0], clean_text(texts[j])[0]
-            if not a or not b:
+            if is_blank(a) or is_blank(b):
                 dropped["empty_response"] += 1
                 continue
             if a == b:

@@ -48,6 +48,7 @@ from typing import Any
 
 from rlhf_lightning.config import TIE, FieldMapping
 from rlhf_lightning.data.issues import Issue
+from rlhf_lightning.data.text import is_blank
 
 ROLES = ("system", "user", "assistant")
 VERTEX_AUTHORS = {"user": "user", "model": "assistant"}
@@ -192,7 +193,7 @@ def _prompt_value(record: dict, name: str, loc: str, problems: list[Issue], role
             problems.append(Issue(loc, name, f"expected an HH transcript (a string), got {_short(value)}", "wrong_type"))
             return None
         turns = hh_turns(value)
-        if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        if turns and turns[-1]["role"] == "assistant" and is_blank(turns[-1]["content"]):
             turns = turns[:-1]  # "...\n\nAssistant:" invites the response: not a turn
         if not turns:
             problems.append(Issue(loc, name, "an empty transcript (expected '\\n\\nHuman: ...' turns)", "empty_text"))
@@ -217,7 +218,7 @@ def _with_system(messages: list[dict] | None, record: dict, key: str, loc: str, 
     if not isinstance(value, str):
         problems.append(Issue(loc, key, f"expected a string, got {_short(value)} (the system message)", "wrong_type"))
         return None
-    if not value.strip():
+    if is_blank(value):  # zero-width or format characters only: no more a system message than spaces
         return messages
     if messages[0]["role"] == "system":
         problems.append(Issue(loc, key, "the prompt already starts with a system message (keep one: clear "
@@ -390,7 +391,7 @@ def _vertex_prompt_messages(record: dict, loc: str, problems: list[Issue], chang
         problems.append(Issue(loc, "context", f"expected a string, got {_short(context)}", "wrong_type"))
     if len(problems) > n or messages is None:
         return None
-    return ([{"role": "system", "content": context}] if context and context.strip() else []) + messages
+    return ([{"role": "system", "content": context}] if context and not is_blank(context) else []) + messages
 
 
 def not_an_object(record: Any, loc: str) -> Issue:
@@ -483,7 +484,8 @@ def hh_turns(transcript: str) -> list[dict]:
     """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[{user, a}, {assistant, b}]`` (text before the first
     marker, if any, is not a turn and is returned as a leading user turn only when not blank)."""
     parts = _HH_TURN.split(transcript)
-    turns = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    # Blank includes invisible characters: a byte-order mark before the first marker is not a turn.
+    turns = [{"role": "user", "content": parts[0].strip()}] if not is_blank(parts[0]) else []
     for speaker, text in zip(parts[1::2], parts[2::2]):
         turns.append({"role": "user" if speaker == "Human" else "assistant", "content": text.strip()})
     return turns
@@ -514,7 +516,7 @@ def split_hh(chosen: str, rejected: str, loc: str, problems: list[Issue]) -> tup
                                              "Assistant turn in each, after the same conversation)",
                                   "no_shared_prompt"))
             bad = True
-    if not head.strip():
+    if is_blank(head):  # judged as hh_turns judges it, so that the turns below are never empty
         problems.append(Issue(loc, "record", f"no Human turn before the last shared {HH_ASSISTANT.strip()!r} (each "
                                              "transcript needs the user's message before the response)",
                               "invalid_role"))

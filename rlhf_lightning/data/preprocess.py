@@ -48,7 +48,7 @@ from rlhf_lightning.data import formats
 from rlhf_lightning.data.issues import Issue
 from rlhf_lightning.data.layouts import ANSWER_REMOVED
 from rlhf_lightning.data.layouts import DROP_REASONS as LAYOUT_DROPS
-from rlhf_lightning.data.text import CLEAN_STEPS, clean_text
+from rlhf_lightning.data.text import CLEAN_STEPS, clean_text, invisible_chars, is_blank
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PREFERENCE_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -271,13 +271,17 @@ def _clean_rows(rows: list[dict], fields: tuple[str, ...], c: _Counts) -> list[d
 
 
 def row_problems(row: dict) -> list[Issue]:
-    """Errors of one cleaned row: empty or whitespace-only text, a tie (preference rows)."""
+    """Errors of one cleaned row: empty or whitespace-only text (invisible characters such as zero-width
+    spaces or byte-order marks count as whitespace: see :func:`~.text.is_blank`), a tie (preference rows)."""
     out = []
-    empty = "empty or whitespace-only text (write the text or remove the record)"
     for name in ("prompt", "chosen", "rejected"):
-        if name in row and not row[name].strip():
-            out.append(Issue(row["source"], name, empty, "empty_text"))
-    if "chosen" in row and row["chosen"] == row["rejected"] and row["chosen"].strip():
+        if name in row and is_blank(row[name]):
+            # The characters are named: in an editor such a text looks written, or looks like nothing at all.
+            hidden = invisible_chars(row[name])
+            what = f": only invisible characters ({', '.join(hidden)})" if hidden else ""
+            out.append(Issue(row["source"], name, f"empty or whitespace-only text{what} (write the text or remove "
+                                                  "the record)", "empty_text"))
+    if "chosen" in row and row["chosen"] == row["rejected"] and not is_blank(row["chosen"]):
         out.append(Issue(row["source"], "chosen", "same text as rejected (after cleaning): a tie carries no "
                                                   "preference (drop the pair or fix one candidate)", "tie"))
     return out

@@ -4,7 +4,8 @@ Errors (the run stops): files and records that could not be read or parsed (from
 unreadable or empty file, malformed line, missing or wrongly typed field, ``choice`` not 0/1, a label
 the mapping does not know, invalid message roles, transcripts or conversations that do not share a
 prompt, a ``prompt`` that disagrees with its conversations, a record in no or another format: that one
-shows the mapping to write), empty or whitespace-only text, ties (``chosen == rejected``), an empty split.
+shows the mapping to write), empty or whitespace-only text (zero-width, control and format characters count
+as whitespace: see :func:`.text.is_blank`), ties (``chosen == rejected``), an empty split.
 Neither: pairs the data itself leaves undecided (a ``tie`` label, equal scores or ranks) are dropped and
 counted by reason, per file, beside what each file was read as and the pairs its records gave.
 Warnings: rows dropped as exact or normalised duplicates (each with the row kept), rows cut to the length
