@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
@@ -368,6 +369,18 @@ class RewardModelConfig:
         _check(0.0 <= self.min_eval_accuracy <= 1.0, "reward_model.min_eval_accuracy", "must lie in [0, 1]")
 
 
+KL_ERROR_CLIP = 0.2
+"""The adaptive KL controller's clip on the relative KL error, kl / kl_target - 1 (Ziegler et al. 2019)."""
+KL_MIN_FACTOR = 0.5
+"""The least the adaptive KL controller multiplies kl_coef by in one update: one rollout may at most halve
+it. Ziegler's linear step 1 + error x rows / kl_horizon is a first-order approximation of an exponential
+correction; it is only that while the step is small, and it reaches 0 (the penalty vanishes) and then goes
+negative (it rewards leaving the reference) once rows reach 1 / KL_ERROR_CLIP horizons. A halving is as far
+as one noisy KL estimate should move the coefficient, and the next rollouts can undo it (up-steps of the
+same size multiply by up to 1 + KL_ERROR_CLIP x rows / kl_horizon), where a coefficient near 0 would leave
+the policy unpenalised for many iterations."""
+
+
 @dataclass
 class PPOConfig:
     """Proximal policy optimisation of the LoRA policy against the reward model."""
@@ -406,7 +419,11 @@ class PPOConfig:
     """Rollout samples over which the adaptive controller corrects a KL error (larger = slower): each
     iteration multiplies kl_coef by 1 + clip(kl / kl_target - 1, -0.2, 0.2) * rows / kl_horizon.
     32 allows up to +-10% per 16-row iteration, fast enough for a 24-iteration run; trlX uses 10000 for
-    runs of many thousand samples."""
+    runs of many thousand samples. `rows` is one process's rollout (rollout_batch_size x
+    samples_per_prompt) however many processes train: under DDP the KL is averaged over all of them, which
+    only steadies the estimate, so a config steers at the same speed on any number of GPUs. With kl_target
+    set, kl_horizon must be at least rows / 2.5, so that one iteration at most halves kl_coef
+    (`KL_MIN_FACTOR`)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the normalised score of responses that hit max_new_tokens without an end token
     (cut-off text); 0 turns it off."""
@@ -445,11 +462,30 @@ class PPOConfig:
                "must be > 0 when kl_target is set (the adaptive controller scales it)")
         if self.kl_target is not None:
             self.kl_target = float(self.kl_target)
+            self._check_kl_horizon(rows)
         _check(self.missing_eos_penalty >= 0, "ppo.missing_eos_penalty", "must be >= 0")
         _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma/lam", "gamma in (0, 1], lam in [0, 1]")
         _check(self.clip_range > 0 and self.clip_range_value > 0, "ppo.clip_range", "must be > 0")
         _check(self.max_approx_kl > 0, "ppo.max_approx_kl", "must be > 0")
         _check(self.temperature > 0, "ppo.temperature", "must be > 0")
+
+    def _check_kl_horizon(self, rows: int) -> None:
+        """Refuse a horizon so short for the rollout that the adaptive controller's step could cut kl_coef
+        below `KL_MIN_FACTOR` of itself (and, unclamped, to 0 or below) in one iteration: there the
+        controller's clamp, not the configured horizon, would set its speed."""
+        largest_cut = KL_ERROR_CLIP * rows / self.kl_horizon  # a KL far below the target
+        if largest_cut <= 1.0 - KL_MIN_FACTOR + 1e-12:
+            return
+        least_horizon = math.ceil(KL_ERROR_CLIP * rows / (1.0 - KL_MIN_FACTOR) - 1e-9)
+        _check(False, "ppo.kl_horizon",
+               f"{self.kl_horizon} is too short for a rollout of {rows} rows (ppo.rollout_batch_size x "
+               f"ppo.samples_per_prompt = {self.rollout_batch_size} x {self.samples_per_prompt}, per process): "
+               f"when the KL is far below ppo.kl_target the adaptive controller multiplies ppo.kl_coef by "
+               f"1 - {KL_ERROR_CLIP} x {rows} / {self.kl_horizon} = {1.0 - largest_cut:.3g} per iteration, "
+               f"and at 0 or below the KL penalty becomes a reward for leaving the reference (one iteration "
+               f"may at most halve it). Raise ppo.kl_horizon to at least {least_horizon} (rows / "
+               f"{(1.0 - KL_MIN_FACTOR) / KL_ERROR_CLIP:g}), lower ppo.rollout_batch_size or "
+               f"ppo.samples_per_prompt, or set ppo.kl_target: null for a fixed kl_coef")
 
 
 @dataclass
@@ -587,7 +623,9 @@ class TrainerConfig:
     devices: int = 1
     """Devices per node."""
     strategy: str = "auto"
-    """Lightning strategy; inside a Metaflow step use ddp_spawn, not ddp (ddp re-launches the whole step command)."""
+    """Lightning strategy. auto: one device as it is, several: ddp_spawn. Strategies that start their ranks
+    by re-running the command line (ddp, fsdp, deepspeed) are refused: inside a Metaflow step that runs the
+    whole step again."""
     precision: str = "auto"
     """Lightning precision: 32-true, bf16-mixed, ..., or `auto`: bf16-mixed where the hardware computes in
     bf16 (a GPU that supports it; a CPU with AMX or AVX512-BF16), else 32-true (benchmarks/README.md has
@@ -631,6 +669,10 @@ class GenerationConfig:
     sleep_during_update: bool = True
     """On a GPU, release the engine's memory while PPO updates the policy (vLLM's sleep mode) and take it
     back for the next rollout. vLLM has no sleep mode on a CPU: ignored there."""
+    sleep_level: Literal[1, 2] = 2
+    """How the engine sleeps. 2: its weights are dropped and read again from the base's files on waking
+    (no host memory; seconds per rollout for an 8B base read from the page cache). 1: they wait in pinned
+    host memory (faster to wake, but a second copy of the base in the job's memory: 16 GB for an 8B one)."""
     adapter_sync: Literal["auto", "lora", "merge"] = "auto"
     """How the engine gets the adapter: `lora` hands it over as an adapter (vLLM's LoRA kernels); `merge`
     merges it into the engine's copy of the base weights at every hand-over (no adapter kernels: on a

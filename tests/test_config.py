@@ -58,6 +58,24 @@ def test_bad_values_name_the_field(tree, message):
     assert message in str(err.value)
 
 
+def test_a_kl_horizon_too_short_for_the_rollout_is_refused():
+    """48 prompts x 4 samples = 192 rows per iteration against kl_horizon 32: at a KL far below the target
+    the adaptive controller's step 1 - 0.2 x 192 / 32 = -0.2 would turn the KL penalty into a reward. The
+    error names the fields and the fix; a long enough horizon, or a fixed kl_coef, is accepted."""
+    tree = {"ppo": {"rollout_batch_size": 48, "samples_per_prompt": 4, "kl_horizon": 32}}
+    with pytest.raises(ConfigError) as err:
+        from_dict(tree)
+    message = str(err.value)
+    assert "ppo.kl_horizon: 32 is too short for a rollout of 192 rows" in message
+    for expected in ("ppo.rollout_batch_size", "ppo.samples_per_prompt", "ppo.kl_coef", "ppo.kl_target",
+                     "at least 77", "-0.2"):
+        assert expected in message, expected
+    assert from_dict({"ppo": {**tree["ppo"], "kl_horizon": 77}}).ppo.kl_horizon == 77  # 1 - 0.2 x 192 / 77 >= 0.5
+    with pytest.raises(ConfigError, match="ppo.kl_horizon"):
+        from_dict({"ppo": {**tree["ppo"], "kl_horizon": 76}})
+    assert from_dict({"ppo": {**tree["ppo"], "kl_target": None}}).ppo.kl_target is None  # no controller
+
+
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     # YAML 1.1 (PyYAML) reads 5e-4 as the string "5e-4"; it must still reach torch as a float.
     path = tmp_path / "c.yaml"

@@ -1,8 +1,12 @@
 """The losses against values computed by hand (the arithmetic is written out in the comments)."""
 
 import math
+import socket
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import pytest
 
@@ -11,11 +15,13 @@ from rlhf_lightning.models.losses import (
     bradley_terry_loss,
     gae,
     group_normalised_advantages,
+    kl_coef_factor,
     kl_penalised_rewards,
     masked_mean,
     masked_whiten,
     missing_eos_penalty,
     per_token_kl,
+    pooled_sequence_kl,
     ppo_policy_loss,
     rloo_advantages,
     sequence_rewards,
@@ -166,3 +172,61 @@ def test_adaptive_kl_controller_by_hand():
 def test_fixed_kl_controller_never_moves():
     ctl = AdaptiveKLController(kl_coef=0.05, target=None, horizon=100)
     assert ctl.update(kl=100.0, n_steps=1000) == 0.05 and ctl.value == 0.05
+
+
+def test_kl_controller_stays_positive_on_a_rollout_of_many_horizons():
+    """192 rows (48 prompts x 4 samples) against a horizon of 32 at KL 1 vs target 5: Ziegler's linear step
+    1 - 0.2 x 192 / 32 = -0.2 would turn 0.1 into -0.02 (a reward for leaving the reference); the step is
+    floored at 0.5, so each such update halves the coefficient and it stays positive."""
+    assert kl_coef_factor(kl=1.0, target=5.0, n_steps=192, horizon=32) == 0.5
+    assert kl_coef_factor(kl=1.0, target=5.0, n_steps=10_000, horizon=32) == 0.5
+    ctl = AdaptiveKLController(kl_coef=0.1, target=5.0, horizon=32)
+    assert ctl.update(kl=1.0, n_steps=192) == pytest.approx(0.05)
+    for _ in range(20):
+        assert ctl.update(kl=0.0, n_steps=10 * 192) > 0
+    # Below the floor's reach the rule is unchanged: 1 + 0.2 x 64 / 32 = 1.4 up, 1 - 0.2 x 64 / 32 = 0.6 down.
+    assert kl_coef_factor(kl=50.0, target=5.0, n_steps=64, horizon=32) == pytest.approx(1.4)
+    assert kl_coef_factor(kl=0.0, target=5.0, n_steps=64, horizon=32) == pytest.approx(0.6)
+
+
+def test_pooled_sequence_kl_weighs_every_response_once():
+    """Two processes, the other holding sequence KLs [6] and this one [1, 2, 3]: the pooled mean is
+    (1 + 2 + 3 + 6) / 4 = 3 (not the mean of the means, (2 + 6) / 2 = 4), rows per process 4 / 2 = 2."""
+    other = torch.stack([T(6.0), T(1.0), T(1.0)])  # (KL sum, rows, processes) of the other process
+    assert pooled_sequence_kl(T([1.0, 2.0, 3.0]), lambda t: t + other) == (3.0, 2.0)
+    assert pooled_sequence_kl(T([1.0, 2.0, 3.0]), lambda t: t) == (2.0, 3.0)  # one process
+
+
+# Each process's sequence KLs: alone, rank 0 (mean 5.0, error 0) would keep 0.1 and rank 1 (mean 6.0,
+# error +0.2) would move to 0.1 x (1 + 0.2 x 2 / 32) = 0.10125.
+GLOO_KLS = ([4.5, 5.5], [5.5, 6.5])
+
+
+def _kl_controller_rank(rank: int, port: int, out_dir: str) -> None:
+    """One process of the gloo test: pool the KL over both, update a fresh controller, write kl_coef."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t
+
+        kl, rows = pooled_sequence_kl(T(GLOO_KLS[rank]), reduce_sum)
+        ctl = AdaptiveKLController(kl_coef=0.1, target=5.0, horizon=32)
+        ctl.update(kl, n_steps=rows)
+        with open(f"{out_dir}/rank{rank}", "w") as f:
+            f.write(repr(ctl.value))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kl_coef_is_the_same_on_two_gloo_processes(tmp_path):
+    """Two real processes with different local KLs end with the same kl_coef: the one the pooled mean
+    KL (4.5 + 5.5 + 5.5 + 6.5) / 4 = 5.5 gives, error 5.5 / 5 - 1 = 0.1, over 2 rows per process:
+    0.1 x (1 + 0.1 x 2 / 32) = 0.100625."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_kl_controller_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    coefs = [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    assert coefs[0] == coefs[1] == pytest.approx(0.100625)

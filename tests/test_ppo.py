@@ -2,11 +2,12 @@
 temperature), only LoRA and the value head train, 4-bit LoRA gets gradients after `generate`,
 checkpoints hold only trainable weights, the per-iteration metrics reach the logger, a seed repeats a
 run, rloo/grpo train without a value head, the KL controller and the approximate-KL early stop act,
-and responses without an end token pay the penalty."""
+responses without an end token pay the penalty, and values and rewards stay fp32 under bf16 autocast."""
 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -87,6 +88,35 @@ def test_training_logp_matches_the_sampling_distribution(reward_model_dir):
     assert values.shape == logp.shape == response.shape
     assert gen_logp.std() > 0.5  # the check below is not vacuous
     assert ((logp - gen_logp).abs() * mask).max() < 1e-4
+
+
+def test_values_and_reward_scores_are_fp32_under_bf16_autocast(reward_model_dir):
+    """bf16-mixed runs the training step under autocast, which would compute the value head (an nn.Linear)
+    and the reward model in bf16: both must come back as the float32 computation, exactly."""
+    import torch.nn.functional as F
+
+    from rlhf_lightning.models.logprobs import response_forward
+
+    cfg = tiny_cfg()
+    module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(module.value_head.weight)  # zero-initialised values would match in any precision
+    torch.nn.init.normal_(module.value_head.bias)
+    module.policy.eval()
+    rows = prompt_rows(module.tokenizer)
+    sampled = module.rollout([r["prompt_chat"] for r in rows], seed=0)
+    inputs = (sampled.prompt_ids, sampled.prompt_mask, sampled.response_ids, sampled.response_mask)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, values, _ = module(*inputs)
+        _, hidden = response_forward(module.policy, *inputs, cfg.ppo.temperature)  # (B, R, H)
+        scores = module.scorer.score([r["prompt"] for r in rows], sampled.texts)
+        assert module.value_head(hidden).dtype == torch.bfloat16  # what a plain call gives under autocast
+    expected = F.linear(hidden.float(), module.value_head.weight, module.value_head.bias).squeeze(-1)  # (B, R)
+    assert values.dtype == torch.float32 and values.abs().max() > 1
+    torch.testing.assert_close(values, expected, rtol=0, atol=0)
+    expected_scores = module.scorer.score([r["prompt"] for r in rows], sampled.texts)  # no autocast
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -322,6 +352,8 @@ def test_ddp_spawn_on_two_cpu_processes_brings_weights_and_history_back(tmp_path
     seen = {int(p.stem.removeprefix("rank")): p.read_text().split("\n") for p in tmp_path.glob("rank*")}
     assert sorted(seen) == [0, 1] and all(lines[0] == "2" for lines in seen.values())
     assert seen[0][1:] != seen[1][1:]
+    # The KL controller moved by the KL of both processes' rollouts: one coefficient, whichever rank saves.
+    assert (tmp_path / "kl_coef0").read_text() == (tmp_path / "kl_coef1").read_text()
     assert [h["iteration"] for h in result.history] == [0, 1]
     assert result.history[0]["ppo/kl"] < 1e-4 and result.history[1]["ppo/kl"] > 0
     now = dict(module.named_parameters())
@@ -364,17 +396,28 @@ def test_a_4bit_policy_under_ddp_spawn_is_built_in_each_process(tmp_path, reward
                      "ppo": {"iterations": 1, "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1,
                              "max_new_tokens": 6, "learning_rate": 1e-2},
                      "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}})
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
     module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
-    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    fit_ppo(module, cfg, prompt_rows(module.tokenizer), str(tmp_path), callbacks=[_Base4bitProbe(tmp_path)])
+    lora_before = {n.replace(".default", ""): p.detach().clone() for n, p in module.policy.named_parameters()
+                   if "lora_" in n}
+    result = fit_ppo(module, cfg, prompt_rows(module.tokenizer), str(tmp_path), callbacks=[_Base4bitProbe(tmp_path)])
     seen = sorted(p.read_text() for p in tmp_path.glob("base*"))
     assert len(seen) == 2 and all(s.endswith("['Params4bit'] True") and not s.startswith("0 ") for s in seen), seen
-    now = dict(module.named_parameters())
-    assert all(not torch.equal(before, now[name]) for name, before in trainable.items())
+    # The parent let go of its base before the workers started (on a GPU it would sit on the first
+    # device beside rank 0's own for the whole fit): no 4-bit layer is left in it.
+    assert not hasattr(module, "policy") or module.policy is None
+    assert not [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    # The trained adapter came back through rank 0's files: every LoRA tensor moved.
+    saved = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
+    assert set(saved) == set(lora_before) and lora_before
+    assert all(not torch.equal(lora_before[name], tensor) for name, tensor in saved.items())
 
 
 class _RankFiles(Callback):
-    """Each training process writes rank<N>: its world size, then the prompts it rolled out."""
+    """Each training process writes rank<N>: its world size, then the prompts it rolled out; and
+    kl_coef<N>: its KL coefficient at the end."""
 
     def __init__(self, directory):
         self.directory = directory
@@ -386,6 +429,7 @@ class _RankFiles(Callback):
     def on_train_end(self, trainer, pl_module):
         lines = [str(trainer.world_size), *self.prompts]
         (self.directory / f"rank{trainer.global_rank}").write_text("\n".join(lines))
+        (self.directory / f"kl_coef{trainer.global_rank}").write_text(repr(pl_module.kl_ctl.value))
 
 
 def _clip_norms(cfg, rows, reward_model_dir, monkeypatch, plugins) -> list[float]:

@@ -6,8 +6,12 @@ the first EOS) and 0 on padding; every token-level mean is taken over the real t
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+from rlhf_lightning.config import KL_ERROR_CLIP, KL_MIN_FACTOR
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -165,23 +169,50 @@ def missing_eos_penalty(score: torch.Tensor, ended: torch.Tensor, penalty: float
     return score - penalty * (~ended).to(score.dtype)  # (B,)
 
 
+def kl_coef_factor(kl: float, target: float, n_steps: float, horizon: float) -> float:
+    """What one update multiplies kl_coef by: 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon,
+    never below `KL_MIN_FACTOR` (0.5).
+
+    Unclamped, a rollout of 5 horizons or more (n_steps >= horizon / 0.2) with a KL far below the target
+    gives a factor <= 0: the coefficient would vanish or turn negative, and the penalty would become a
+    reward for leaving the reference. The floor keeps it positive whatever the rollout size; why a halving,
+    and why PPOConfig refuses horizons short enough to reach it: see `KL_MIN_FACTOR`."""
+    error = min(max(kl / target - 1.0, -KL_ERROR_CLIP), KL_ERROR_CLIP)
+    return max(1.0 + error * n_steps / horizon, KL_MIN_FACTOR)
+
+
+def pooled_sequence_kl(seq_kl: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[float, float]:
+    """(mean sequence KL over the rollouts of all processes, rows per process) for the KL controller.
+
+    `seq_kl` is this process's per-response KL; `reduce_sum` sums a tensor over the processes (the
+    identity with one). Every process feeds the controller the same numbers, so kl_coef stays identical
+    on all of them (a checkpoint holds one process's). The mean weighs every response once, also if
+    the processes' rollouts differed in size."""
+    # seq_kl: (B,)
+    local = torch.stack([seq_kl.sum(), seq_kl.new_tensor(float(seq_kl.shape[0])), seq_kl.new_tensor(1.0)])  # (3,)
+    kl_sum, rows, processes = reduce_sum(local).tolist()  # (3,): summed over the processes
+    return kl_sum / rows, rows / processes
+
+
 class AdaptiveKLController:
     """The InstructGPT / trlX controller: kl_coef follows a proportional rule towards a target KL.
 
         error   = clip(kl / target - 1, -0.2, 0.2)
-        kl_coef = kl_coef * (1 + error * n_steps / horizon)
+        kl_coef = kl_coef * max(1 + error * n_steps / horizon, 0.5)
 
-    The clip bounds a single correction at 20% of the horizon's worth; `n_steps` is the number of
-    rollout samples the measured KL came from. With target None the coefficient stays fixed."""
+    The clip bounds a single correction at 20% of the horizon's worth, and `kl_coef_factor` keeps every
+    factor >= `KL_MIN_FACTOR`, so the coefficient stays positive. `n_steps` is the number of rollout
+    samples of one process (PPOModule passes the KL averaged over all processes, `pooled_sequence_kl`).
+    With target None the coefficient stays fixed."""
 
     def __init__(self, kl_coef: float, target: float | None, horizon: int):
         self.value = kl_coef
         self.target = target
         self.horizon = horizon
 
-    def update(self, kl: float, n_steps: int) -> float:
+    def update(self, kl: float, n_steps: float) -> float:
         """Feed the rollout's mean sequence KL (nats); return the coefficient for the next rollout."""
         if self.target is not None:
-            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-            self.value *= 1.0 + error * n_steps / self.horizon
+            self.value *= kl_coef_factor(kl, self.target, n_steps, self.horizon)
         return self.value

@@ -24,6 +24,7 @@ SmolLM2) is most of the cost of a forward pass on these small models.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -51,6 +52,7 @@ from rlhf_lightning.models.losses import (
     masked_whiten,
     missing_eos_penalty,
     per_token_kl,
+    pooled_sequence_kl,
     ppo_policy_loss,
     rloo_advantages,
     sequence_rewards,
@@ -136,21 +138,33 @@ class PPOModule(L.LightningModule):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["engine"] = None  # a running engine's processes belong to this process
-        if self.hparams.policy.quantization == "4bit":
+        if self.hparams.policy.quantization == "4bit" and "policy" in state["_modules"]:
             # bitsandbytes' 4-bit weights do not survive pickling, which is how ddp_spawn hands the module
             # to its workers: they arrive as plain Parameters whose quantisation state stays on the
             # parent's GPU. So the base is left out and each process builds its own (configure_model),
             # with the adapter and everything else that trains as they are here.
             modules = dict(state["_modules"])
-            policy = modules.pop("policy")
+            state["_policy_weights"] = trainable_weights(modules.pop("policy"))
             state["_modules"] = modules
-            state["_policy_weights"] = {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}
         return state
+
+    def release_quantized_base(self) -> None:
+        """Before ddp_spawn starts its workers, a 4-bit module lets go of its base: each worker builds its
+        own (configure_model) from the trainable weights kept here, so the parent's copy would only
+        hold memory on the first GPU beside rank 0's own (5-6 GB for an 8B base) for the whole fit."""
+        if self.hparams.policy.quantization != "4bit" or "policy" not in self._modules:
+            return
+        self._policy_weights = trainable_weights(self._modules.pop("policy"))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def configure_model(self) -> None:
         weights = self.__dict__.pop("_policy_weights", None)
         if weights is None:  # built in __init__, in this process
             return
+        # Rebuilt in this (worker) process: the base in nf4 on this process's device, the trainable
+        # weights as the parent had them.
         self.policy = load_policy(self.hparams.policy)
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
@@ -186,7 +200,7 @@ class PPOModule(L.LightningModule):
         """(logp, values, logits) of the response tokens: (B, R), (B, R) or None without a value head, (B, R, V)."""
         logits, hidden = response_forward(self.policy, prompt_ids, prompt_mask, response_ids, response_mask,
                                           self.ppo.temperature)  # (B, R, V), (B, R, H)
-        values = None if self.value_head is None else self.value_head(hidden.float()).squeeze(-1)  # (B, R)
+        values = None if self.value_head is None else fp32_values(self.value_head, hidden)  # (B, R)
         return token_logprobs(logits, response_ids), values, logits
 
     # -- phase 1 ---------------------------------------------------------------------------------------
@@ -334,8 +348,13 @@ class PPOModule(L.LightningModule):
                          advantages, scored.values, returns)
         losses = self.ppo_epochs(exp, first=scored.graph)
         scored.graph = None  # the first step consumed it (or the iteration stopped before it)
-        seq_kl = (scored.kl * mask).sum(1).mean().item()  # per sequence
-        self.kl_ctl.update(seq_kl, n_steps=mask.shape[0])
+        seq_kls = (scored.kl * mask).sum(1)  # (B,) per sequence
+        seq_kl = seq_kls.mean().item()  # this process's, for the statistics (averaged below)
+        # Every process moves kl_coef by the KL of all processes' rollouts: from its own, each would
+        # drift its own way, and a checkpoint would keep only rank 0's. n_steps stays one process's rows
+        # (see PPOConfig.kl_horizon).
+        pooled_kl, rows = pooled_sequence_kl(seq_kls, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        self.kl_ctl.update(pooled_kl, n_steps=rows)
 
         stats = {
             "reward": scored.raw_scores.mean().item(),
@@ -384,6 +403,15 @@ class PPOModule(L.LightningModule):
                 logger.log_metrics(metrics, step=entry["iteration"])
 
 
+def fp32_values(value_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The value head on the policy's last hidden states, computed in fp32 also under bf16/16-mixed
+    autocast (which would cast an nn.Linear's input and weight back to half precision): values are
+    regression targets of a few units whose GAE differences and value loss half precision would round."""
+    # hidden: (B, R, H) -> (B, R) float32
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return value_head(hidden.float()).squeeze(-1)
+
+
 def _max_over_processes(value: torch.Tensor) -> float:
     value = value.detach().clone()
     if dist.is_initialized():
@@ -424,34 +452,41 @@ def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir:
     out = Path(out_dir)
     history_file = out / HISTORY_FILE
     history_file.unlink(missing_ok=True)
+    adapter_dir = out / "adapter"
     trainer = build_trainer(cfg.trainer, "ppo", max_epochs=1, logger=logger if logger is not None else False,
-                            log_every_n_steps=1, callbacks=[*(callbacks or []), _SaveHistory(history_file)],
+                            log_every_n_steps=1, callbacks=[*(callbacks or []), _SaveResults(history_file, adapter_dir)],
                             default_root_dir=out, use_distributed_sampler=False)
+    if getattr(trainer.strategy.launcher, "_start_method", None) == "spawn":
+        module.release_quantized_base()
     # Our own checkpoints: they hold the config dataclasses as hyperparameters.
     trainer.fit(module, prompt_loader(rl_prompts, cfg.ppo), ckpt_path=ckpt_path, weights_only=False)
 
-    # Under ddp_spawn training ran in worker processes: Lightning moves the weights back into `module`,
-    # not what the module collected, so the history comes back through rank 0's file.
+    # Under ddp_spawn training ran in worker processes: Lightning moves the weights back into `module`
+    # (those it still holds: a 4-bit module released its base), not what the module collected, so the
+    # history and the adapter come back through rank 0's files.
     history = json.loads(history_file.read_text())
-    adapter_dir = out / "adapter"
-    if trainer.is_global_zero:
-        module.policy.save_pretrained(adapter_dir)
-        if module.value_head is not None:
-            torch.save(module.value_head.state_dict(), adapter_dir / VALUE_HEAD_FILE)
     return PPOResult(str(adapter_dir), dict(history[-1]), history)
 
 
-class _SaveHistory(Callback):
-    """Rank 0 writes the module's per-iteration history to `path` when training ends (in every process
-    layout: one process, ddp_spawn workers)."""
+def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (the adapter), on the CPU, by name."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
-    def __init__(self, path: Path):
-        self.path = path
+
+class _SaveResults(Callback):
+    """Rank 0 writes the module's per-iteration history to `history` and the adapter (+ value head) to
+    `adapter_dir` when training ends, in the process that trained (one process, or ddp_spawn's rank 0)."""
+
+    def __init__(self, history: Path, adapter_dir: Path):
+        self.history, self.adapter_dir = history, adapter_dir
 
     def on_train_end(self, trainer: L.Trainer, pl_module: PPOModule) -> None:
         if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(pl_module.history))
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            self.history.write_text(json.dumps(pl_module.history))
+            pl_module.policy.save_pretrained(self.adapter_dir)
+            if pl_module.value_head is not None:
+                torch.save(pl_module.value_head.state_dict(), self.adapter_dir / VALUE_HEAD_FILE)
 
 
 def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,

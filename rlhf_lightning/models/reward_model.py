@@ -245,11 +245,12 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_tokens: int = 8192) -> torch.Tensor:
-        """Raw scores, float32 on the CPU, in the order given. Batches are cut from the sequences sorted by
-        length, each trimmed to its longest and holding at most `batch_tokens` positions (32 sequences of
-        256 tokens, 128 of 64): preference data mixes short and long texts, and batches of random members
-        padded to their longest wasted up to half of the forward passes, while a fixed number of rows per
-        batch would let long ones set the peak memory."""
+        """Raw scores, float32 on the CPU, in the order given, computed in the model's dtype (fp32) also
+        inside autocast. Batches are cut from the sequences sorted by length, each trimmed to its longest and
+        holding at most `batch_tokens` positions (32 sequences of 256 tokens, 128 of 64): preference data
+        mixes short and long texts, and batches of random members padded to their longest wasted up to half
+        of the forward passes, while a fixed number of rows per batch would let long ones set the peak
+        memory."""
         device = next(self.model.parameters()).device
         encoded = self.encoder(prompts, responses)  # (B, T), right-padded to the longest of all
         lengths = encoded["attention_mask"].sum(1)  # (B,)
@@ -260,7 +261,11 @@ class RewardScorer:
             width = int(lengths[order[start]])  # the longest left: it sets this batch's width
             rows = order[start : start + max(1, batch_tokens // width)]
             batch = {k: v[rows, :width].to(device) for k, v in encoded.items()}
-            out[rows] = self.model(**batch).logits.squeeze(-1).float().cpu()  # (b,)
+            # Outside any autocast (PPO's training step runs under bf16/16-mixed): the model computes in its
+            # own dtype, fp32 as `load` builds it, so PPO's rewards are exactly the scores evaluation and
+            # the reward normalisation statistics were measured with, not half-precision roundings of them.
+            with torch.autocast(device_type=device.type, enabled=False):
+                out[rows] = self.model(**batch).logits.squeeze(-1).float().cpu()  # (b,)
             start += len(rows)
         return out  # (B,)
 
