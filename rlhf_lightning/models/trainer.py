@@ -6,9 +6,28 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from rlhf_lightning.config import TrainerConfig
+from rlhf_lightning.config import ConfigError, TrainerConfig
 from rlhf_lightning.models.loading import resolve_precision
 from rlhf_lightning.models.progress import LineProgress, interactive
+
+
+def resolve_strategy(strategy: str, devices: int) -> str:
+    """The strategy a step's Trainer is given. Lightning's `auto` becomes `ddp` for several devices, whose
+    launcher starts each rank by re-running this process's command line: inside a Metaflow step that is
+    the whole step again, and two processes would write its artifacts. So `auto` over several devices is
+    `ddp_spawn` (ranks are started as functions of this process); other names are the user's."""
+    return "ddp_spawn" if strategy == "auto" and devices != 1 else strategy
+
+
+def check_launcher(trainer: L.Trainer, strategy: str) -> None:
+    """Refuse a strategy that would start its ranks by re-running the command line (`ddp`, `fsdp`,
+    `deepspeed`, ... with several devices), whatever name chose it: see `resolve_strategy`."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        raise ConfigError(f"trainer.strategy: {strategy} starts its ranks by re-running the command line, which "
+                          "inside a Metaflow step runs the whole step twice; use ddp_spawn (or auto, which "
+                          "picks it for several devices)")
 
 
 def build_trainer(trainer: TrainerConfig, name: str, callbacks: list | None = None, **kwargs) -> L.Trainer:
@@ -25,6 +44,9 @@ def build_trainer(trainer: TrainerConfig, name: str, callbacks: list | None = No
     # Checkpoints only from a checkpoint callback the caller passes (checkpoints.PeriodicCheckpoint):
     # Lightning's default one would write a second set nobody resumes from.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
-    return L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices, strategy=trainer.strategy,
-                     precision=resolve_precision(trainer.precision, trainer.accelerator), enable_progress_bar=tty,
-                     callbacks=callbacks, enable_checkpointing=checkpointing, **kwargs)
+    built = L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices,
+                      strategy=resolve_strategy(trainer.strategy, trainer.devices),
+                      precision=resolve_precision(trainer.precision, trainer.accelerator), enable_progress_bar=tty,
+                      callbacks=callbacks, enable_checkpointing=checkpointing, **kwargs)
+    check_launcher(built, trainer.strategy)
+    return built

@@ -1,0 +1,38 @@
+"""The Trainer both training stages run under: which strategy a config becomes, and the ones refused.
+
+Inside a Metaflow step a strategy whose ranks are started by re-running the command line (Lightning's
+`ddp`, and what `auto` picks for several devices) would run the whole step twice."""
+
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+from rlhf_lightning.config import ConfigError, TrainerConfig
+from rlhf_lightning.models.trainer import build_trainer, resolve_strategy
+
+
+def test_auto_over_several_devices_becomes_ddp_spawn():
+    assert resolve_strategy("auto", 1) == "auto"
+    assert resolve_strategy("auto", 2) == "ddp_spawn"
+    assert resolve_strategy("auto", -1) == "ddp_spawn"  # every device there is
+    assert resolve_strategy("ddp_spawn", 4) == "ddp_spawn"
+
+
+def test_auto_with_two_devices_spawns_its_ranks_from_this_process():
+    """What Lightning itself picks for `auto` and 2 devices is `ddp` with the launcher that re-runs the
+    command line; the project's Trainer gets `ddp_spawn`, whose ranks are functions of this process."""
+    trainer = build_trainer(TrainerConfig(accelerator="cpu", devices=2, precision="32-true"), "test", logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+    assert trainer.strategy.launcher._start_method == "spawn"
+    one = build_trainer(TrainerConfig(accelerator="cpu", devices=1, precision="32-true"), "test", logger=False)
+    assert isinstance(one.strategy, SingleDeviceStrategy)
+
+
+@pytest.mark.parametrize("strategy", ["ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"])
+def test_a_strategy_that_re_runs_the_command_line_is_refused_whatever_its_name(strategy):
+    with pytest.raises(ConfigError, match=f"trainer.strategy: {strategy} starts its ranks by re-running"):
+        build_trainer(TrainerConfig(accelerator="cpu", devices=2, precision="32-true", strategy=strategy),
+                      "test", logger=False)
