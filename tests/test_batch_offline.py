@@ -248,10 +248,20 @@ def test_the_gpus_a_job_asks_for_follow_the_config(aws, tmp_path):
     import yaml
 
     two = tmp_path / "two.yaml"
-    two.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"devices": 2, "strategy": "ddp_spawn"}}))
+    two.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"devices": 2}}))
     states, _ = _state_machine(aws, two, "sfn-two")
     assert {name: _gpus(p) for name, p in states.items() if _gpus(p)} == {
         "train_reward_model": "2", "reinforce": "2", "sample_builtin_task": "1", "evaluate": "1"}
+    # Each rank loads its own base and ddp_spawn hands the module over through /dev/shm (Docker's
+    # default: 64 MB): the training jobs ask for the memory, shared memory and cores of two ranks.
+    batch = aws[0]._client("batch")
+    for name in ("train_reward_model", "reinforce"):
+        asked = {r["Type"]: r["Value"] for r in states[name]["ContainerOverrides"]["ResourceRequirements"]}
+        assert asked["MEMORY"] == "24000" and asked["VCPU"] == "8", (name, asked)
+        (definition,) = batch.describe_job_definitions(jobDefinitions=[states[name]["JobDefinition"]])["jobDefinitions"]
+        assert definition["containerProperties"]["linuxParameters"]["sharedMemorySize"] == 12000, name
+    one_definition = batch.describe_job_definitions(jobDefinitions=[states["evaluate"]["JobDefinition"]])
+    assert "sharedMemorySize" not in one_definition["jobDefinitions"][0]["containerProperties"].get("linuxParameters", {})
     cpu = tmp_path / "cpu.yaml"
     cpu.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"accelerator": "cpu"}}))
     states, _ = _state_machine(aws, cpu, "sfn-cpu")
