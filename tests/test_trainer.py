@@ -33,6 +33,14 @@ def test_auto_with_two_devices_spawns_its_ranks_from_this_process():
 
 @pytest.mark.parametrize("strategy", ["ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"])
 def test_a_strategy_that_re_runs_the_command_line_is_refused_whatever_its_name(strategy):
+    """The config says so before any step runs; the Trainer, by the launcher Lightning resolved, for what
+    the config's names miss."""
+    with pytest.raises(ConfigError, match=f"trainer.strategy: {strategy} over 2 devices starts its ranks"):
+        TrainerConfig(accelerator="cpu", devices=2, precision="32-true", strategy=strategy)
+    unchecked = TrainerConfig(accelerator="cpu", precision="32-true")
+    unchecked.devices, unchecked.strategy = 2, strategy  # past the config's own check
     with pytest.raises(ConfigError, match=f"trainer.strategy: {strategy} starts its ranks by re-running"):
-        build_trainer(TrainerConfig(accelerator="cpu", devices=2, precision="32-true", strategy=strategy),
-                      "test", logger=False)
+        build_trainer(unchecked, "test", logger=False)
+    # One device starts no second process, whatever the strategy's launcher.
+    build_trainer(TrainerConfig(accelerator="cpu", devices=1, precision="32-true", strategy=strategy), "test",
+                  logger=False)

