@@ -34,8 +34,13 @@ run: setup  ## the whole pipeline on $(CONFIG) (default: real small models)
 run-tiny: CONFIG = configs/tiny.yaml
 run-tiny: run  ## the whole pipeline on tiny models (~3 min)
 
+# Test processes: each test runs torch on one thread (tests/conftest.py), so two of them use two cores.
+# A test module stays on one process (--dist loadscope): its module fixtures (a whole flow run, the
+# Batch emulation) are built once.
+TEST_WORKERS ?= 2
+
 test: setup  ## the test suite (unit tests, a real flow run on tiny models, a real served model)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 ui: setup  ## the MLflow UI on the local tracking DB, opened on its training runs
 	@echo "open http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning  (rlhf-lightning's runs)"

@@ -163,6 +163,7 @@ def engines_in_process():
 
     with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as stack:
         mp.setenv("RLHF_VLLM_IN_PROCESS", "1")
+        mp.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # put back as it was when the module ends
         if "flask" in sys.modules:
             # An engine starting in this process rebinds kernels by scanning every loaded module's
             # attributes; Flask's request/app proxies (imported by the MLflow server tests) raise

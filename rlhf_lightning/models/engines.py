@@ -252,14 +252,13 @@ def environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def _executor() -> dict:
+def in_process() -> bool:
     """`RLHF_VLLM_IN_PROCESS=1` (the test suite): the engine and its worker in this process instead of two
     processes of their own, which each take ~12 s to import vLLM on a 2-core CPU. Not for training: the
-    engine then shares this process's threads (vLLM cuts torch's to one while it runs)."""
-    if os.environ.get("RLHF_VLLM_IN_PROCESS") == "1":
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        return {"distributed_executor_backend": "uni"}
-    return {}
+    engine then shares this process's threads (vLLM cuts torch's to one while it runs). vLLM reads
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 for it while the engine starts (`environment`), and only then: an
+    engine started later in the same process gets its own processes again."""
+    return os.environ.get("RLHF_VLLM_IN_PROCESS") == "1"
 
 
 def prefill_settings(cuda: bool, max_model_len: int) -> dict:
@@ -326,6 +325,8 @@ class VLLMEngine:
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
         # The engine's processes read these settings as they start; this process's environment goes back.
         settings = logging_config(self.adapter_root / "vllm-logging.json")
+        if in_process():
+            settings["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not self.cuda:
             settings |= cpu_binding(os.environ, os.sched_getaffinity(0))
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # the user's own size wins
@@ -335,7 +336,8 @@ class VLLMEngine:
                 self.llm = LLM(model=base_dir, tokenizer=base_dir, dtype=self.dtype, seed=seed,
                                max_model_len=max_model_len, enforce_eager=gen.enforce_eager,
                                gpu_memory_utilization=gen.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
-                               **prefill_settings(self.cuda, max_model_len), **lora, **_executor())
+                               **prefill_settings(self.cuda, max_model_len), **lora,
+                               **({"distributed_executor_backend": "uni"} if in_process() else {}))
             except BaseException:
                 shutil.rmtree(self.adapter_root, ignore_errors=True)
                 raise

@@ -79,10 +79,18 @@ def _convert_gguf(path: Path) -> Path:
     # The dequantised model still says it is quantised; saving would fail.
     model.hf_quantizer = None
     del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
+    # A directory of this process's own, renamed into place at once: parallel steps (or test workers)
+    # converting the same file never see, nor write into, a half-written copy.
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: parallel steps never see a half-written copy
+    try:
+        tmp.rename(out)
+    except OSError:  # another process converted it first; theirs is the same file's conversion
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     cache.publish(f"gguf/{out.name}", out)
     return out
 
