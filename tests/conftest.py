@@ -70,7 +70,7 @@ def registered_policy(mlflow_tracking, tiny_policy):
     """`tiny_policy` logged and registered as `rlhf-policy` (alias `candidate`) in the module's MLflow DB."""
     import mlflow
 
-    from rlhf_lightning import registry
+    from rlhf_lightning.serving import registry
     from rlhf_lightning.config import from_dict
 
     _, adapter_dir, base_dir = tiny_policy

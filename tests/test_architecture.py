@@ -1,7 +1,9 @@
-"""The library's import structure (docs/architecture.md): no cycles, imports inside functions included;
-every import points to the module's own layer or a lower one; nothing in the library imports Metaflow.
-Read from the source with `ast`, so a function-level import that would only fail when its function runs
-is caught here too."""
+"""The library's import structure (docs/architecture.md): the flow calls the pipeline, the pipeline the
+stage packages (data/, models/, evaluation/, serving/), and everything the shared modules at the top. No
+cycles, imports inside functions included; every import points to the module's own layer or a lower
+one; models/ never imports evaluation/ or serving/; nothing in the library imports Metaflow. Read from
+the source with `ast`, so a function-level import that would only fail when its function runs is caught
+here too."""
 
 from __future__ import annotations
 
@@ -12,18 +14,19 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_lightning"
 
-# Lowest first (docs/architecture.md, "What may import what").
+# What every stage uses: the top of the package, below every stage.
+SHARED = {"rlhf_lightning", "rlhf_lightning.config", "rlhf_lightning.cache", "rlhf_lightning.chat",
+          "rlhf_lightning.hardware", "rlhf_lightning.task_prompts", "rlhf_lightning.judge", "rlhf_lightning.stats",
+          "rlhf_lightning.tracking", "rlhf_lightning.checkpoints"}
+# Lowest first (docs/architecture.md, "What may import what"): shared, then the stages in the order they
+# may use each other, then the pipeline and the CLI that drive them. A package stands for every module in it.
 LAYERS = [
-    {"rlhf_lightning", "rlhf_lightning.config", "rlhf_lightning.cache", "rlhf_lightning.chat",
-     "rlhf_lightning.hardware", "rlhf_lightning.task_prompts", "rlhf_lightning.judge", "rlhf_lightning.stats",
-     "rlhf_lightning.gates"},
-    {"rlhf_lightning.models"},  # and every module under it
+    SHARED,
+    {"rlhf_lightning.models"},
     {"rlhf_lightning.data"},
-    {"rlhf_lightning.evaluation", "rlhf_lightning.monitor", "rlhf_lightning.plots"},
-    {"rlhf_lightning.checkpoints", "rlhf_lightning.tracking", "rlhf_lightning.pyfunc_model", "rlhf_lightning.registry",
-     "rlhf_lightning.serving", "rlhf_lightning.deployments", "rlhf_lightning.inference",
-     "rlhf_lightning.batch_inference"},
-    {"rlhf_lightning.pipeline", "rlhf_lightning.promotion", "rlhf_lightning.__main__"},
+    {"rlhf_lightning.evaluation"},
+    {"rlhf_lightning.serving"},
+    {"rlhf_lightning.pipeline", "rlhf_lightning.__main__"},
 ]
 
 
@@ -124,10 +127,43 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     assert imports("rlhf_lightning.evaluation", pkg / "evaluation.py", known) == {"rlhf_lightning.models.ppo": 1}
 
 
-def test_the_serving_side_holds_nothing_of_training(graph):
-    """What ships (registry, serving, deployments, inference, ...) loads without the training code: no
-    models/, data/ or evaluation, so the served model's process and the deploy/inference steps stay light."""
-    serving, training = LAYERS[4], {1, 2, 3}
-    leaks = [f"{name} imports {dep} (line {line})" for name in sorted(serving) for dep, line in graph[name].items()
-             if dep in graph and layer(dep) in training]
+def test_models_never_import_evaluation_or_serving(graph):
+    """The stage everything trains with stays below what judges and ships it."""
+    leaks = [f"{name} imports {dep} (line {line})" for name, deps in graph.items() if name.startswith("rlhf_lightning.models")
+             for dep, line in deps.items()
+             if dep.startswith(("rlhf_lightning.evaluation", "rlhf_lightning.serving"))]
     assert not leaks, "\n".join(leaks)
+
+
+def test_the_serving_side_holds_nothing_of_training(graph):
+    """What ships (registry, the served model, deployments, inference checks, ...) loads without the
+    training code: no models/, data/ or evaluation beyond the promotion rule (evaluation.gates, which
+    imports nothing), so the served model's process and the deploy/inference steps stay light."""
+    serving = [name for name in graph if name.startswith("rlhf_lightning.serving")]
+    assert len(serving) >= 7
+    leaks = [f"{name} imports {dep} (line {line})" for name in sorted(serving) for dep, line in graph[name].items()
+             if dep in graph and layer(dep) in (1, 2, 3) and dep != "rlhf_lightning.evaluation.gates"]
+    assert not leaks, "\n".join(leaks)
+    assert not [d for d in graph["rlhf_lightning.evaluation.gates"] if d.startswith("rlhf_lightning.")]
+
+
+def test_each_stage_package_says_what_it_is_for():
+    for stage in ("data", "models", "evaluation", "serving"):
+        doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text()))
+        assert doc and len(doc.splitlines()) <= 3, stage
+
+
+def test_the_flow_reaches_the_stages_only_through_the_pipeline():
+    """flows/ (the Metaflow layer) calls `pipeline` and reads the shared modules; from a stage package it
+    takes only error types, to tell an expected failure from a bug."""
+    flows = PACKAGE.parent / "flows"
+    reached = []
+    for path in sorted(flows.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlhf_lightning"):
+                for alias in node.names:
+                    module = node.module if node.module != "rlhf_lightning" else f"rlhf_lightning.{alias.name}"
+                    if module in SHARED or module == "rlhf_lightning.pipeline" or alias.name.endswith("Error"):
+                        continue
+                    reached.append(f"{path.name}:{node.lineno} {module}.{alias.name}")
+    assert not reached, reached

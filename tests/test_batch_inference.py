@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_lightning import batch_inference as bi
-from rlhf_lightning import serving
+from rlhf_lightning.serving import batch_inference as bi
+from rlhf_lightning.serving import server as serving
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PARAMS = {"max_new_tokens": 4}  # the model's default temperature: greedy, so answers are comparable

@@ -65,8 +65,8 @@ def test_preprocess_folds_and_counts_or_stops_with_the_row(tmp_path):
 
 
 def test_the_served_model_renders_with_the_template_it_was_trained_with(tiny_policy):
-    from rlhf_lightning.pyfunc_model import RLHFPolicyModel
-    from rlhf_lightning.registry import policy_chat_template
+    from rlhf_lightning.serving.pyfunc_model import RLHFPolicyModel
+    from rlhf_lightning.serving.registry import policy_chat_template
 
     _, adapter_dir, base_dir = tiny_policy
     cfg = from_dict({"policy": {"model": "tiny:llama", "chat_template": GEMMA}})

@@ -18,9 +18,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from rlhf_lightning import deployments, registry, serving
+from rlhf_lightning.serving import deployments
+from rlhf_lightning.serving import registry
+from rlhf_lightning.serving import server as serving
 from rlhf_lightning.config import InferenceRequest, from_dict
-from rlhf_lightning.inference import check_deployment, run_inference_template
+from rlhf_lightning.serving.inference import check_deployment, run_inference_template
 
 MODEL_NAME = "rlhf-policy"
 NAME = "rlhf-policy-candidate"

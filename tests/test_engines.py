@@ -378,7 +378,7 @@ def test_the_evaluation_samples_every_arm_through_the_engine(tmp_path, tiny32, r
     vLLM decodes greedily (below its 1e-5) and HF's sampler all but so: each arm answers as HF's greedy
     decoding of that model does, so each arm is the model it names. (At 1e-3 the tiny random model's
     near-tied logits already let a few tokens be drawn otherwise.)"""
-    from rlhf_lightning import evaluation
+    from rlhf_lightning.evaluation import compare as evaluation
 
     tok = loading.load_tokenizer(tiny32)
     policy, champion = randomised_policy(tiny32, 0.5, 3), randomised_policy(tiny32, 0.5, 4)

@@ -11,7 +11,10 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 import torch
 
-from rlhf_lightning import evaluation, gates, plots, stats
+from rlhf_lightning import stats
+from rlhf_lightning.evaluation import compare as evaluation
+from rlhf_lightning.evaluation import gates
+from rlhf_lightning.evaluation import plots
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models.generation import chat_prompt
 from rlhf_lightning.models.loading import load_tokenizer
@@ -165,7 +168,7 @@ def test_evaluate_against_reference_and_champion(tiny_policy, reward_model_dir):
 
 def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_dir):
     from rlhf_lightning.models.ppo import train_ppo
-    from rlhf_lightning.monitor import HeldoutMonitor
+    from rlhf_lightning.evaluation.monitor import HeldoutMonitor
 
     cfg = from_dict({
         "policy": {"model": "tiny:llama"},
@@ -193,7 +196,7 @@ def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_
 
 
 def test_side_by_side_shows_the_best_and_worst_answers_then_others():
-    from rlhf_lightning.evaluation import side_by_side, side_by_side_markdown
+    from rlhf_lightning.evaluation.compare import side_by_side, side_by_side_markdown
 
     samples = [{"prompt": f"p{i}", "policy": f"pol{i}", "reference": f"ref{i}", "policy_rm": 0.0, "reference_rm": 0.0,
                 "policy_gold": g, "reference_gold": 0.0} for i, g in enumerate([0.5, -0.9, 0.1, 0.9, -0.2, 0.0, 0.3])]

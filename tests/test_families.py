@@ -24,8 +24,8 @@ from rlhf_lightning.models.loading import load_policy, policy_tokenizer, stop_to
 from rlhf_lightning.models.logprobs import ended_with_eos
 from rlhf_lightning.models.ppo import train_ppo
 from rlhf_lightning.models.reward_model import RewardScorer, train_reward_model
-from rlhf_lightning.pyfunc_model import RLHFPolicyModel
-from rlhf_lightning.registry import policy_chat_template
+from rlhf_lightning.serving.pyfunc_model import RLHFPolicyModel
+from rlhf_lightning.serving.registry import policy_chat_template
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NAMES = sorted(FAMILIES)

@@ -107,7 +107,7 @@ class GateFlow(FlowSpec):
     def gate(self):
         with open({attempts!r}, "a") as f:
             f.write("ran\\n")
-        from rlhf_lightning.gates import GateError
+        from rlhf_lightning.evaluation.gates import GateError
         raise GateError("held-out accuracy 0.41 < reward_model.min_eval_accuracy 0.60 (train longer)")
         self.next(self.end)
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rlhf_lightning.serving import stop_pid
+from rlhf_lightning.serving.server import stop_pid
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"preprocess", "validate", "train_reward_model", "prepare_prompts", "reinforce", "evaluate",

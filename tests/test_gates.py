@@ -10,7 +10,9 @@ import random
 import pytest
 from mlflow import MlflowClient
 
-from rlhf_lightning import gates, pipeline, registry
+from rlhf_lightning import pipeline
+from rlhf_lightning.evaluation import gates
+from rlhf_lightning.serving import registry
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.data.preprocess import PreparedData
 from rlhf_lightning.models.generation import chat_prompt

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from rlhf_lightning import registry, serving
+from rlhf_lightning.serving import registry
+from rlhf_lightning.serving import server as serving
 from rlhf_lightning.config import from_dict
 
 MODEL_NAME = "rlhf-policy"

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
-from rlhf_lightning import pyfunc_model, registry
+from rlhf_lightning.serving import pyfunc_model
+from rlhf_lightning.serving import registry
 from rlhf_lightning.config import from_dict
 from rlhf_lightning.models import generation, loading
 
@@ -268,7 +269,7 @@ def test_the_served_model_stops_at_every_end_token_of_its_generation_config(tiny
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_lightning.pyfunc_model import RLHFPolicyModel
+    from rlhf_lightning.serving.pyfunc_model import RLHFPolicyModel
 
     _, adapter_dir, base_dir = tiny_policy
     base = AutoModelForCausalLM.from_pretrained(base_dir)

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from rlhf_lightning import registry, serving
+from rlhf_lightning.serving import registry
+from rlhf_lightning.serving import server as serving
 from rlhf_lightning.config import InferenceRequest
-from rlhf_lightning.inference import check_registered_version
+from rlhf_lightning.serving.inference import check_registered_version
 from rlhf_lightning.models import generation, loading
 
 MODEL_NAME = "rlhf-policy"

@@ -30,7 +30,7 @@ import torch
 
 from rlhf_lightning import judge
 from rlhf_lightning.config import RLHFConfig
-from rlhf_lightning.gates import promotion_decision
+from rlhf_lightning.evaluation.gates import promotion_decision
 from rlhf_lightning.models.generation import length_sorted_batches, sample
 from rlhf_lightning.models.loading import (compute_device, load_policy, policy_tokenizer, resolve_model,
                                            stop_token_ids, to_compute_device)

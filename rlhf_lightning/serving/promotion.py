@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from rlhf_lightning import inference as inf
-from rlhf_lightning import registry
+from rlhf_lightning.serving import inference as inf
+from rlhf_lightning.serving import registry
 from rlhf_lightning.config import ServingConfig
-from rlhf_lightning.deployments import LocalDeploymentClient, create_or_update, deployment_config, get_client
-from rlhf_lightning.registry import RegistryError
-from rlhf_lightning.serving import ServingError
+from rlhf_lightning.serving.deployments import LocalDeploymentClient, create_or_update, deployment_config, get_client
+from rlhf_lightning.serving.registry import RegistryError
+from rlhf_lightning.serving.server import ServingError
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import Callback
 
 from rlhf_lightning.config import EvaluationConfig
-from rlhf_lightning.evaluation import compare
+from rlhf_lightning.evaluation.compare import compare
 
 
 class HeldoutMonitor(Callback):

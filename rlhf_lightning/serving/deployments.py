@@ -32,8 +32,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
 from rlhf_lightning.config import ServingConfig
-from rlhf_lightning.registry import ModelRef, RegistryError, resolve_model_uri
-from rlhf_lightning.serving import ModelServer, predict_records
+from rlhf_lightning.serving.registry import ModelRef, RegistryError, resolve_model_uri
+from rlhf_lightning.serving.server import ModelServer, predict_records
 
 TARGET = "rlhf-local"
 TAG_PREFIX = f"deployment.{TARGET}."

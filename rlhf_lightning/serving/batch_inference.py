@@ -85,7 +85,7 @@ class Endpoint:
         self.timeout = timeout
 
     def predict(self, records: list[dict], params: dict[str, Any]) -> list[dict]:
-        from rlhf_lightning.serving import invoke
+        from rlhf_lightning.serving.server import invoke
 
         payload: dict[str, Any] = {"dataframe_records": records}
         if params:

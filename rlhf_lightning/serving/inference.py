@@ -23,7 +23,7 @@ from mlflow.deployments import BaseDeploymentClient
 from mlflow.exceptions import MlflowException
 
 from rlhf_lightning.config import InferenceRequest
-from rlhf_lightning.serving import ServingError
+from rlhf_lightning.serving.server import ServingError
 
 
 @dataclass

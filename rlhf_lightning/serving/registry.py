@@ -24,7 +24,8 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from rlhf_lightning import hardware, pyfunc_model
+from rlhf_lightning import hardware
+from rlhf_lightning.serving import pyfunc_model
 from rlhf_lightning.chat import refuses_system, template_for
 from rlhf_lightning.config import RLHFConfig
 
