@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Read by the pipeline in every step. Secrets (MLFLOW_TRACKING_TOKEN/PASSWORD, HF_TOKEN) are not
 # carried as plain job variables, which anyone who can describe the job reads: give them to the steps
-# with `--with secrets:sources=[...]` (README, "Scaling out"). Paths of the launching machine
+# with `--with secrets:sources=[...]` (docs/scaling-out.md). Paths of the launching machine
 # (RLHF_LIGHTNING_CACHE, HF_HOME) mean nothing in a container and are not carried either.
 CARRIED_ENV = (
     "MLFLOW_TRACKING_URI",

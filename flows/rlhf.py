@@ -100,10 +100,10 @@ class RLHFFlow(FlowSpec):
           python flows/rlhf.py --config cfg configs/tiny.yaml run   (tiny models, ~3 minutes)
     AWS:  MLFLOW_TRACKING_URI=http://<tracking server> \
           python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it;
-          every step runs in a fresh container: README, "Scaling out")
+          every step runs in a fresh container: docs/scaling-out.md)
     Faults: the heavy steps retry (faults.retries) and the training steps checkpoint to the datastore;
           a retry, or `python flows/rlhf.py resume` after the run died, continues from the last checkpoint
-          and logs into the same MLflow parent run (README, "When a run dies").
+          and logs into the same MLflow parent run (docs/faults.md).
     """
 
     cfg = Config("cfg", default=DEFAULT_CONFIG, parser=parse_config,

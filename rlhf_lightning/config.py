@@ -41,7 +41,7 @@ class BuiltinTaskConfig:
 
     n_preference_prompts: int = 1024
     """Prompts for which completions are sampled and labelled (1024 x 6 pairs: enough for the reward
-    model to pass its 0.7 gate on these noisy labels; README, "The reward model")."""
+    model to pass its 0.7 gate on these noisy labels; docs/reward-model.md)."""
     responses_per_prompt: int = 4
     """Completions sampled per preference prompt. The annotator ranks them (Plackett-Luce over
     beta * gold, which is Bradley-Terry for 2) and each pair of the ranking is a preference row:

@@ -24,7 +24,7 @@ def _needs(torch_version: str, cuda_version: str | None) -> str:
             f"CUDA {cuda_version} (R580 or newer for CUDA 13; `nvidia-smi` shows the driver) and a GPU of "
             "compute capability 7.5 or newer (T4, A10G, L4, L40S, A100, H100: AWS g4dn, g5, g6, g6e, p4d, p5; "
             "not V100/p3). On AWS Batch, give the GPU queue a compute environment on the ECS GPU-optimised "
-            "AMI with such a driver (README, 'GPUs')")
+            "AMI with such a driver (docs/scaling-out.md, 'GPUs')")
 
 
 def _runs_on(capability: tuple[int, int], arches: Sequence[str]) -> bool:
