@@ -50,7 +50,7 @@ def gpus(cfg, count: int) -> int:
 def train_memory(cfg) -> int:
     """MB of host memory a training step's job asks for: 16 GB for one process, and 8 GB more for each
     further rank, since every rank loads its own copy of the base before it moves to its GPU."""
-    return 16000 + 8000 * (max(int(cfg.trainer.devices), 1) - 1)
+    return 16000 + 8000 * (int(cfg.trainer.devices) - 1)
 
 
 def train_shared_memory(cfg):
@@ -58,14 +58,14 @@ def train_shared_memory(cfg):
     Docker's default is 64 MB: ddp_spawn hands the module to its ranks through shared memory (every
     weight that is not 4-bit) and NCCL's intra-node transport uses it. Half the job's memory; it is
     counted against the job's memory only as it fills."""
-    return train_memory(cfg) // 2 if int(cfg.trainer.devices) != 1 else None
+    return train_memory(cfg) // 2 if int(cfg.trainer.devices) > 1 else None
 
 
 # The training steps ask for trainer.devices GPUs: a container has only the GPUs its job asked for, and
 # Lightning refuses `devices: 2` where it sees one; with the host memory, shared memory and cores their
 # ranks need. Sampling and evaluation generate on one.
 TRAIN_GPUS = config_expr("gpus(cfg, cfg.trainer.devices)")
-TRAIN_CPUS = config_expr("4 * max(int(cfg.trainer.devices), 1)")
+TRAIN_CPUS = config_expr("4 * int(cfg.trainer.devices)")
 TRAIN_MEMORY = config_expr("train_memory(cfg)")
 TRAIN_SHM = config_expr("train_shared_memory(cfg)")
 ONE_GPU = config_expr("gpus(cfg, 1)")

@@ -23,7 +23,6 @@ imports it until an engine starts.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ import torch
 
 from rlhf_lightning.config import GenerationConfig
 from rlhf_lightning.models.generation import Sampled, finish_sampled
+from rlhf_lightning.models.loading import hub_snapshot, release_cached_memory
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The adapter ranks a vLLM engine can be sized for (`max_lora_rank`)."""
@@ -272,14 +272,6 @@ def prefill_settings(cuda: bool, max_model_len: int) -> dict:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
 
 
-def release_cached_memory() -> None:
-    """Give the blocks torch's CUDA caching allocator holds but no tensor uses back to the driver (what
-    an update left behind), so that memory mapped outside the allocator (a waking engine) can have them."""
-    gc.collect()  # tensors only a reference cycle still holds, freed before their blocks are released
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class VLLMEngine:
     """A vLLM engine over the base in `base_dir`, sampling with the adapter last given to `sync` (engines
     started with `lora_rank` 0 sample the base alone)."""
@@ -300,12 +292,7 @@ class VLLMEngine:
         if self.cuda and gen.sleep_during_update and gen.sleep_level == 2 and not Path(base_dir).is_dir():
             # A level-2 sleep reads the weights again at every wake: from the hub's snapshot on this
             # disk, fetched once here, not through the hub at every rollout.
-            from huggingface_hub import snapshot_download
-
-            from rlhf_lightning.models.loading import BASE_FILE_PATTERNS, BASE_IGNORE_PATTERNS
-
-            base_dir = snapshot_download(base_dir, allow_patterns=BASE_FILE_PATTERNS,
-                                         ignore_patterns=BASE_IGNORE_PATTERNS)
+            base_dir = str(hub_snapshot(base_dir))
         config = AutoConfig.from_pretrained(base_dir)
         check_model(config, self.cuda)
         if max_model_len is None:  # the model's positions, capped: the KV cache is sized for one such sequence
@@ -325,7 +312,8 @@ class VLLMEngine:
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
         # The engine's processes read these settings as they start; this process's environment goes back.
         settings = logging_config(self.adapter_root / "vllm-logging.json")
-        if in_process():
+        local = in_process()
+        if local:
             settings["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not self.cuda:
             settings |= cpu_binding(os.environ, os.sched_getaffinity(0))
@@ -337,7 +325,7 @@ class VLLMEngine:
                                max_model_len=max_model_len, enforce_eager=gen.enforce_eager,
                                gpu_memory_utilization=gen.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
                                **prefill_settings(self.cuda, max_model_len), **lora,
-                               **({"distributed_executor_backend": "uni"} if in_process() else {}))
+                               **({"distributed_executor_backend": "uni"} if local else {}))
             except BaseException:
                 shutil.rmtree(self.adapter_root, ignore_errors=True)
                 raise

@@ -12,6 +12,7 @@ A model reference is one of:
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 from pathlib import Path
@@ -375,6 +376,23 @@ BASE_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt
 BASE_IGNORE_PATTERNS = ["original/*", "*/original/*", "*.bin", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
 
 
+def hub_snapshot(hub_id: str) -> Path:
+    """The hub model's files in the local hub cache, fetched with the patterns above (once; later calls
+    find them there)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(hub_id, allow_patterns=BASE_FILE_PATTERNS, ignore_patterns=BASE_IGNORE_PATTERNS))
+
+
+def release_cached_memory() -> None:
+    """Give the blocks torch's CUDA caching allocator holds but no tensor uses back to the driver, so that
+    another user of the GPU (a waking vLLM engine, which maps its memory outside that allocator; ranks
+    starting beside a process that just freed a model) can have them."""
+    gc.collect()  # tensors only a reference cycle still holds, freed before their blocks are released
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def base_model_dir(ref: str, workdir: str) -> str:
     """A local transformers directory (weights + tokenizer) of the base policy, for the registry.
     Local refs are used in place; a hub id is its snapshot in the hub cache, as published (its dtype,
@@ -383,9 +401,7 @@ def base_model_dir(ref: str, workdir: str) -> str:
     path = resolve_model(ref)
     if Path(path).is_dir():
         return path
-    from huggingface_hub import snapshot_download
-
-    snapshot = Path(snapshot_download(path, allow_patterns=BASE_FILE_PATTERNS, ignore_patterns=BASE_IGNORE_PATTERNS))
+    snapshot = hub_snapshot(path)
     if any(snapshot.glob("*.safetensors")):
         return str(snapshot)
     out = Path(workdir) / "base_model"

@@ -24,7 +24,6 @@ SmolLM2) is most of the cost of a forward pass on these small models.
 
 from __future__ import annotations
 
-import gc
 import json
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -40,8 +39,8 @@ from torch import nn
 from rlhf_lightning import judge
 from rlhf_lightning.config import GenerationConfig, PolicyConfig, PPOConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
-from rlhf_lightning.models.loading import (enable_gradient_checkpointing, load_policy, policy_tokenizer, resolve_model,
-                                           stop_token_ids)
+from rlhf_lightning.models.loading import (enable_gradient_checkpointing, load_policy, policy_tokenizer,
+                                           release_cached_memory, resolve_model, stop_token_ids)
 from rlhf_lightning.models.logprobs import ended_with_eos, response_forward, token_logprobs
 from rlhf_lightning.models.losses import (
     AdaptiveKLController,
@@ -155,9 +154,7 @@ class PPOModule(L.LightningModule):
         if self.hparams.policy.quantization != "4bit" or "policy" not in self._modules:
             return
         self._policy_weights = trainable_weights(self._modules.pop("policy"))
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_cached_memory()
 
     def configure_model(self) -> None:
         weights = self.__dict__.pop("_policy_weights", None)
