@@ -621,7 +621,12 @@ class TrainerConfig:
     accelerator: str = "auto"
     """cpu, gpu or auto."""
     devices: int = 1
-    """Devices per node."""
+    """Devices per node: one training process each (several: `ddp_spawn`). With generation.backend vllm
+    every process starts an engine of its own on its own device."""
+    num_nodes: int = 1
+    """Machines the training steps (reward model, PPO) run on, `devices` processes each. More than 1
+    makes those two steps Metaflow `@parallel` steps (a multi-node job on AWS Batch, a JobSet on
+    Kubernetes, Argo; N local processes under a plain `run`); AWS Step Functions cannot run them."""
     strategy: str = "auto"
     """Lightning strategy. auto: one device as it is, several: ddp_spawn. Strategies that start their ranks
     by re-running the command line (ddp, fsdp, deepspeed) are refused: inside a Metaflow step that runs the
@@ -637,16 +642,23 @@ class TrainerConfig:
     the policy (PPO's update) and the reward model: activation memory of one layer instead of all, for
     about a third more compute per update. For long responses or large minibatches on a GPU."""
 
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: devices per node x nodes."""
+        return self.devices * self.num_nodes
+
     def __post_init__(self) -> None:
         _check(isinstance(self.gradient_checkpointing, bool), "trainer.gradient_checkpointing", "must be true or false")
         _check(isinstance(self.devices, int) and self.devices >= 1, "trainer.devices",
                "give the number of devices per node (1 or more): each training job asks for that many GPUs")
+        _check(isinstance(self.num_nodes, int) and self.num_nodes >= 1, "trainer.num_nodes",
+               "give the number of machines the training steps run on (1 or more)")
         _check(self.strategy != "ddp", "trainer.strategy",
                "ddp re-launches the whole Metaflow step; use ddp_spawn")
         # Lightning starts the ranks of ddp, fsdp, deepspeed, ... by re-running the command line: the whole
         # Metaflow step again. Said here, before any step runs (the Trainer refuses them too).
-        _check(self.devices == 1 or self.strategy == "auto" or self.strategy.startswith("ddp_spawn"),
-               "trainer.strategy", f"{self.strategy} over {self.devices} devices starts its ranks by re-running the "
+        _check(self.world_size == 1 or self.strategy == "auto" or self.strategy.startswith("ddp_spawn"),
+               "trainer.strategy", f"{self.strategy} over {self.world_size} devices starts its ranks by re-running the "
                "command line, which inside a Metaflow step runs the whole step again; use auto or ddp_spawn")
 
 
@@ -758,9 +770,6 @@ class RLHFConfig:
                or not (model.startswith(("tiny:", "package:", "/", ".", "~")) or Path(model).exists()),
                "registry.base_store", f"hub needs policy.model to be a hub id (ORG/NAME), got {model!r}; "
                "use shared (the default) or copy for local models")
-        _check(self.generation.backend != "vllm" or self.trainer.devices == 1, "generation.backend",
-               f"vllm runs one engine beside one training process; trainer.devices is {self.trainer.devices}: "
-               "use 1, or backend hf for several devices")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

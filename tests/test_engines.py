@@ -76,11 +76,19 @@ def test_without_vllm_installed_the_engine_says_how_to_install_it(monkeypatch):
         VLLMEngine("unused", GenerationConfig(backend="vllm"), lora_rank=8, max_model_len=256, seed=0)
 
 
-def test_the_config_refuses_vllm_beside_several_training_processes():
-    from rlhf_lightning.config import ConfigError
+def test_each_training_process_places_its_engine_on_its_own_device_and_cores():
+    """Several training processes on one machine: each engine's processes see only their trainer's GPU
+    (as vLLM's cuda:0), among the GPUs the job was given; on a CPU each takes its share of the cores."""
+    from rlhf_lightning.models.engines import rank_placement
 
-    with pytest.raises(ConfigError, match="trainer.devices is 2"):
-        from_dict({"generation": {"backend": "vllm"}, "trainer": {"devices": 2}})
+    env, cores = rank_placement("cuda:1", 1, 4, range(16), environ={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert env == {"CUDA_VISIBLE_DEVICES": "5"} and cores == {4, 5, 6, 7}
+    assert rank_placement("cuda:3", 3, 8, range(8), environ={})[0] == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert rank_placement("cpu", 1, 2, [0, 1, 2, 3, 4]) == ({}, {2, 3})
+    assert rank_placement("cpu", 0, 1, [3, 1]) == ({}, {1, 3})  # one process: every core
+    assert rank_placement("cpu", 2, 4, [0, 1]) == ({}, {0, 1})  # fewer cores than processes: all shared
+    # The config takes vLLM beside several training processes.
+    assert from_dict({"generation": {"backend": "vllm"}, "trainer": {"devices": 8}}).trainer.world_size == 8
 
 
 class _RecordingLLM:

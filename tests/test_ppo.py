@@ -355,7 +355,9 @@ def test_ddp_spawn_on_two_cpu_processes_brings_weights_and_history_back(tmp_path
     # The KL controller moved by the KL of both processes' rollouts: one coefficient, whichever rank saves.
     assert (tmp_path / "kl_coef0").read_text() == (tmp_path / "kl_coef1").read_text()
     assert [h["iteration"] for h in result.history] == [0, 1]
-    assert result.history[0]["ppo/kl"] < 1e-4 and result.history[1]["ppo/kl"] > 0
+    # The first rollout is the reference's own (KL 0); after an update the estimate moves (either way:
+    # it is a sampled estimate).
+    assert abs(result.history[0]["ppo/kl"]) < 1e-4 and abs(result.history[1]["ppo/kl"]) > 1e-4
     now = dict(module.named_parameters())
     for name, before in trainable.items():  # trained in the workers, moved back into the parent
         assert not torch.equal(before, now[name]), name

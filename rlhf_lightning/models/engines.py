@@ -252,6 +252,28 @@ def environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def rank_placement(device: torch.device | str | None, local_rank: int, local_ranks: int, cores,
+                   environ=os.environ) -> tuple[dict[str, str], set[int]]:
+    """Where the engine of training process `local_rank` (of `local_ranks` on this machine) runs: (the
+    environment its processes start with, the CPU cores it may use).
+
+    On a GPU the engine's processes see only this process's device (`CUDA_VISIBLE_DEVICES` narrowed to
+    it), so each rank's engine sits beside its own trainer and vLLM's "cuda:0" is that device. On a CPU
+    the ranks share the machine's cores: each engine computes on its own share, as each trainer does
+    (Lightning gives every rank cores // ranks threads), instead of all of them contending for all."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    env: dict[str, str] = {}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[index].strip() if index < len(visible) else str(index)
+    cores = sorted(cores)
+    if local_ranks > 1 and len(cores) >= local_ranks:
+        share = len(cores) // local_ranks
+        cores = cores[local_rank * share:(local_rank + 1) * share]
+    return env, set(cores)
+
+
 def in_process() -> bool:
     """`RLHF_VLLM_IN_PROCESS=1` (the test suite): the engine and its worker in this process instead of two
     processes of their own, which each take ~12 s to import vLLM on a 2-core CPU. Not for training: the
@@ -277,7 +299,10 @@ class VLLMEngine:
     started with `lora_rank` 0 sample the base alone)."""
 
     def __init__(self, base_dir: str, gen: GenerationConfig, *, lora_rank: int, seed: int,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, device: torch.device | str | None = None,
+                 local_rank: int = 0, local_ranks: int = 1):
+        """`device`, `local_rank`, `local_ranks`: the training process this engine serves, when there are
+        several on the machine (`rank_placement`): each gets an engine of its own on its own device."""
         try:
             from vllm import LLM
         except ImportError as exc:
@@ -312,11 +337,21 @@ class VLLMEngine:
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-"))
         # The engine's processes read these settings as they start; this process's environment goes back.
         settings = logging_config(self.adapter_root / "vllm-logging.json")
-        local = in_process()
+        placement, cores = rank_placement(device if self.cuda else "cpu", local_rank, local_ranks,
+                                          os.sched_getaffinity(0))
+        settings |= placement
+        self.placement = {**placement, "cores": sorted(cores)}  # where this engine runs, for its logs and tests
+        # Beside a training process of a distributed run the engine gets processes of its own, started
+        # fresh (spawn): vLLM in this process would take the trainers' process group for its own world,
+        # and a forked child would inherit it.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        local = in_process() and not distributed
         if local:
             settings["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        elif distributed:
+            settings["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         if not self.cuda:
-            settings |= cpu_binding(os.environ, os.sched_getaffinity(0))
+            settings |= cpu_binding(os.environ, cores)
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # the user's own size wins
                 settings["VLLM_CPU_KVCACHE_SPACE"] = str(gen.cpu_kv_cache_gib)
         with environment(settings):

@@ -177,8 +177,12 @@ class PPOModule(L.LightningModule):
             # The base as published (the engine loads it in its own dtype, unquantised under 4-bit: the
             # rollouts then come from the full-precision base + adapter, the log-probs PPO trains on from
             # the nf4 one the trainer holds).
+            # One engine per training process, on that process's device (with several, each samples its
+            # own share of the prompts with the adapter DDP keeps equal on every rank: `check_adapter`).
             self.engine = VLLMEngine(resolve_model(self.hparams.policy.model), self.generation,
-                                     lora_rank=self.hparams.policy.lora.r, seed=self.ppo.seed)
+                                     lora_rank=self.hparams.policy.lora.r, seed=self.ppo.seed + self.global_rank,
+                                     device=self.device, local_rank=self.local_rank,
+                                     local_ranks=self.trainer.num_devices)
 
     def on_fit_end(self) -> None:
         self.close_engine()
@@ -328,13 +332,33 @@ class PPOModule(L.LightningModule):
         # gradients (x65 536 at first), the clip would always fire, and every update would shrink to noise.
         self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
 
+    def check_adapter(self, batch_idx: int) -> None:
+        """Every process must sample from the same policy: DDP's all-reduce keeps the trainable weights
+        equal on every rank, and this proves it before each rollout, at the cost of one small gather.
+        Each rank sends one checksum per trainable tensor; a rank whose adapter differs (a hand-over, a
+        resume or a precision path gone wrong) stops the fit on every rank together, naming the rank
+        and the tensor, instead of training on silently diverging policies."""
+        if self.trainer.world_size <= 1:
+            return
+        names, sums = zip(*((n, weight_checksum(p)) for n, p in self.named_parameters() if p.requires_grad))
+        gathered = self.all_gather(torch.stack(sums))  # (world, T) int64
+        differ = (gathered != gathered[0]).nonzero().tolist()
+        if differ:
+            rank, tensor = differ[0]
+            raise RuntimeError(f"PPO iteration {batch_idx}: rank {rank}'s trainable weights differ from rank 0's "
+                               f"({len(differ)} tensor(s), first {names[tensor]}): the processes would sample and "
+                               "train different policies")
+
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         k = self.ppo.samples_per_prompt
         prompts = [p for p in batch["prompt"] for _ in range(k)]  # (B,) consecutive groups of k
         chats = [c for c in batch["prompt_chat"] for _ in range(k)]
+        self.check_adapter(batch_idx)
         # Seeded per iteration, not by the global stream: a run repeats on CPU even if something
-        # else (a callback, the prompt sampler) draws random numbers in between.
-        sampled = self.rollout(chats, seed=self.ppo.seed * 1_000_003 + batch_idx)
+        # else (a callback, the prompt sampler) draws random numbers in between. Each process draws its
+        # own samples (rank 0's seeds are a one-process run's), also where two got the same prompt.
+        seed = self.ppo.seed * 1_000_003 + batch_idx + 100_003 * self.global_rank
+        sampled = self.rollout(chats, seed=seed)
         if self.engine is not None:
             self.engine.sleep()  # its GPU memory back to training until the next rollout (GPU only)
         scored = self.score_and_kl(prompts, sampled, keep_graph=self.shares_forward(len(chats)))
@@ -409,6 +433,16 @@ def fp32_values(value_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return value_head(hidden.float()).squeeze(-1)
 
 
+def weight_checksum(weight: torch.Tensor) -> torch.Tensor:
+    """An int64 checksum of a tensor's exact bits, computed where it lives: the bit patterns weighted by
+    position (a swap of two values changes it), summed with int64's wrap-around. Equal tensors give equal
+    checksums; a one-ulp difference anywhere changes it."""
+    flat = weight.detach().contiguous().flatten()
+    bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    position = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 1_000_003 + 1
+    return (bits.to(torch.int64) * position).sum()
+
+
 def _max_over_processes(value: torch.Tensor) -> float:
     value = value.detach().clone()
     if dist.is_initialized():
@@ -440,8 +474,9 @@ class PPOResult:
 
 
 def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir: str, logger=None,
-            callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> PPOResult:
-    """Run PPO on an existing module and save the adapter (+ value head) in out_dir/adapter. `callbacks`
+            callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> PPOResult | None:
+    """Run PPO on an existing module and save the adapter (+ value head) in out_dir/adapter (None on a
+    node other than node 0 of a run over several: `trainer.node_world`). `callbacks`
     may include a checkpoint callback (checkpoints.PeriodicCheckpoint); `ckpt_path` resumes from one of
     its checkpoints: weights, optimiser, KL controller, iteration, prompt order, RNG and history."""
     if not rl_prompts:
@@ -458,6 +493,8 @@ def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir:
     # Our own checkpoints: they hold the config dataclasses as hyperparameters.
     trainer.fit(module, prompt_loader(rl_prompts, cfg.ppo), ckpt_path=ckpt_path, weights_only=False)
 
+    if trainer.node_rank != 0:  # another machine's processes trained beside node 0's, which has the results
+        return None
     # Under ddp_spawn training ran in worker processes: Lightning moves the weights back into `module`
     # (those it still holds: a 4-bit module released its base), not what the module collected, so the
     # history and the adapter come back through rank 0's files.
@@ -488,7 +525,7 @@ class _SaveResults(Callback):
 
 def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,
               gold_judge: bool = False, callbacks: list[Callback] | None = None,
-              ckpt_path: str | None = None) -> PPOResult:
+              ckpt_path: str | None = None) -> PPOResult | None:
     """PPO from a fresh adapter against the reward model in `reward_model_dir` (`RewardScorer.load`);
     `logger` is a Lightning logger (e.g. MLFlowLogger) or None;
     `gold_judge` logs the built-in task's gold score of the rollouts (monitoring only); `callbacks`

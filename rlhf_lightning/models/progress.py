@@ -66,6 +66,8 @@ class LineProgress(Callback):
             self._first = batch_idx
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not trainer.is_global_zero:  # one line per iteration for the run, not one per process
+            return
         now = time.monotonic()
         total = trainer.num_training_batches
         if now - self._last < self.interval and batch_idx + 1 != total:

@@ -44,8 +44,8 @@ def build_trainer(trainer: TrainerConfig, name: str, callbacks: list | None = No
     # Checkpoints only from a checkpoint callback the caller passes (checkpoints.PeriodicCheckpoint):
     # Lightning's default one would write a second set nobody resumes from.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
-    built = L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices,
-                      strategy=resolve_strategy(trainer.strategy, trainer.devices),
+    built = L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
+                      strategy=resolve_strategy(trainer.strategy, trainer.world_size),
                       precision=resolve_precision(trainer.precision, trainer.accelerator), enable_progress_bar=tty,
                       callbacks=callbacks, enable_checkpointing=checkpointing, **kwargs)
     check_launcher(built, trainer.strategy)
