@@ -627,6 +627,12 @@ class TrainerConfig:
     """Machines the training steps (reward model, PPO) run on, `devices` processes each. More than 1
     makes those two steps Metaflow `@parallel` steps (a multi-node job on AWS Batch, a JobSet on
     Kubernetes, Argo; N local processes under a plain `run`); AWS Step Functions cannot run them."""
+    collective_timeout_s: int = 600
+    """With several training processes: how long a process waits for the others in a collective (the
+    start-up rendezvous, a gradient all-reduce) before it fails. A process or node that dies leaves the
+    others waiting this long; then the step fails and `@retry` starts every node again from the last
+    checkpoint. Lightning's own default is 30 minutes; raise it where ranks start far apart (a slow image
+    pull on one node)."""
     strategy: str = "auto"
     """Lightning strategy. auto: one device as it is, several: ddp_spawn. Strategies that start their ranks
     by re-running the command line (ddp, fsdp, deepspeed) are refused: inside a Metaflow step that runs the
@@ -651,6 +657,8 @@ class TrainerConfig:
         _check(isinstance(self.gradient_checkpointing, bool), "trainer.gradient_checkpointing", "must be true or false")
         _check(isinstance(self.devices, int) and self.devices >= 1, "trainer.devices",
                "give the number of devices per node (1 or more): each training job asks for that many GPUs")
+        _check(isinstance(self.collective_timeout_s, int) and self.collective_timeout_s >= 10,
+               "trainer.collective_timeout_s", "give the seconds a process waits in a collective (10 or more)")
         _check(isinstance(self.num_nodes, int) and self.num_nodes >= 1, "trainer.num_nodes",
                "give the number of machines the training steps run on (1 or more)")
         _check(self.strategy != "ddp", "trainer.strategy",

@@ -185,10 +185,14 @@ def engines_in_process():
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory) -> str:
     """tiny:llama with 2 attention heads of 32 (1 KV head), random weights, its tokenizer and template."""
+    return build_tiny32(tmp_path_factory.mktemp("tiny32") / "model")
+
+
+def build_tiny32(dst) -> str:
+    """`tiny32`'s model, written to `dst`: a tiny model whose heads vLLM's CPU kernels take."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = loading.resolve_model("tiny:llama")
-    dst = tmp_path_factory.mktemp("tiny32") / "model"
     shutil.copytree(src, dst)
     config = AutoConfig.from_pretrained(src)
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32

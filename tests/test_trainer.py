@@ -31,6 +31,22 @@ def test_auto_with_two_devices_spawns_its_ranks_from_this_process():
     assert isinstance(one.strategy, SingleDeviceStrategy)
 
 
+@pytest.mark.parametrize("strategy, unused", [("auto", False), ("ddp_spawn_find_unused_parameters_true", True)])
+def test_several_processes_wait_for_each_other_as_long_as_the_config_says(strategy, unused):
+    """A process or node that dies leaves the others in a collective: they give up after
+    trainer.collective_timeout_s (Lightning's own default is 30 minutes), over one node or several."""
+    from datetime import timedelta
+
+    cfg = TrainerConfig(accelerator="cpu", devices=2, num_nodes=3, precision="32-true", strategy=strategy,
+                        collective_timeout_s=45)
+    trainer = build_trainer(cfg, "test", logger=False)
+    assert trainer.strategy._timeout == timedelta(seconds=45) and trainer.num_nodes == 3
+    assert trainer.strategy._ddp_kwargs.get("find_unused_parameters", False) is unused
+    assert trainer.strategy.launcher._start_method == "spawn"
+    with pytest.raises(ConfigError, match="trainer.collective_timeout_s"):
+        TrainerConfig(collective_timeout_s=0)
+
+
 @pytest.mark.parametrize("strategy", ["ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"])
 def test_a_strategy_that_re_runs_the_command_line_is_refused_whatever_its_name(strategy):
     """The config says so before any step runs; the Trainer, by the launcher Lightning resolved, for what

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -364,6 +365,10 @@ class VLLMEngine:
             except BaseException:
                 shutil.rmtree(self.adapter_root, ignore_errors=True)
                 raise
+        # Stopped also when this process ends without closing it (a ddp_spawn rank whose fit raised, say:
+        # another rank died). Python's multiprocessing runs these finalizers before it waits for the
+        # process's children, the engine's among them, which would otherwise keep it alive forever.
+        multiprocessing.util.Finalize(None, self.close, exitpriority=10)
         self.lora = None  # the LoRARequest rollouts sample with (merge mode: _Merged, its files)
         self.merged = False  # merge mode: the engine's weights hold the last adapter (not the base)
         self.syncs = 0

@@ -30,6 +30,23 @@ def check_launcher(trainer: L.Trainer, strategy: str) -> None:
                           "picks it for several devices)")
 
 
+def strategy_object(name: str, timeout_s: int):
+    """The strategy as Lightning takes it: `ddp_spawn` (and its find_unused_parameters variants) as a
+    DDPStrategy holding `timeout_s`, the collective timeout its name cannot carry; other names as given."""
+    if not name.startswith("ddp_spawn"):
+        return name
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    unused = {"ddp_spawn": None, "ddp_spawn_find_unused_parameters_true": True,
+              "ddp_spawn_find_unused_parameters_false": False}
+    if name not in unused:
+        return name
+    extra = {} if unused[name] is None else {"find_unused_parameters": unused[name]}
+    return DDPStrategy(start_method="spawn", timeout=timedelta(seconds=timeout_s), **extra)
+
+
 def build_trainer(trainer: TrainerConfig, name: str, callbacks: list | None = None, **kwargs) -> L.Trainer:
     """A Lightning Trainer with the configured hardware settings. Away from a terminal the progress bar
     becomes a line every 30 s, prefixed with `name`; `kwargs` go to `L.Trainer` (epochs, logger, ...)."""
@@ -45,7 +62,8 @@ def build_trainer(trainer: TrainerConfig, name: str, callbacks: list | None = No
     # Lightning's default one would write a second set nobody resumes from.
     checkpointing = any(isinstance(c, Checkpoint) for c in callbacks)
     built = L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
-                      strategy=resolve_strategy(trainer.strategy, trainer.world_size),
+                      strategy=strategy_object(resolve_strategy(trainer.strategy, trainer.world_size),
+                                               trainer.collective_timeout_s),
                       precision=resolve_precision(trainer.precision, trainer.accelerator), enable_progress_bar=tty,
                       callbacks=callbacks, enable_checkpointing=checkpointing, **kwargs)
     check_launcher(built, trainer.strategy)
