@@ -58,6 +58,10 @@ def tracked_task(step_name, flow, inputs=None, attributes=None):
     attempt = current.retry_count
     pathspec = f"{current.flow_name}/{current.run_id}/{step_name}/{current.task_id}"
     parent = _parent_run_id(flow, inputs)
+    if current.get("is_parallel", False) and current.parallel.node_index != 0:
+        # A node beside node 0 of a step over several (flows/nodes.py): node 0 keeps the MLflow records,
+        # of its own task and of the step's failure (its processes fail with any other node's).
+        parent = None
     if parent:
         failure = tracking.recorded_failure(parent)
         if (attempt > 0 and failure.get("kind") == "expected" and failure.get("step") == step_name
@@ -73,7 +77,8 @@ def tracked_task(step_name, flow, inputs=None, attributes=None):
             yield
         except Exception as exc:
             expected = _expected(exc)
-            parent = parent or _parent_run_id(flow, inputs)  # `start` makes it
+            if step_name == "start":  # `start` makes it
+                parent = _parent_run_id(flow, inputs)
             if parent:
                 tracking.fail_parent(parent, step=step_name, reason=str(exc) or type(exc).__name__,
                                      expected=expected)

@@ -16,15 +16,12 @@ except ImportError:
 
 from cards import StepCard  # noqa: E402  (flows/cards.py)
 from faults import checkpoint_plan  # noqa: E402  (flows/faults.py)
+from jobs import ONE_GPU, RETRY, TRAIN_CPUS, TRAIN_GPUS, TRAIN_MEMORY, TRAIN_SHM  # noqa: E402  (flows/jobs.py)
+from nodes import over_nodes, training_node  # noqa: E402  (flows/nodes.py)
 from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
 from rlhf_lightning.config import ConfigError, parse_yaml_config  # noqa: E402
-from rlhf_lightning.hardware import GPU_ACCELERATORS  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
-# The heavy steps run again on another machine when theirs dies (a spot reclaim, an OOM kill); the
-# training steps continue from their last checkpoint (faults.checkpoint_plan).
-RETRY = {"times": config_expr("cfg.faults.retries"),
-         "minutes_between_retries": config_expr("cfg.faults.minutes_between_retries")}
 
 
 def parse_config(text: str) -> dict:
@@ -42,36 +39,10 @@ def parse_config(text: str) -> dict:
         raise SystemExit(2) from None
 
 
-def gpus(cfg, count: int) -> int:
-    """GPUs a step's job asks for: `count` where the configured accelerator may be a GPU, else none."""
-    return int(count) if cfg.trainer.accelerator in GPU_ACCELERATORS else 0
-
-
-def train_memory(cfg) -> int:
-    """MB of host memory a training step's job asks for: 16 GB for one process, and 8 GB more for each
-    further rank, since every rank loads its own copy of the base before it moves to its GPU."""
-    return 16000 + 8000 * (int(cfg.trainer.devices) - 1)
-
-
-def train_shared_memory(cfg):
-    """MB of /dev/shm for a training step's job with several ranks, None (the container's default) for one.
-    Docker's default is 64 MB: ddp_spawn hands the module to its ranks through shared memory (every
-    weight that is not 4-bit) and NCCL's intra-node transport uses it. Half the job's memory; it is
-    counted against the job's memory only as it fills."""
-    return train_memory(cfg) // 2 if int(cfg.trainer.devices) > 1 else None
-
-
-# The training steps ask for trainer.devices GPUs: a container has only the GPUs its job asked for, and
-# Lightning refuses `devices: 2` where it sees one; with the host memory, shared memory and cores their
-# ranks need. Sampling and evaluation generate on one.
-TRAIN_GPUS = config_expr("gpus(cfg, cfg.trainer.devices)")
-TRAIN_CPUS = config_expr("4 * int(cfg.trainer.devices)")
-TRAIN_MEMORY = config_expr("train_memory(cfg)")
-TRAIN_SHM = config_expr("train_shared_memory(cfg)")
-ONE_GPU = config_expr("gpus(cfg, 1)")
-
-
+# Mutators run nearest the class first: over_nodes swaps in the steps of a run over several nodes before
+# remote_ready decorates every step.
 @remote_ready
+@over_nodes
 class RLHFFlow(FlowSpec):
     """RLHF pipeline: preference data in, a served PPO-tuned LoRA policy out.
 
@@ -175,11 +146,14 @@ class RLHFFlow(FlowSpec):
     @step
     def validate(self):
         """Check every row; stop the run here, with a report, on errors."""
+        self._validate()
+        self.next(self.train_reward_model, self.prepare_prompts)
+
+    def _validate(self):
         from rlhf_lightning import pipeline
 
         self.validation = pipeline.validate(self._config(), self.parent_run_id, self.data,
                                             self._workdir("validate"), card=StepCard(current.card))
-        self.next(self.train_reward_model, self.prepare_prompts)
 
     @card(type="blank")
     @resources(cpu=TRAIN_CPUS, memory=TRAIN_MEMORY, gpu=TRAIN_GPUS, shared_memory=TRAIN_SHM)
@@ -189,18 +163,23 @@ class RLHFFlow(FlowSpec):
         """Train the Bradley-Terry reward model and measure its held-out accuracy."""
         from rlhf_lightning import pipeline
 
-        self.reward_model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,
-                                                        self._workdir("reward_model"), card=StepCard(current.card),
-                                                        checkpoints=checkpoint_plan(self))
+        model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,
+                                            self._workdir("reward_model"), card=StepCard(current.card),
+                                            checkpoints=checkpoint_plan(self), node=training_node())
+        if model is not None:  # None on the nodes beside node 0 of a run over several: node 0's is the model
+            self.reward_model = model
         self.next(self.join)
 
     @step
     def prepare_prompts(self):
         """Hand the RL prompts and the held-out evaluation prompts on."""
+        self._prepare_prompts()
+        self.next(self.join)
+
+    def _prepare_prompts(self):
         from rlhf_lightning import pipeline
 
         self.prompts = pipeline.prepare_prompts(self._config(), self.parent_run_id, self.data)
-        self.next(self.join)
 
     @step
     def join(self, inputs):
@@ -216,9 +195,11 @@ class RLHFFlow(FlowSpec):
         """PPO on the LoRA policy against the reward model."""
         from rlhf_lightning import pipeline
 
-        self.policy = pipeline.reinforce(self._config(), self.parent_run_id, self.prompts, self.reward_model,
-                                         self._workdir("reinforce"), card=StepCard(current.card),
-                                         checkpoints=checkpoint_plan(self))
+        policy = pipeline.reinforce(self._config(), self.parent_run_id, self.prompts, self.reward_model,
+                                    self._workdir("reinforce"), card=StepCard(current.card),
+                                    checkpoints=checkpoint_plan(self), node=training_node())
+        if policy is not None:  # None on the nodes beside node 0 of a run over several: node 0's is the policy
+            self.policy = policy
         self.next(self.evaluate)
 
     @card(type="blank")
@@ -227,11 +208,14 @@ class RLHFFlow(FlowSpec):
     @step
     def evaluate(self):
         """Policy vs reference on held-out prompts; decide promotion."""
+        self._evaluate()
+        self.next(self.register)
+
+    def _evaluate(self):
         from rlhf_lightning import pipeline
 
         self.evaluation = pipeline.evaluate(self._config(), self.parent_run_id, self.prompts, self.reward_model,
                                             self.policy, self._workdir("evaluate"), card=StepCard(current.card))
-        self.next(self.register)
 
     # The steps that load the whole base (register hashes and uploads it and runs the model once on
     # the version's example; deploy and inference serve it): Metaflow's 4 GB default holds no real model.

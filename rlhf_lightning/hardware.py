@@ -1,4 +1,5 @@
-"""Whether this machine can run what a GPU step asked for, checked before the step loads anything.
+"""Whether this machine can run what a GPU step asked for, checked before the step loads anything; and
+the machines of a training step that runs on several (`Node`, `node_world`).
 
 A GPU container whose NVIDIA driver is too old for the installed torch build sees no GPU at all:
 `torch.cuda.is_available()` is False and every step would train on the CPU, silently and for hours. A
@@ -8,9 +9,11 @@ kernel image is available". Both are said here, with what to change, as the user
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
 
@@ -92,3 +95,41 @@ def available_memory(meminfo: str | None = None, cgroup_dir: str = "/sys/fs/cgro
             available = min(available, max(int(limit) - usage, 0))
         break
     return available
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of a training step that runs on several (`trainer.num_nodes`): this machine's index,
+    how many there are, and where node 0 (the control node) listens for the others' processes."""
+
+    index: int
+    count: int
+    main_ip: str
+    port: int
+
+    @property
+    def control(self) -> bool:
+        """Node 0: its rank 0 is the run's, and only it records results (files, artifacts, MLflow)."""
+        return self.index == 0
+
+
+@contextlib.contextmanager
+def node_world(node: Node | None):
+    """Inside the block Lightning lays the world out over the nodes: its processes on this machine are
+    ranks `node.index * devices ...`, and rank 0 (on node 0) listens at `main_ip:port`
+    (MASTER_ADDR, MASTER_PORT, NODE_RANK, as Lightning's own cluster environment reads them). Nothing
+    for one node; the environment is put back afterwards."""
+    if node is None or node.count == 1:
+        yield
+        return
+    values = {"MASTER_ADDR": node.main_ip, "MASTER_PORT": str(node.port), "NODE_RANK": str(node.index)}
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -227,17 +227,44 @@ def validate(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, workdir: s
     return report.to_dict()
 
 
+def _join_the_fit(cfg: RLHFConfig, node: hardware.Node, stage: str, workdir: str, checkpoints: CheckpointPlan | None,
+                  fingerprint: str, every_n: int, fit) -> None:
+    """A node other than node 0 of a training step over several: its processes take their part in the
+    fit node 0 leads, from the checkpoint node 0 resumes from (the same search finds the same one), and
+    it records nothing (no MLflow run, no card, no checkpoint, no artifact). `fit(workdir, callbacks,
+    ckpt_path)` runs the stage's training function; the node keeps its files in a directory of its own
+    (the nodes of a local `@parallel` run share one disk)."""
+    from rlhf_lightning import checkpoints as ckpt
+
+    workdir = os.path.join(workdir, f"node{node.index}")
+    local = os.path.join(workdir, "checkpoints")
+    callback, resumed = ckpt.checkpointing(checkpoints or ckpt.CheckpointPlan(save_to=local), local_dir=local,
+                                           every_n_batches=every_n, keep_last=cfg.faults.keep_last,
+                                           fingerprint=fingerprint)
+    where = f", resuming from {os.path.basename(resumed.path)}" if resumed is not None else ""
+    print(f"{stage}: node {node.index} of {node.count} takes part in the fit node 0 leads{where}", flush=True)
+    with hardware.node_world(node):
+        fit(workdir, [callback], resumed and resumed.path)
+
+
 def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, workdir: str, card: Card = NoCard(),
-                       checkpoints: CheckpointPlan | None = None) -> ModelBundle:
+                       checkpoints: CheckpointPlan | None = None, node: hardware.Node | None = None
+                       ) -> ModelBundle | None:
     """Train and measure the reward model; raise `gates.GateError` (stopping the run before RL) when
     its held-out accuracy is below `reward_model.min_eval_accuracy`. `checkpoints`: where to save
-    checkpoints and look for one to resume from."""
+    checkpoints and look for one to resume from. `node`: this machine, when the step runs on several
+    (`trainer.num_nodes`); only node 0 returns the model and records anything, the others return None."""
     hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning import checkpoints as ckpt
     from rlhf_lightning.models import reward_model as rm
 
-    with tracking.stage_run(parent_run_id, "train_reward_model") as run:
-        fingerprint = ckpt.fingerprint(to_dict(cfg.reward_model), rm.resolve_backbone(cfg), data.digests())
+    fingerprint = ckpt.fingerprint(to_dict(cfg.reward_model), rm.resolve_backbone(cfg), data.digests())
+    if node is not None and not node.control:
+        _join_the_fit(cfg, node, "reward model", workdir, checkpoints, fingerprint, cfg.faults.checkpoint_every_n_steps,
+                      lambda wd, callbacks, ckpt_path: rm.train_reward_model(
+                          cfg, data.pref_train, data.pref_eval, wd, callbacks=callbacks, ckpt_path=ckpt_path))
+        return None
+    with tracking.stage_run(parent_run_id, "train_reward_model") as run, hardware.node_world(node):
         callback, resumed = _checkpointing(cfg, checkpoints, workdir, "reward model",
                                            cfg.faults.checkpoint_every_n_steps, fingerprint, run.info.run_id)
         if resumed is not None and resumed.mlflow_run_id:
@@ -281,24 +308,34 @@ def prepare_prompts(cfg: RLHFConfig, parent_run_id: str, data: PreparedData) -> 
 
 
 def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model: ModelBundle, workdir: str,
-              card: Card = NoCard(), checkpoints: CheckpointPlan | None = None) -> ModelBundle:
+              card: Card = NoCard(), checkpoints: CheckpointPlan | None = None, node: hardware.Node | None = None
+              ) -> ModelBundle | None:
     """PPO; logs the per-iteration history, training curves and the over-optimisation plot.
     `checkpoints`: where to save checkpoints and look for one to resume from (a resumed run continues
-    the iterations, metrics and history of the checkpoint)."""
+    the iterations, metrics and history of the checkpoint). `node`: this machine, when the step runs on
+    several (`trainer.num_nodes`); only node 0 returns the policy and records anything, the others None."""
     hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning import checkpoints as ckpt
     from rlhf_lightning.evaluation import plots
     from rlhf_lightning.models import ppo
     from rlhf_lightning.evaluation.monitor import HeldoutMonitor
 
-    rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
     gold = judge.has_gold_judge(cfg)
+    fingerprint = ckpt.fingerprint(to_dict(cfg.policy), to_dict(cfg.ppo), prompts.rl,
+                                   hashlib.sha256(reward_model.tar).hexdigest())
+    if node is not None and not node.control:
+        def fit(wd: str, callbacks: list, ckpt_path: str | None) -> None:
+            rm_dir = reward_model.extract(os.path.join(wd, "reward_model"))
+            # gold_judge as node 0 has it: every rank gathers the same statistics each iteration.
+            ppo.train_ppo(cfg, prompts.rl, rm_dir, wd, gold_judge=gold, callbacks=callbacks, ckpt_path=ckpt_path)
+
+        _join_the_fit(cfg, node, "PPO", workdir, checkpoints, fingerprint, cfg.faults.checkpoint_every_n_iterations, fit)
+        return None
+    rm_dir = reward_model.extract(os.path.join(workdir, "reward_model"))
     # The monitor's prompts are the first held-out prompts: never trained on, cheap to sample.
     callbacks = ([HeldoutMonitor(prompts.eval, cfg.evaluation, gold)]
                  if cfg.evaluation.every_n_iterations > 0 else [])
-    with tracking.stage_run(parent_run_id, "reinforce") as run:
-        fingerprint = ckpt.fingerprint(to_dict(cfg.policy), to_dict(cfg.ppo), prompts.rl,
-                                       hashlib.sha256(reward_model.tar).hexdigest())
+    with tracking.stage_run(parent_run_id, "reinforce") as run, hardware.node_world(node):
         callback, resumed = _checkpointing(cfg, checkpoints, workdir, "PPO", cfg.faults.checkpoint_every_n_iterations,
                                            fingerprint, run.info.run_id)
         logger = tracking.lightning_logger(run.info.run_id)

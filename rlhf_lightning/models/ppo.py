@@ -486,7 +486,8 @@ def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir:
     history_file.unlink(missing_ok=True)
     adapter_dir = out / "adapter"
     trainer = build_trainer(cfg.trainer, "ppo", max_epochs=1, logger=logger if logger is not None else False,
-                            log_every_n_steps=1, callbacks=[*(callbacks or []), _SaveResults(history_file, adapter_dir)],
+                            log_every_n_steps=1,
+                            callbacks=[*(callbacks or []), _SaveResults(history_file, adapter_dir)],
                             default_root_dir=out, use_distributed_sampler=False)
     if getattr(trainer.strategy.launcher, "_start_method", None) == "spawn":
         module.release_quantized_base()

@@ -314,8 +314,9 @@ def resolve_backbone(cfg: RLHFConfig) -> str:
 
 
 def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[dict], out_dir: str,
-                       logger=None, callbacks: list | None = None, ckpt_path: str | None = None) -> RewardModelResult:
-    """Fit the reward model, save it to `out_dir/model` and measure it. `logger`: a Lightning logger or
+                       logger=None, callbacks: list | None = None, ckpt_path: str | None = None) -> RewardModelResult | None:
+    """Fit the reward model, save it to `out_dir/model` and measure it (None on a node other than node 0
+    of a run over several: `trainer.node_world`). `logger`: a Lightning logger or
     None; `callbacks` may include a checkpoint callback (checkpoints.PeriodicCheckpoint), and `ckpt_path`
     resumes from one of its checkpoints (weights, optimiser, epoch and position in it, RNG)."""
     if not train_rows or not eval_rows:
@@ -337,6 +338,8 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     )
     # Our own checkpoints: they hold the config dataclasses as hyperparameters.
     trainer.fit(module, train_loader, eval_loader, ckpt_path=ckpt_path, weights_only=False)
+    if trainer.node_rank != 0:  # another machine's processes trained beside node 0's, which measures and saves
+        return None
 
     # Measure the final model exactly as PPO and evaluation will use it: through a RewardScorer.
     # On the step's GPU when it has one: Lightning's teardown moved the model back to the CPU, where
