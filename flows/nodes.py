@@ -18,6 +18,11 @@ step; `@retry` then starts all N again, and they continue from the last checkpoi
 
 AWS Step Functions and Airflow cannot run `@parallel` steps: `step-functions create` (and `airflow
 create`) with several nodes stop at once, saying what does (`run --with batch`, Argo Workflows).
+
+On AWS Batch, a multi-node job needs Metaflow's metadata service: with local metadata node 0 waits
+for the other nodes' tasks in its own container's records, never sees them, and fails after 10
+minutes. A launch that would do that stops at once and says so (RLHF_LIGHTNING_ALLOW_LOCAL_METADATA=1
+skips the check, for a Batch emulator that runs no multi-node job, as the project's offline test uses).
 """
 
 from __future__ import annotations
@@ -50,6 +55,21 @@ def training_node():
     key = f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.retry_count}"
     port = int(os.environ.get("RLHF_LIGHTNING_MASTER_PORT") or 20000 + zlib.crc32(key.encode()) % 20000)
     return Node(index=int(info.node_index), count=int(info.num_nodes), main_ip=info.main_ip, port=port)
+
+
+def _batch_with_local_metadata(argv: list[str]) -> bool:
+    """A launch (`run`, `resume`) of steps on AWS Batch that records its metadata locally."""
+    if not {"run", "resume"} & set(argv) or "step" in argv:
+        return False
+    batch = any(a == "batch" or a.startswith(("batch:", "--with=batch")) for a in argv)
+    metadata = next((a.split("=", 1)[1] for a in argv if a.startswith("--metadata=")), None)
+    if metadata is None and "--metadata" in argv[:-1]:
+        metadata = argv[argv.index("--metadata") + 1]
+    if metadata is None:
+        from metaflow.metaflow_config import DEFAULT_METADATA
+
+        metadata = DEFAULT_METADATA
+    return batch and metadata == "local"
 
 
 def _nodes(flow) -> int:
@@ -110,6 +130,14 @@ class over_nodes(FlowMutator):
                 "Launch the run with `python flows/rlhf.py --config cfg <file> run --with batch:...` (AWS Batch "
                 "multi-node jobs) or `--with kubernetes`, deploy it with `argo-workflows create`, or set "
                 "trainer.num_nodes: 1 (every GPU of one machine: trainer.devices)")
+        if _batch_with_local_metadata(sys.argv[1:]) and os.environ.get("RLHF_LIGHTNING_ALLOW_LOCAL_METADATA") != "1":
+            raise PipelineError(
+                f"trainer.num_nodes is {nodes} on AWS Batch, but Metaflow records this run's metadata locally: "
+                "a multi-node job's node 0 then never sees the other nodes' tasks finish (it looks for them in "
+                "its own container) and Metaflow 2.19 rewrites every occurrence of the task's small local id "
+                "in the other nodes' command. Point Metaflow at its metadata service (`metaflow configure aws` "
+                "with a metadata service URL, or METAFLOW_DEFAULT_METADATA=service and METAFLOW_SERVICE_URL), "
+                "or set trainer.num_nodes: 1")
         # A local @parallel step starts its other nodes as `python <flow> step ...` from PATH: make that the
         # interpreter running this flow (a venv's, say), whatever PATH the user has.
         here = os.path.dirname(sys.executable)

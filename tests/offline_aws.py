@@ -17,6 +17,7 @@ status, exit code and logs go back into moto, so Metaflow's runtime sees a real 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shlex
@@ -70,6 +71,8 @@ class BatchEmulator:
         self._counter = itertools.count()
         self._server = None
         self._original_run = None
+        self._original_submit = None
+        self.node_overrides: dict[str, dict] = {}  # a multi-node job's nodeOverrides by job id (moto drops them)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -84,6 +87,20 @@ class BatchEmulator:
             emulator._run_job(job)
 
         batch_models.Job.run = run
+        # SubmitJob's nodeOverrides (what each node of a multi-node job runs and asks for) never reach
+        # moto's Job: keep them, by job id, as the request carried them.
+        from moto.batch.responses import BatchResponse
+
+        self._original_submit = original_submit = BatchResponse.submitjob
+
+        def submitjob(response) -> str:
+            body = original_submit(response)
+            overrides = response._get_param("nodeOverrides")
+            if overrides:
+                emulator.node_overrides[json.loads(body)["jobId"]] = overrides
+            return body
+
+        BatchResponse.submitjob = submitjob
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
         self._server.start()
@@ -93,8 +110,11 @@ class BatchEmulator:
     def __exit__(self, *exc) -> None:
         from moto.batch import models as batch_models
 
+        from moto.batch.responses import BatchResponse
+
         self._server.stop()
         batch_models.Job.run = self._original_run
+        BatchResponse.submitjob = self._original_submit
 
     @property
     def env(self) -> dict[str, str]:
@@ -170,6 +190,20 @@ class BatchEmulator:
                 time.sleep(0.2)
         job.job_started_at = datetime.now()
         job._start_attempt()
+        if job.job_definition.type == "multinode":
+            # Its nodes would be machines of their own talking to each other: nothing here runs them. The
+            # job is recorded as submitted (definition and per-node overrides) and fails at once.
+            deadline = time.time() + 10  # the overrides are kept once SubmitJob has answered
+            while job.job_id not in self.node_overrides and time.time() < deadline:
+                time.sleep(0.1)
+            record = {"name": job.job_name, "multinode": True, "exit_code": 1,
+                      "node_properties": job.job_definition.node_properties,
+                      "node_overrides": self.node_overrides.get(job.job_id), "log": ""}
+            with self._lock:
+                self.jobs.append(record)
+            job.exit_code = 1
+            job._mark_stopped(success=False)
+            return
 
         n = next(self._counter)
         box = Path(tempfile.mkdtemp(prefix=f"job{n:02d}-", dir=self.root))

@@ -35,7 +35,8 @@ def aws(tmp_path_factory):
         yield emulator, tracking, root
 
 
-def launch(aws, name: str, tracking_uri: str | None, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+def launch(aws, name: str, tracking_uri: str | None, *args: str, config: str = "include: configs/tiny.yaml\n",
+           extra_env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     """`python flows/rlhf.py --config cfg run.yaml run --with batch:...` from an empty directory, with the
     environment a user with `metaflow configure aws` has; run.yaml includes configs/tiny.yaml (found from
     the project), so the jobs show that an include is resolved at launch and travels as values: the
@@ -44,9 +45,9 @@ def launch(aws, name: str, tracking_uri: str | None, *args: str) -> tuple[subpro
     cwd, home = root / name, root / f"{name}-home"
     cwd.mkdir()
     home.mkdir()
-    (cwd / "run.yaml").write_text("include: configs/tiny.yaml\n")
+    (cwd / "run.yaml").write_text(config)
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "USERNAME": "tester", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", LAUNCHER_ONLY: "1", **emulator.env}
+           "OMP_NUM_THREADS": "1", LAUNCHER_ONLY: "1", **emulator.env, **(extra_env or {})}
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     cmd = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--config", "cfg", "run.yaml", "run",
@@ -266,3 +267,45 @@ def test_the_gpus_a_job_asks_for_follow_the_config(aws, tmp_path):
     cpu.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"accelerator": "cpu"}}))
     states, _ = _state_machine(aws, cpu, "sfn-cpu")
     assert not [name for name, p in states.items() if _gpus(p)]
+
+
+def test_several_nodes_make_each_training_step_one_multi_node_job(aws):
+    """trainer.num_nodes: 2 with 2 devices each. With Metaflow's metadata kept locally (which a multi-node
+    job cannot work with) the launch stops before anything is submitted, saying what to set. With that
+    check skipped (this emulator runs no multi-node job: it records it and fails it), the run reaches
+    `train_reward_model`, submitted as one multi-node job: 2 nodes, node 0 the main one, each node's
+    container asking for the GPUs, memory, cores and /dev/shm of 2 ranks, node 0 running the control task
+    and node 1 a worker task that knows its node index."""
+    import yaml
+
+    emulator = aws[0]
+    config = yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"num_nodes": 2, "devices": 2},
+                             "faults": {"retries": 0}})
+    already = len(emulator.jobs)
+    done, _ = launch(aws, "nodes-local-metadata", aws[1].url, config=config)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "Point Metaflow at its metadata service" in out and "METAFLOW_SERVICE_URL" in out, out[-3000:]
+    assert "Traceback" not in out and len(emulator.jobs) == already  # nothing was submitted
+
+    done, _ = launch(aws, "nodes", aws[1].url, config=config, extra_env={"RLHF_LIGHTNING_ALLOW_LOCAL_METADATA": "1"})
+    jobs = emulator.jobs[already:]
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert jobs and jobs[-1].get("multinode"), [j["name"] for j in jobs]  # the last one submitted
+    assert not [j for j in jobs if not j.get("multinode") and j["exit_code"] != 0], "a single-node job failed"
+    (multi,) = [j for j in jobs if j.get("multinode")]
+    assert "train_reward_model" in multi["name"] or "train-reward-model" in multi["name"], multi["name"]
+    props = multi["node_properties"]
+    assert props["numNodes"] == 2 and props["mainNode"] == 0
+    ranges = {r["targetNodes"]: r["container"] for r in props["nodeRangeProperties"]}
+    assert set(ranges) == {"0:0", "1:1"}
+    for target, container in ranges.items():
+        assert container["linuxParameters"]["sharedMemorySize"] == 12000, target
+    overrides = {o["targetNodes"]: o["containerOverrides"] for o in multi["node_overrides"]["nodePropertyOverrides"]}
+    assert set(overrides) == {"0:0", "1:1"}
+    for target, override in overrides.items():
+        asked = {r["type"]: r["value"] for r in override["resourceRequirements"]}
+        assert asked == {"GPU": "2", "MEMORY": "24000", "VCPU": "8"}, (target, asked)
+    control, worker = overrides["0:0"]["command"][-1], overrides["1:1"]["command"][-1]
+    assert "train_reward_model" in control and "--split-index 0" in control and "ubf_control" in control
+    assert "--split-index $AWS_BATCH_JOB_NODE_INDEX" in worker and "ubf_task" in worker
+    assert "-node-$AWS_BATCH_JOB_NODE_INDEX" in worker  # its own task id
