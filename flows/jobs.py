@@ -33,9 +33,9 @@ def train_shared_memory(cfg):
 
 # The training steps ask for trainer.devices GPUs (on each node, when they run on several): a container
 # has only the GPUs its job asked for, and Lightning refuses `devices: 2` where it sees one; with the
-# host memory, shared memory and cores their ranks need. Sampling and evaluation generate on one.
+# host memory, shared memory and cores their ranks need. The built-in task's sampling and the evaluation
+# ask for as many GPUs, memory and cores and spread their work over every one (hardware.over_devices).
 TRAIN_GPUS = config_expr("gpus(cfg, cfg.trainer.devices)")
 TRAIN_CPUS = config_expr("4 * int(cfg.trainer.devices)")
 TRAIN_MEMORY = config_expr("train_memory(cfg)")
 TRAIN_SHM = config_expr("train_shared_memory(cfg)")
-ONE_GPU = config_expr("gpus(cfg, 1)")

@@ -32,7 +32,7 @@ import sys
 import zlib
 
 from faults import PipelineError  # flows/faults.py
-from jobs import ONE_GPU, RETRY  # flows/jobs.py
+from jobs import RETRY, TRAIN_CPUS, TRAIN_GPUS, TRAIN_MEMORY  # flows/jobs.py
 from metaflow import FlowMutator, card, current, parallel, resources, retry, step
 
 # Schedulers that cannot run @parallel steps (Metaflow refuses them only after packaging the flow, and
@@ -104,7 +104,7 @@ def prepare_prompts(self):
 
 
 @card(type="blank")
-@resources(cpu=4, memory=16000, gpu=ONE_GPU)
+@resources(cpu=TRAIN_CPUS, memory=TRAIN_MEMORY, gpu=TRAIN_GPUS)
 @retry(**RETRY)
 @step
 def evaluate(self, inputs):

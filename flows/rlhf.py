@@ -16,7 +16,7 @@ except ImportError:
 
 from cards import StepCard  # noqa: E402  (flows/cards.py)
 from faults import checkpoint_plan  # noqa: E402  (flows/faults.py)
-from jobs import ONE_GPU, RETRY, TRAIN_CPUS, TRAIN_GPUS, TRAIN_MEMORY, TRAIN_SHM  # noqa: E402  (flows/jobs.py)
+from jobs import RETRY, TRAIN_CPUS, TRAIN_GPUS, TRAIN_MEMORY, TRAIN_SHM  # noqa: E402  (flows/jobs.py)
 from nodes import over_nodes, training_node  # noqa: E402  (flows/nodes.py)
 from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
 from rlhf_lightning.config import ConfigError, parse_yaml_config  # noqa: E402
@@ -72,6 +72,9 @@ class RLHFFlow(FlowSpec):
     AWS:  MLFLOW_TRACKING_URI=http://<tracking server> \
           python flows/rlhf.py run --with batch:image=<image>,queue=<queue>   (@resources move with it;
           every step runs in a fresh container: docs/scaling-out.md)
+    GPUs: trainer.devices N trains on N GPUs of a machine (with generation.backend vllm, an engine on each);
+          trainer.num_nodes M makes train_reward_model and reinforce @parallel steps on M machines
+          (flows/nodes.py: prepare_prompts then follows the join, and evaluate joins reinforce's nodes)
     Faults: the heavy steps retry (faults.retries) and the training steps checkpoint to the datastore;
           a retry, or `python flows/rlhf.py resume` after the run died, continues from the last checkpoint
           and logs into the same MLflow parent run (docs/faults.md).
@@ -116,8 +119,9 @@ class RLHFFlow(FlowSpec):
         self.sampling_shards = pipeline.sampling_shards(self._config())
         self.next(self.sample_builtin_task, foreach="sampling_shards")
 
-    # A GPU: the built-in task samples thousands of responses from the policy here.
-    @resources(cpu=4, memory=16000, gpu=ONE_GPU)
+    # The built-in task samples thousands of responses from the policy here: on as many GPUs as training
+    # has (each samples its own share of the task's jobs), with the memory and cores of as many processes.
+    @resources(cpu=TRAIN_CPUS, memory=TRAIN_MEMORY, gpu=TRAIN_GPUS)
     @retry(**RETRY)
     @step
     def sample_builtin_task(self):
@@ -202,8 +206,9 @@ class RLHFFlow(FlowSpec):
             self.policy = policy
         self.next(self.evaluate)
 
+    # As many GPUs as training has: each samples and scores its share of the held-out rows.
     @card(type="blank")
-    @resources(cpu=4, memory=16000, gpu=ONE_GPU)
+    @resources(cpu=TRAIN_CPUS, memory=TRAIN_MEMORY, gpu=TRAIN_GPUS)
     @retry(**RETRY)
     @step
     def evaluate(self):

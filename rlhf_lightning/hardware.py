@@ -1,5 +1,6 @@
-"""Whether this machine can run what a GPU step asked for, checked before the step loads anything; and
-the machines of a training step that runs on several (`Node`, `node_world`).
+"""Whether this machine can run what a GPU step asked for, checked before the step loads anything; the
+machines of a training step that runs on several (`Node`, `node_world`); and the devices a sampling or
+evaluation step spreads its work over (`local_devices`, `over_devices`).
 
 A GPU container whose NVIDIA driver is too old for the installed torch build sees no GPU at all:
 `torch.cuda.is_available()` is False and every step would train on the CPU, silently and for hours. A
@@ -133,3 +134,68 @@ def node_world(node: Node | None):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def local_devices(accelerator: str, devices: int) -> int:
+    """How many devices a sampling or evaluation step spreads its work over: the GPUs it sees, at most
+    `devices` (`trainer.devices`: the steps that generate ask for as many as training does); on a CPU
+    `devices` processes sharing the cores, as that many training processes would."""
+    import torch
+
+    if accelerator in GPU_ACCELERATORS and torch.cuda.is_available():
+        return max(1, min(int(devices), torch.cuda.device_count()))
+    return max(1, int(devices))
+
+
+def _place(env: dict[str, str], cores: list[int]) -> None:
+    """A device process's start (`over_devices`): its GPU, or its cores and as many torch threads."""
+    os.environ.update(env)
+    if cores:
+        import torch
+
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
+
+
+def over_devices(fn, jobs: list[tuple], accelerator: str) -> list:
+    """`[fn(*job) for job in jobs]`, job i in a process of its own on device i: on a GPU machine the
+    process sees only GPU i (CUDA_VISIBLE_DEVICES narrowed to it, so a vLLM engine it starts sits there
+    too); on a CPU it gets its share of this process's cores. The processes start fresh (spawn: CUDA and
+    vLLM do not survive a fork) and run at once; the results come back in the jobs' order, and an
+    exception in any of them is raised here. One job runs in this process, as before. `fn` and the
+    jobs must pickle (a module-level function, plain data)."""
+    if len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    import torch
+
+    cuda = accelerator in GPU_ACCELERATORS and torch.cuda.is_available()
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(len(cores) // len(jobs), 1)
+    pools, futures = [], []
+    try:
+        for i, job in enumerate(jobs):
+            if cuda:
+                env, mine = {"CUDA_VISIBLE_DEVICES": visible[i] if i < len(visible) else str(i)}, []
+            else:
+                env, mine = {}, cores[(i * share) % len(cores):][:share]
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_place, initargs=(env, mine))
+            pools.append(pool)
+            futures.append(pool.submit(fn, *job))
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            # The others would go on for as long as their share takes, for nothing: stop them (Python 3.11's
+            # executor has no public way to).
+            for pool in pools:
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()
+            raise failed.exception()
+        return [f.result() for f in futures]
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -182,7 +182,16 @@ def sample_builtin_task(cfg: RLHFConfig, shard: Shard | None) -> dict[tuple[int,
     hardware.check_gpu(cfg.trainer.accelerator)
     from rlhf_lightning.data import builtin
 
-    return builtin.sample_shard(cfg.data.builtin, cfg.policy, *shard, generation=cfg.generation)
+    # Every device the step has samples its own every-n-th job of the shard (each job is seeded by itself:
+    # the same texts however the jobs are split).
+    index, count = shard
+    devices = hardware.local_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    if devices > 1:
+        print(f"built-in task: shard {index + 1} of {count} sampled on {devices} devices at once", flush=True)
+    parts = hardware.over_devices(builtin.sample_shard, [
+        (cfg.data.builtin, cfg.policy, index + count * d, count * devices, cfg.generation) for d in range(devices)],
+        cfg.trainer.accelerator)
+    return {job: texts for part in parts for job, texts in part.items()}
 
 
 def preprocess(cfg: RLHFConfig, parent_run_id: str, workdir: str,

@@ -244,15 +244,15 @@ def test_step_functions_jobs_carry_the_same_environment_and_resources(aws):
 
 def test_the_gpus_a_job_asks_for_follow_the_config(aws, tmp_path):
     """trainer.devices: 2 makes the training steps' jobs ask for 2 GPUs (a container has only those its
-    job asked for; Lightning refuses devices=2 where it sees one), sampling and evaluation for one; a
-    CPU accelerator asks for none."""
+    job asked for; Lightning refuses devices=2 where it sees one), and the sampling and evaluation jobs,
+    which spread their work over every GPU they have, too; a CPU accelerator asks for none."""
     import yaml
 
     two = tmp_path / "two.yaml"
     two.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"devices": 2}}))
     states, _ = _state_machine(aws, two, "sfn-two")
     assert {name: _gpus(p) for name, p in states.items() if _gpus(p)} == {
-        "train_reward_model": "2", "reinforce": "2", "sample_builtin_task": "1", "evaluate": "1"}
+        "train_reward_model": "2", "reinforce": "2", "sample_builtin_task": "2", "evaluate": "2"}
     # Each rank loads its own base and ddp_spawn hands the module over through /dev/shm (Docker's
     # default: 64 MB): the training jobs ask for the memory, shared memory and cores of two ranks.
     batch = aws[0]._client("batch")
@@ -261,6 +261,9 @@ def test_the_gpus_a_job_asks_for_follow_the_config(aws, tmp_path):
         assert asked["MEMORY"] == "24000" and asked["VCPU"] == "8", (name, asked)
         (definition,) = batch.describe_job_definitions(jobDefinitions=[states[name]["JobDefinition"]])["jobDefinitions"]
         assert definition["containerProperties"]["linuxParameters"]["sharedMemorySize"] == 12000, name
+    for name in ("sample_builtin_task", "evaluate"):  # a process per GPU, no DDP between them
+        asked = {r["Type"]: r["Value"] for r in states[name]["ContainerOverrides"]["ResourceRequirements"]}
+        assert asked["MEMORY"] == "24000" and asked["VCPU"] == "8", (name, asked)
     one_definition = batch.describe_job_definitions(jobDefinitions=[states["evaluate"]["JobDefinition"]])
     assert "sharedMemorySize" not in one_definition["jobDefinitions"][0]["containerProperties"].get("linuxParameters", {})
     cpu = tmp_path / "cpu.yaml"

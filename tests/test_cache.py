@@ -156,3 +156,19 @@ def test_the_builtin_task_never_writes_a_pair_validation_would_reject(tmp_path):
     from rlhf_lightning.data.text import clean_text
 
     assert all(clean_text(r["candidate_0"])[0] and clean_text(r["candidate_1"])[0] for r in rows)
+
+
+def test_a_sampling_step_with_two_devices_samples_its_shard_on_both(tmp_path, one_torch_thread, capsys):
+    """trainer.devices: 2 (here two CPU processes, a core each): the flow's sampling task splits its shard's
+    jobs over both and gets exactly the texts one process samples."""
+    from rlhf_lightning import pipeline
+    from rlhf_lightning.config import from_dict
+
+    builtin_cfg = dict(n_preference_prompts=10, n_rl_prompts=2, n_eval_prompts=2, max_new_tokens=4,
+                       responses_per_prompt=3, batch_size=4, output_dir=str(tmp_path))
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "data": {"builtin": builtin_cfg},
+                     "trainer": {"accelerator": "cpu", "devices": 2}})
+    one = builtin.sample_shard(cfg.data.builtin, cfg.policy, 1, 2)
+    both = pipeline.sample_builtin_task(cfg, (1, 2))
+    assert "built-in task: shard 2 of 2 sampled on 2 devices at once" in capsys.readouterr().out
+    assert len(one) == 4 and both == one  # 3 samples x 3 batches: jobs 1, 3, 5, 7 (of 9) are shard 1's

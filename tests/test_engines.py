@@ -410,3 +410,23 @@ def test_the_evaluation_samples_every_arm_through_the_engine(tmp_path, tiny32, r
         assert [s[arm] for s in result.samples] == texts, arm
     assert want["policy"] != want["champion"] != want["reference"]
     assert "eval/kl" in result.metrics and "eval/champion_rm_win_rate" in result.metrics
+
+    # A step with two devices gives each a share of the batches (`evaluate` over `hardware.over_devices`):
+    # the engine samples a share's rows with their own seeds, so the shares joined are the whole.
+    from rlhf_lightning.models.generation import length_sorted_batches
+
+    every = length_sorted_batches(tok, chats * 2, 2)
+    shares = [every[0::2], every[1::2]]
+    doubled = rows * 2
+    policy_model, scorer, engine = evaluation._models(cfg, str(tmp_path / "policy"), reward_model_dir, None)
+    try:
+        kw = dict(max_new_tokens=10, temperature=1e-6, batch_size=2, seed=cfg.evaluation.seed, engine=engine)
+        whole = evaluation.sample_and_score(policy_model, tok, scorer, doubled, **kw)
+        joined = evaluation.merge_shares([evaluation.sample_and_score(policy_model, tok, scorer, doubled, batches=b, **kw)
+                                          for b in shares], shares)
+    finally:
+        engine.close()
+    for arm in ("policy", "reference"):
+        assert joined[0][arm].texts == whole[0][arm].texts == want[arm] * 2, arm
+        assert joined[0][arm].lengths == whole[0][arm].lengths, arm
+        assert joined[1][arm] == pytest.approx(whole[1][arm], abs=1e-6), arm

@@ -166,6 +166,27 @@ def test_evaluate_against_reference_and_champion(tiny_policy, reward_model_dir):
     assert any(s["policy"] != s["reference"] for s in result.samples)
 
 
+def test_evaluation_on_two_devices_is_one_devices_evaluation(tiny_policy, reward_model_dir, capsys):
+    """trainer.devices: 2 (two CPU processes here, a core each): each samples and scores its share of the
+    rows' batches, seeded as one device seeds them, so the texts, scores and metrics are one device's."""
+    _, adapter_dir, _ = tiny_policy
+    prompts = rows(load_tokenizer("tiny:llama")) * 2  # 12 rows: 3 batches of 4, shared 2 and 1
+    one = evaluation.evaluate(tiny_cfg(), prompts, adapter_dir, reward_model_dir, champion=(adapter_dir, "v1"))
+    cfg = tiny_cfg()
+    cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 2
+    two = evaluation.evaluate(cfg, prompts, adapter_dir, reward_model_dir, champion=(adapter_dir, "v1"))
+    assert "evaluation: 12 rows sampled on 2 devices at once" in capsys.readouterr().out
+    assert [s["policy"] for s in two.samples] == [s["policy"] for s in one.samples]
+    assert [s["reference"] for s in two.samples] == [s["reference"] for s in one.samples]
+    assert len({s["policy"] for s in one.samples}) > 1  # not one text everywhere
+    for a, b in zip(one.samples, two.samples):
+        assert b["policy_rm"] == pytest.approx(a["policy_rm"], abs=1e-5)
+    assert set(two.metrics) == set(one.metrics)
+    for key, value in one.metrics.items():
+        assert two.metrics[key] == pytest.approx(value, abs=1e-5), key
+    assert two.promote == one.promote
+
+
 def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_dir):
     from rlhf_lightning.models.ppo import train_ppo
     from rlhf_lightning.evaluation.monitor import HeldoutMonitor

@@ -47,3 +47,44 @@ def test_available_memory_is_capped_by_the_container_limit(tmp_path):
     (tmp_path / "memory.current").write_text(f"{4 * 2**30}\n")
     assert available_memory(meminfo, cgroup_dir=str(tmp_path)) == 12 * 2**30
     assert available_memory() > 0  # this machine's own
+
+
+def _where(i: int):
+    import os
+
+    import torch
+
+    return i, os.getpid(), sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+
+
+def _fails_first(i: int):
+    import time
+
+    if i == 0:
+        raise ValueError("device 0: row 3 has no prompt")
+    time.sleep(120)
+    return i
+
+
+def test_work_over_devices_runs_in_a_process_per_device_on_its_own_cores():
+    """`over_devices` on the CPU: a fresh process per job, each on its own share of the cores with as many
+    torch threads, the results in the jobs' order; one job runs here. A job that raises stops the others
+    (they would sleep two minutes) and its error is raised here."""
+    import os
+    import time
+
+    from rlhf_lightning.hardware import local_devices, over_devices
+
+    assert local_devices("cpu", 2) == 2 and local_devices("auto", 1) == 1
+    got = over_devices(_where, [(0,), (1,)], "cpu")
+    assert [g[0] for g in got] == [0, 1]
+    assert len({g[1] for g in got} | {os.getpid()}) == 3
+    cores = sorted(os.sched_getaffinity(0))
+    assert got[0][2] == cores[: len(cores) // 2] and got[1][2] == cores[len(cores) // 2:]
+    assert [g[3] for g in got] == [len(cores) // 2] * 2
+    assert over_devices(_where, [(7,)], "cpu")[0][1] == os.getpid()
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="device 0: row 3 has no prompt"):
+        over_devices(_fails_first, [(0,), (1,)], "cpu")
+    assert time.monotonic() - start < 100  # the sleeping one was stopped, not waited for

@@ -28,7 +28,7 @@ from statistics import fmean
 
 import torch
 
-from rlhf_lightning import judge
+from rlhf_lightning import hardware, judge
 from rlhf_lightning.config import RLHFConfig
 from rlhf_lightning.evaluation.gates import promotion_decision
 from rlhf_lightning.models.generation import length_sorted_batches, sample
@@ -92,21 +92,27 @@ def engine_arm(engine, policy, name: str) -> bool:
 
 @torch.no_grad()
 def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: int, temperature: float,
-             batch_size: int, seed: int, with_kl: bool = False, engine=None) -> Responses:
+             batch_size: int, seed: int, with_kl: bool = False, engine=None,
+             batches: list[tuple[int, list[int]]] | None = None) -> Responses:
     """Sample from model `name` in batches seeded by position, so every model sees the same random
     stream; with `with_kl` also the sequence KL to the reference on the sampled tokens (always the
     trainer's log-probs). `engine` (a VLLMEngine): it samples instead of HF `generate`, every prompt in
-    one call, row r seeded by itself, so every model still sees the same seeds."""
+    one call, row r seeded by itself, so every model still sees the same seeds. `batches`: only these of
+    the rows' length-sorted batches (a device's share; the other rows stay empty), seeded as in the whole."""
     n = len(chats)
     out = Responses([""] * n, [0] * n, [False] * n, [0.0] * n if with_kl else [])
     device = next(policy.parameters()).device
     stops = stop_token_ids(policy, tokenizer)
-    batches = length_sorted_batches(tokenizer, chats, batch_size)
+    if batches is None:
+        batches = length_sorted_batches(tokenizer, chats, batch_size)
     if engine is not None:  # every prompt in one request list, each row seeded by its position
         with_adapter = engine_arm(engine, policy, name)
-        engine_batches = engine.sample_batches(tokenizer, chats, [rows for _, rows in batches],
+        mine = [r for _, rows in batches for r in rows]
+        local = {r: j for j, r in enumerate(mine)}
+        engine_batches = engine.sample_batches(tokenizer, [chats[r] for r in mine],
+                                               [[local[r] for r in rows] for _, rows in batches],
                                                max_new_tokens=max_new_tokens, temperature=temperature,
-                                               seed=[seed * 100_003 + r for r in range(n)], stop_ids=stops,
+                                               seed=[seed * 100_003 + r for r in mine], stop_ids=stops,
                                                adapter=with_adapter, device=device)
     for k, (i, rows) in enumerate(batches):
         with active_model(policy, name):
@@ -134,15 +140,41 @@ def compare(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int,
             prefix: str = "eval/", engine=None) -> tuple[dict[str, float], list[dict]]:
     """Sample policy, reference (and champion) on `rows` (`prompt`, `prompt_chat`); return the metrics
     and the paired samples. `gold`: score with the gold judge too. `engine`: a VLLMEngine samples."""
+    arms, rm = sample_and_score(policy, tokenizer, scorer, rows, max_new_tokens=max_new_tokens,
+                                temperature=temperature, batch_size=batch_size, seed=seed, champion=champion,
+                                engine=engine)
+    return summarise(arms, rm, rows, scorer, gold=gold, prefix=prefix)
+
+
+def sample_and_score(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int, temperature: float,
+                     batch_size: int, seed: int, champion: bool = False, engine=None,
+                     batches: list[tuple[int, list[int]]] | None = None
+                     ) -> tuple[dict[str, Responses], dict[str, list[float]]]:
+    """Every model's responses to `rows` and the reward model's scores of them: ({model: Responses},
+    {model: scores}). `batches`: only these of the rows' length-sorted batches (`generate`); the other
+    rows' entries stay empty (score 0.0)."""
     policy.eval()
     chats, prompts = [r["prompt_chat"] for r in rows], [r["prompt"] for r in rows]
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
-              engine=engine)
+              engine=engine, batches=batches)
     arms = {"policy": generate(policy, tokenizer, chats, "policy", with_kl=True, **kw),
             "reference": generate(policy, tokenizer, chats, "reference", **kw)}
     if champion:
         arms["champion"] = generate(policy, tokenizer, chats, "champion", **kw)
-    rm = {name: scorer.score(prompts, r.texts).tolist() for name, r in arms.items()}
+    mine = sorted(r for _, rs in batches for r in rs) if batches is not None else list(range(len(rows)))
+    rm = {}
+    for name, r in arms.items():
+        scores = [0.0] * len(rows)
+        for i, score in zip(mine, scorer.score([prompts[i] for i in mine], [r.texts[i] for i in mine]).tolist()):
+            scores[i] = score
+        rm[name] = scores
+    return arms, rm
+
+
+def summarise(arms: dict[str, Responses], rm: dict[str, list[float]], rows: list[dict], scorer, *, gold: bool,
+              prefix: str = "eval/") -> tuple[dict[str, float], list[dict]]:
+    """`compare`'s metrics and paired samples from every model's responses and reward-model scores."""
+    prompts = [r["prompt"] for r in rows]
     golds = {name: judge.gold_scores(r.texts) for name, r in arms.items()} if gold else {}
 
     pol = arms["policy"]
@@ -270,37 +302,91 @@ def side_by_side_markdown(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward_model_dir: str,
-             champion: tuple[str, str] | None = None) -> EvalResult:
-    """Compare the adapter in `adapter_dir` with its reference (and with `champion` = (adapter dir,
-    label), on the same base) on every held-out prompt, `evaluation.samples_per_prompt` times; decide
-    promotion."""
-    ev = cfg.evaluation
-    tok = policy_tokenizer(cfg.policy)
+def _models(cfg: RLHFConfig, adapter_dir: str, reward_model_dir: str, champion: tuple[str, str] | None):
+    """The policy (its adapter, and the champion's beside it) and the reward model on this process's
+    device, and a vLLM engine there under `generation.backend: vllm` (else None)."""
     policy = load_policy(cfg.policy, adapter_dir, trainable=False)
     if champion is not None:
         policy.load_adapter(champion[0], adapter_name=CHAMPION_ADAPTER)
     # Sampling 3 models x every held-out prompt: on the GPU when the step has one.
     policy = to_compute_device(policy, cfg.trainer.accelerator, quantized=cfg.policy.quantization == "4bit")
     scorer = RewardScorer.load(reward_model_dir).to(compute_device(cfg.trainer.accelerator))
-    gold = judge.has_gold_judge(cfg)
-    prompts = eval_prompts[: ev.max_prompts] if ev.max_prompts else eval_prompts
-    rows = [r for r in prompts for _ in range(ev.samples_per_prompt)]
     engine = None
     if cfg.generation.backend == "vllm":
         from rlhf_lightning.models.engines import VLLMEngine
 
         engine = VLLMEngine(resolve_model(cfg.policy.model), cfg.generation, lora_rank=cfg.policy.lora.r,
-                            seed=ev.seed)
+                            seed=cfg.evaluation.seed)
+    return policy, scorer, engine
+
+
+def sample_share(cfg: RLHFConfig, rows: list[dict], adapter_dir: str, reward_model_dir: str,
+                 champion: tuple[str, str] | None, batches: list[tuple[int, list[int]]] | None
+                 ) -> tuple[dict[str, Responses], dict[str, list[float]]]:
+    """`sample_and_score` of `batches` (all of them for None) with models loaded here: one device's share of
+    the evaluation, in a process of its own when the step has several (`hardware.over_devices`)."""
+    ev = cfg.evaluation
+    policy, scorer, engine = _models(cfg, adapter_dir, reward_model_dir, champion)
     try:
-        metrics, samples = compare(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
-                                   temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed, gold=gold,
-                                   champion=champion is not None, engine=engine)
+        return sample_and_score(policy, policy_tokenizer(cfg.policy), scorer, rows, max_new_tokens=ev.max_new_tokens,
+                                temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed,
+                                champion=champion is not None, engine=engine, batches=batches)
     finally:
         if engine is not None:
             engine.close()
+
+
+def merge_shares(shares: list[tuple[dict[str, Responses], dict[str, list[float]]]],
+                 batches: list[list[tuple[int, list[int]]]]) -> tuple[dict[str, Responses], dict[str, list[float]]]:
+    """The devices' shares (`sample_share` of `batches[d]` on device d) as one sample of every row."""
+    arms, rm = shares[0]
+    for (share_arms, share_rm), share_batches in zip(shares[1:], batches[1:]):
+        for r in (r for _, rs in share_batches for r in rs):
+            for name, responses in share_arms.items():
+                for field_name in ("texts", "lengths", "ended", "seq_kl"):
+                    values = getattr(responses, field_name)
+                    if values:
+                        getattr(arms[name], field_name)[r] = values[r]
+                rm[name][r] = share_rm[name][r]
+    return arms, rm
+
+
+def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward_model_dir: str,
+             champion: tuple[str, str] | None = None) -> EvalResult:
+    """Compare the adapter in `adapter_dir` with its reference (and with `champion` = (adapter dir,
+    label), on the same base) on every held-out prompt, `evaluation.samples_per_prompt` times; decide
+    promotion. On every device the step has (`trainer.devices` GPUs, or CPU processes): each samples and
+    scores its share of the rows' batches, seeded as one device would, so the result is one device's."""
+    ev = cfg.evaluation
+    tok = policy_tokenizer(cfg.policy)
+    gold = judge.has_gold_judge(cfg)
+    prompts = eval_prompts[: ev.max_prompts] if ev.max_prompts else eval_prompts
+    rows = [r for r in prompts for _ in range(ev.samples_per_prompt)]
+    devices = hardware.local_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    policy = None
+    if devices > 1:
+        every = length_sorted_batches(tok, [r["prompt_chat"] for r in rows], ev.batch_size)
+        shares = [every[d::devices] for d in range(devices)]
+        print(f"evaluation: {len(rows)} rows sampled on {devices} devices at once", flush=True)
+        arms, rm = merge_shares(hardware.over_devices(
+            sample_share, [(cfg, rows, adapter_dir, reward_model_dir, champion, share) for share in shares],
+            cfg.trainer.accelerator), shares)
+        scorer = RewardScorer.load(reward_model_dir).to(compute_device(cfg.trainer.accelerator))
+    else:
+        policy, scorer, engine = _models(cfg, adapter_dir, reward_model_dir, champion)
+        try:
+            arms, rm = sample_and_score(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
+                                        temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed,
+                                        champion=champion is not None, engine=engine)
+        finally:
+            if engine is not None:
+                engine.close()
+    metrics, samples = summarise(arms, rm, rows, scorer, gold=gold)
     served: list[dict] = []
     check_rows = prompts[: ev.served_check_prompts] if cfg.policy.quantization == "4bit" else []
+    if check_rows and policy is None:
+        policy = to_compute_device(load_policy(cfg.policy, adapter_dir, trainable=False), cfg.trainer.accelerator,
+                                   quantized=True)
     evaluated = (generate(policy, tok, [r["prompt_chat"] for r in check_rows], "policy", **greedy_kwargs(cfg)).texts
                  if check_rows else [])
     # One base in memory at a time: the nf4 model goes before the served one loads.
