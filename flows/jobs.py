@@ -31,6 +31,12 @@ def train_shared_memory(cfg):
     return train_memory(cfg) // 2 if int(cfg.trainer.devices) > 1 else None
 
 
+def sampling_devices(cfg) -> int:
+    """How many devices the built-in task's sampling tasks get: training's, or none when the config names
+    its own data (the one task then does nothing)."""
+    return 0 if cfg.data.preferences else int(cfg.trainer.devices)
+
+
 # The training steps ask for trainer.devices GPUs (on each node, when they run on several): a container
 # has only the GPUs its job asked for, and Lightning refuses `devices: 2` where it sees one; with the
 # host memory, shared memory and cores their ranks need. The built-in task's sampling and the evaluation
@@ -39,3 +45,6 @@ TRAIN_GPUS = config_expr("gpus(cfg, cfg.trainer.devices)")
 TRAIN_CPUS = config_expr("4 * int(cfg.trainer.devices)")
 TRAIN_MEMORY = config_expr("train_memory(cfg)")
 TRAIN_SHM = config_expr("train_shared_memory(cfg)")
+SAMPLE_GPUS = config_expr("gpus(cfg, sampling_devices(cfg))")
+SAMPLE_CPUS = config_expr("4 * max(sampling_devices(cfg), 1)")
+SAMPLE_MEMORY = config_expr("train_memory(cfg) if sampling_devices(cfg) else 4000")

@@ -12,7 +12,7 @@ and the step after it joins them:
 (a join may not also start a `@parallel` step, so `prepare_prompts` follows the join instead of running
 beside the reward model). Each of the N tasks is one machine with `trainer.devices` training processes:
 on AWS Batch a multi-node parallel job, on Kubernetes a JobSet, under a plain `run` N processes on this
-machine. Lightning lays its world out from `current.parallel` (`training_node`): node 0's rank 0 is the
+machine (on its CPU: `training_node` refuses local nodes sharing GPUs). Lightning lays its world out from `current.parallel` (`training_node`): node 0's rank 0 is the
 run's, and only node 0 records anything (artifacts, checkpoints, MLflow). A task that dies fails the
 step; `@retry` then starts all N again, and they continue from the last checkpoint together.
 
@@ -40,7 +40,7 @@ from metaflow import FlowMutator, card, current, parallel, resources, retry, ste
 NO_PARALLEL_SCHEDULERS = ("step-functions", "airflow")
 
 
-def training_node():
+def training_node(cfg):
     """This machine of a training step over several (`hardware.Node`), None for a step on one.
 
     Metaflow gives node 0's address (`current.parallel.main_ip`) but no port: the port node 0 listens on
@@ -52,6 +52,8 @@ def training_node():
     from rlhf_lightning.hardware import Node
 
     info = current.parallel
+    if int(info.num_nodes) > 1 and info.main_ip in ("127.0.0.1", "localhost"):
+        _refuse_local_nodes_on_gpus(cfg, int(info.num_nodes))
     key = f"{current.flow_name}/{current.run_id}/{current.step_name}/{current.retry_count}"
     port = int(os.environ.get("RLHF_LIGHTNING_MASTER_PORT") or 20000 + zlib.crc32(key.encode()) % 20000)
     return Node(index=int(info.node_index), count=int(info.num_nodes), main_ip=info.main_ip, port=port)
@@ -70,6 +72,23 @@ def _batch_with_local_metadata(argv: list[str]) -> bool:
 
         metadata = DEFAULT_METADATA
     return batch and metadata == "local"
+
+
+def _refuse_local_nodes_on_gpus(cfg, nodes: int) -> None:
+    """A plain `run` puts every node on this machine, each node's processes on GPUs 0.. : on a GPU machine
+    they would take the same GPUs (NCCL refuses two ranks on one). Said before anything loads."""
+    from rlhf_lightning.hardware import GPU_ACCELERATORS
+
+    if cfg.trainer.accelerator not in GPU_ACCELERATORS:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        raise PipelineError(
+            f"trainer.num_nodes is {nodes} in a run on this one machine: every node's processes would take the "
+            "same GPUs. On one GPU machine set trainer.num_nodes: 1 and trainer.devices to its GPUs (the same "
+            "processes, one node); to try several nodes here, trainer.accelerator: cpu; on several machines, "
+            "`run --with batch:...` or `--with kubernetes`")
 
 
 def _nodes(flow) -> int:

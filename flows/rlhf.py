@@ -16,7 +16,8 @@ except ImportError:
 
 from cards import StepCard  # noqa: E402  (flows/cards.py)
 from faults import checkpoint_plan  # noqa: E402  (flows/faults.py)
-from jobs import RETRY, TRAIN_CPUS, TRAIN_GPUS, TRAIN_MEMORY, TRAIN_SHM  # noqa: E402  (flows/jobs.py)
+from jobs import (RETRY, SAMPLE_CPUS, SAMPLE_GPUS, SAMPLE_MEMORY, TRAIN_CPUS, TRAIN_GPUS,  # noqa: E402  (flows/jobs.py)
+                  TRAIN_MEMORY, TRAIN_SHM)
 from nodes import over_nodes, training_node  # noqa: E402  (flows/nodes.py)
 from remote import remote_ready, remote_steps, resolve_data_sources  # noqa: E402  (flows/remote.py)
 from rlhf_lightning.config import ConfigError, parse_yaml_config  # noqa: E402
@@ -120,8 +121,9 @@ class RLHFFlow(FlowSpec):
         self.next(self.sample_builtin_task, foreach="sampling_shards")
 
     # The built-in task samples thousands of responses from the policy here: on as many GPUs as training
-    # has (each samples its own share of the task's jobs), with the memory and cores of as many processes.
-    @resources(cpu=TRAIN_CPUS, memory=TRAIN_MEMORY, gpu=TRAIN_GPUS)
+    # has (each samples its own share of the task's jobs), with the memory and cores of as many processes;
+    # with the user's own data, on nothing much (the task does nothing).
+    @resources(cpu=SAMPLE_CPUS, memory=SAMPLE_MEMORY, gpu=SAMPLE_GPUS)
     @retry(**RETRY)
     @step
     def sample_builtin_task(self):
@@ -169,7 +171,7 @@ class RLHFFlow(FlowSpec):
 
         model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,
                                             self._workdir("reward_model"), card=StepCard(current.card),
-                                            checkpoints=checkpoint_plan(self), node=training_node())
+                                            checkpoints=checkpoint_plan(self), node=training_node(self.cfg))
         if model is not None:  # None on the nodes beside node 0 of a run over several: node 0's is the model
             self.reward_model = model
         self.next(self.join)
@@ -201,7 +203,7 @@ class RLHFFlow(FlowSpec):
 
         policy = pipeline.reinforce(self._config(), self.parent_run_id, self.prompts, self.reward_model,
                                     self._workdir("reinforce"), card=StepCard(current.card),
-                                    checkpoints=checkpoint_plan(self), node=training_node())
+                                    checkpoints=checkpoint_plan(self), node=training_node(self.cfg))
         if policy is not None:  # None on the nodes beside node 0 of a run over several: node 0's is the policy
             self.policy = policy
         self.next(self.evaluate)

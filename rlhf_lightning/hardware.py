@@ -157,6 +157,25 @@ def _place(env: dict[str, str], cores: list[int]) -> None:
         torch.set_num_threads(len(cores))
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes under `pid` (Linux's /proc; none found elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and what it started (a vLLM engine's processes would otherwise outlive it)."""
+    import signal
+
+    for victim in [*_descendants(pid), pid]:
+        with contextlib.suppress(OSError):
+            os.kill(victim, signal.SIGKILL)
+
+
 def over_devices(fn, jobs: list[tuple], accelerator: str) -> list:
     """`[fn(*job) for job in jobs]`, job i in a process of its own on device i: on a GPU machine the
     process sees only GPU i (CUDA_VISIBLE_DEVICES narrowed to it, so a vLLM engine it starts sits there
@@ -193,7 +212,7 @@ def over_devices(fn, jobs: list[tuple], accelerator: str) -> list:
             # executor has no public way to).
             for pool in pools:
                 for proc in list(getattr(pool, "_processes", {}).values()):
-                    proc.kill()
+                    _kill_tree(proc.pid)
             raise failed.exception()
         return [f.result() for f in futures]
     finally:

@@ -169,7 +169,7 @@ def sampling_shards(cfg: RLHFConfig) -> list[Shard | None]:
         return [None]
     from rlhf_lightning.data import builtin
 
-    if builtin.cached_task(cfg.data.builtin, cfg.policy, cfg.generation):
+    if builtin.cached_task(cfg.data.builtin, cfg.policy, cfg.generation, cfg.trainer.devices):
         return [None]
     count = cfg.data.builtin.sampling_workers
     return [(index, count) for index in range(count)]
@@ -183,7 +183,8 @@ def sample_builtin_task(cfg: RLHFConfig, shard: Shard | None) -> dict[tuple[int,
     from rlhf_lightning.data import builtin
 
     # Every device the step has samples its own every-n-th job of the shard (each job is seeded by itself:
-    # the same texts however the jobs are split).
+    # the same texts however the jobs are split, except with vLLM on a GPU, whose cache key therefore
+    # names the devices).
     index, count = shard
     devices = hardware.local_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     if devices > 1:
@@ -203,7 +204,7 @@ def preprocess(cfg: RLHFConfig, parent_run_id: str, workdir: str,
 
     with tracking.stage_run(parent_run_id, "preprocess"):
         if responses:
-            builtin.write_task(cfg.data.builtin, cfg.policy, responses, cfg.generation)
+            builtin.write_task(cfg.data.builtin, cfg.policy, responses, cfg.generation, cfg.trainer.devices)
             tracking.log_metrics({"builtin/sampling_workers": cfg.data.builtin.sampling_workers})
         data = pre.preprocess(cfg, workdir)
         for name, path in data.files.items():

@@ -266,6 +266,14 @@ def test_the_gpus_a_job_asks_for_follow_the_config(aws, tmp_path):
         assert asked["MEMORY"] == "24000" and asked["VCPU"] == "8", (name, asked)
     one_definition = batch.describe_job_definitions(jobDefinitions=[states["evaluate"]["JobDefinition"]])
     assert "sharedMemorySize" not in one_definition["jobDefinitions"][0]["containerProperties"].get("linuxParameters", {})
+    # With the user's own data the one sampling task does nothing: it asks for no GPU and little memory.
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"include": str(two), "data": {"preferences": ["s3://data/prefs.jsonl"],
+                                                                 "prompts": ["s3://data/prefs.jsonl"]}}))
+    states, _ = _state_machine(aws, own, "sfn-own")
+    asked = {r["Type"]: r["Value"] for r in states["sample_builtin_task"]["ContainerOverrides"]["ResourceRequirements"]}
+    assert "GPU" not in asked and asked["MEMORY"] == "4000" and asked["VCPU"] == "4", asked
+    assert _gpus(states["reinforce"]) == "2"
     cpu = tmp_path / "cpu.yaml"
     cpu.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "trainer": {"accelerator": "cpu"}}))
     states, _ = _state_machine(aws, cpu, "sfn-cpu")

@@ -302,6 +302,9 @@ def test_the_builtin_task_samples_through_the_engine_under_its_own_cache_key(tmp
     fanned = BuiltinTaskConfig(**{**task.__dict__, "sampling_workers": task.sampling_workers + 1})
     assert builtin.cache_key(fanned, policy) == builtin.cache_key(task, policy)
     assert builtin.cache_key(fanned, policy, gen) != builtin.cache_key(task, policy, gen)
+    # ... and so are the devices each sampling task spreads its share over (trainer.devices).
+    assert builtin.cache_key(task, policy, gen, devices=2) != builtin.cache_key(task, policy, gen)
+    assert builtin.cache_key(task, policy, devices=2) == builtin.cache_key(task, policy)
     paths = builtin.generate_builtin_task(task, policy, gen)
     stats = json.loads(Path(paths["stats"]).read_text())
     assert stats["engine"] == "vllm" and stats["prompts"] == 16

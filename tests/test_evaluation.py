@@ -185,6 +185,10 @@ def test_evaluation_on_two_devices_is_one_devices_evaluation(tiny_policy, reward
     for key, value in one.metrics.items():
         assert two.metrics[key] == pytest.approx(value, abs=1e-5), key
     assert two.promote == one.promote
+    # One batch for two devices: no device is started for nothing (it would have no rows to score).
+    cfg.evaluation.batch_size = 16
+    alone = evaluation.evaluate(cfg, prompts, adapter_dir, reward_model_dir)
+    assert "devices at once" not in capsys.readouterr().out and alone.metrics["eval/n"] == 12
 
 
 def test_heldout_monitor_feeds_the_overoptimisation_plot(tmp_path, reward_model_dir):

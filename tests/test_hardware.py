@@ -57,19 +57,25 @@ def _where(i: int):
     return i, os.getpid(), sorted(os.sched_getaffinity(0)), torch.get_num_threads()
 
 
-def _fails_first(i: int):
+def _fails_first(i: int, pid_file: str):
+    import subprocess
+    import sys
     import time
 
     if i == 0:
+        time.sleep(3)  # the other has started its child
         raise ValueError("device 0: row 3 has no prompt")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # as an engine's process
+    with open(pid_file, "w") as f:
+        f.write(str(child.pid))
     time.sleep(120)
     return i
 
 
-def test_work_over_devices_runs_in_a_process_per_device_on_its_own_cores():
+def test_work_over_devices_runs_in_a_process_per_device_on_its_own_cores(tmp_path):
     """`over_devices` on the CPU: a fresh process per job, each on its own share of the cores with as many
     torch threads, the results in the jobs' order; one job runs here. A job that raises stops the others
-    (they would sleep two minutes) and its error is raised here."""
+    (they would sleep two minutes) and the processes they started, and its error is raised here."""
     import os
     import time
 
@@ -85,6 +91,14 @@ def test_work_over_devices_runs_in_a_process_per_device_on_its_own_cores():
     assert over_devices(_where, [(7,)], "cpu")[0][1] == os.getpid()
 
     start = time.monotonic()
+    pid_file = str(tmp_path / "child.pid")
     with pytest.raises(ValueError, match="device 0: row 3 has no prompt"):
-        over_devices(_fails_first, [(0,), (1,)], "cpu")
+        over_devices(_fails_first, [(0, pid_file), (1, pid_file)], "cpu")
     assert time.monotonic() - start < 100  # the sleeping one was stopped, not waited for
+    child = int(open(pid_file).read())
+    time.sleep(0.5)
+    try:  # nor left running what it had started (gone, or dead and not yet reaped)
+        state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), state

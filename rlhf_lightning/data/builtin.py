@@ -41,11 +41,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.rename(path)
 
 
-def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig | None = None) -> str:
+def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig | None = None,
+              devices: int = 1) -> str:
     """What the files depend on: the task settings and the policy that wrote the responses — not where
     they are stored (`output_dir`), nor, with HF `generate`, how many tasks sampled them
     (`sampling_workers`): a relative and an absolute path share one cache, and so do runs fanned out
-    differently. With vLLM the fan-out is part of the key (below)."""
+    differently. With vLLM the fan-out is part of the key (below): the tasks, and the `devices` each
+    spreads its share over (`trainer.devices`)."""
     settings = {k: v for k, v in asdict(task).items() if k not in ("output_dir", "sampling_workers")}
     if settings["responses_per_prompt"] == 2:  # files written before the option existed are the same: keep their key
         del settings["responses_per_prompt"]
@@ -61,14 +63,16 @@ def cache_key(task: BuiltinTaskConfig, policy: PolicyConfig, generation: Generat
     # a shard's requests are batched together by the engine, and on a GPU its kernels are not
     # batch-invariant (a row's logits move in the last bits with the rows beside it), so shards of another
     # size may write other texts. (HF batches are fixed jobs, the same whatever the shard.)
-    engine = ([["vllm", generation.dtype, task.sampling_workers]]
+    fan_out = task.sampling_workers if devices == 1 else [task.sampling_workers, devices]  # one device: the old key
+    engine = ([["vllm", generation.dtype, fan_out]]
               if generation is not None and generation.backend == "vllm" else [])
     return hashlib.sha256(json.dumps([settings, policy.model, version, *template, *quantized, *engine],
                                      sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig | None = None) -> Path:
-    return Path(task.output_dir) / f"builtin-{cache_key(task, policy, generation)}"
+def _task_dir(task: BuiltinTaskConfig, policy: PolicyConfig, generation: GenerationConfig | None = None,
+              devices: int = 1) -> Path:
+    return Path(task.output_dir) / f"builtin-{cache_key(task, policy, generation, devices)}"
 
 
 def _paths(out: Path) -> dict[str, str]:
@@ -78,10 +82,10 @@ def _paths(out: Path) -> dict[str, str]:
 
 
 def cached_task(task: BuiltinTaskConfig, policy: PolicyConfig,
-                generation: GenerationConfig | None = None) -> dict[str, str] | None:
+                generation: GenerationConfig | None = None, devices: int = 1) -> dict[str, str] | None:
     """The paths of the task's files when they were written with these settings, here or (downloaded
-    now) in the shared cache; None when they must be sampled."""
-    out = _task_dir(task, policy, generation)
+    now) in the shared cache; None when they must be sampled. `devices`: as `cache_key`."""
+    out = _task_dir(task, policy, generation, devices)
     paths = _paths(out)
     if Path(paths["stats"]).exists():  # written last: its presence marks the files complete
         return paths
@@ -170,13 +174,13 @@ def _sample_with_vllm(task: BuiltinTaskConfig, policy: PolicyConfig, generation:
 
 
 def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Job, list[str]],
-               generation: GenerationConfig | None = None) -> dict[str, str]:
+               generation: GenerationConfig | None = None, devices: int = 1) -> dict[str, str]:
     """Label the sampled responses (every job of the task, from any number of shards) with the simulated
     annotator, write the task's files, share them, and return their paths (as `generate_builtin_task`)."""
     from rlhf_lightning.models.generation import chat_prompt, length_sorted_batches
     from rlhf_lightning.models.loading import policy_tokenizer
 
-    out = _task_dir(task, policy, generation)
+    out = _task_dir(task, policy, generation, devices)
     paths = _paths(out)
     pref_prompts, rl_prompts, eval_prompts = split_prompts(task)
     tok = policy_tokenizer(policy)
@@ -229,9 +233,9 @@ def write_task(task: BuiltinTaskConfig, policy: PolicyConfig, responses: dict[Jo
 
 
 def generate_builtin_task(task: BuiltinTaskConfig, policy: PolicyConfig,
-                          generation: GenerationConfig | None = None) -> dict[str, str]:
+                          generation: GenerationConfig | None = None, devices: int = 1) -> dict[str, str]:
     """Write the task's files (or reuse them when generated with the same settings) and return their
     paths: {"preferences", "prompts", "eval_prompts", "stats"}. Sampled here in one shard; the flow fans
     the sampling out over `data.builtin.sampling_workers` tasks (`sample_shard`, then `write_task`)."""
-    return (cached_task(task, policy, generation)
-            or write_task(task, policy, sample_shard(task, policy, generation=generation), generation))
+    return (cached_task(task, policy, generation, devices)
+            or write_task(task, policy, sample_shard(task, policy, generation=generation), generation, devices))

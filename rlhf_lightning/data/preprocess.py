@@ -222,7 +222,7 @@ def resolve_sources(cfg: RLHFConfig) -> dict[str, list[str]]:
         return {"preferences": list(d.preferences), "prompts": list(d.prompts), "eval_prompts": list(d.eval_prompts)}
     from rlhf_lightning.data.builtin import generate_builtin_task
 
-    paths = generate_builtin_task(d.builtin, cfg.policy, cfg.generation)
+    paths = generate_builtin_task(d.builtin, cfg.policy, cfg.generation, cfg.trainer.devices)
     return {
         "preferences": [paths["preferences"]],
         "prompts": list(d.prompts) or [paths["prompts"]],

@@ -153,6 +153,8 @@ def sample_and_score(policy, tokenizer, scorer, rows: list[dict], *, max_new_tok
     """Every model's responses to `rows` and the reward model's scores of them: ({model: Responses},
     {model: scores}). `batches`: only these of the rows' length-sorted batches (`generate`); the other
     rows' entries stay empty (score 0.0)."""
+    if batches is not None and not batches:
+        raise ValueError("sample_and_score: an empty share of batches (give each device one at least)")
     policy.eval()
     chats, prompts = [r["prompt_chat"] for r in rows], [r["prompt"] for r in rows]
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
@@ -355,8 +357,10 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
              champion: tuple[str, str] | None = None) -> EvalResult:
     """Compare the adapter in `adapter_dir` with its reference (and with `champion` = (adapter dir,
     label), on the same base) on every held-out prompt, `evaluation.samples_per_prompt` times; decide
-    promotion. On every device the step has (`trainer.devices` GPUs, or CPU processes): each samples and
-    scores its share of the rows' batches, seeded as one device would, so the result is one device's."""
+    promotion. On every device the step has (`trainer.devices` GPUs, or CPU processes; at most one per
+    batch): each samples and scores its share of the rows' batches, seeded as one device seeds them, so
+    the result is one device's (exactly with HF on a CPU; on a GPU up to the last bits that kernels give
+    batches of other rows, which the reward model's scores and vLLM's sampling may show)."""
     ev = cfg.evaluation
     tok = policy_tokenizer(cfg.policy)
     gold = judge.has_gold_judge(cfg)
@@ -366,6 +370,8 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     policy = None
     if devices > 1:
         every = length_sorted_batches(tok, [r["prompt_chat"] for r in rows], ev.batch_size)
+        devices = min(devices, len(every))  # a device with no batch would load its models for nothing
+    if devices > 1:
         shares = [every[d::devices] for d in range(devices)]
         print(f"evaluation: {len(rows)} rows sampled on {devices} devices at once", flush=True)
         arms, rm = merge_shares(hardware.over_devices(

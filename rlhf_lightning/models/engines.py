@@ -1,5 +1,6 @@
-"""vLLM as the generation engine (`generation.backend: vllm`): one engine per step, the policy's LoRA
-adapter handed over after every update.
+"""vLLM as the generation engine (`generation.backend: vllm`): one engine per process that samples (each
+training process, each device of a sampling or evaluation step), the policy's LoRA adapter handed over
+after every update.
 
 The engine holds the frozen base (in `generation.dtype`) and samples with the adapter the trainer last
 handed it, in one of two ways (`generation.adapter_sync`):
@@ -368,7 +369,7 @@ class VLLMEngine:
         # Stopped also when this process ends without closing it (a ddp_spawn rank whose fit raised, say:
         # another rank died). Python's multiprocessing runs these finalizers before it waits for the
         # process's children, the engine's among them, which would otherwise keep it alive forever.
-        multiprocessing.util.Finalize(None, self.close, exitpriority=10)
+        self._at_exit = multiprocessing.util.Finalize(None, self.close, exitpriority=10)
         self.lora = None  # the LoRARequest rollouts sample with (merge mode: _Merged, its files)
         self.merged = False  # merge mode: the engine's weights hold the last adapter (not the base)
         self.syncs = 0
@@ -513,6 +514,9 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the engine's processes and remove the handed-over adapters."""
+        at_exit = getattr(self, "_at_exit", None)
+        if at_exit is not None:  # closed now: nothing left to do at exit (and the engine may be freed)
+            at_exit.cancel()
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             shutdown = getattr(llm.llm_engine, "shutdown", None) or getattr(llm.llm_engine.engine_core, "shutdown", None)

@@ -476,7 +476,7 @@ class PPOResult:
 def fit_ppo(module: PPOModule, cfg: RLHFConfig, rl_prompts: list[dict], out_dir: str, logger=None,
             callbacks: list[Callback] | None = None, ckpt_path: str | None = None) -> PPOResult | None:
     """Run PPO on an existing module and save the adapter (+ value head) in out_dir/adapter (None on a
-    node other than node 0 of a run over several: `trainer.node_world`). `callbacks`
+    node other than node 0 of a run over several: `hardware.node_world`). `callbacks`
     may include a checkpoint callback (checkpoints.PeriodicCheckpoint); `ckpt_path` resumes from one of
     its checkpoints: weights, optimiser, KL controller, iteration, prompt order, RNG and history."""
     if not rl_prompts:

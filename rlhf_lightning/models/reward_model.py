@@ -316,7 +316,7 @@ def resolve_backbone(cfg: RLHFConfig) -> str:
 def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[dict], out_dir: str,
                        logger=None, callbacks: list | None = None, ckpt_path: str | None = None) -> RewardModelResult | None:
     """Fit the reward model, save it to `out_dir/model` and measure it (None on a node other than node 0
-    of a run over several: `trainer.node_world`). `logger`: a Lightning logger or
+    of a run over several: `hardware.node_world`). `logger`: a Lightning logger or
     None; `callbacks` may include a checkpoint callback (checkpoints.PeriodicCheckpoint), and `ckpt_path`
     resumes from one of its checkpoints (weights, optimiser, epoch and position in it, RNG)."""
     if not train_rows or not eval_rows:
