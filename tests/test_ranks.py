@@ -102,3 +102,52 @@ def test_a_rank_whose_adapter_differs_stops_every_rank_and_says_which(tmp_path, 
     with pytest.raises(Exception, match=r"PPO iteration 0: rank 1's trainable weights differ from rank 0's "
                                         r"\(1 tensor\(s\), first policy\..*lora_A"):
         train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "ppo"), callbacks=[_Perturb()])
+
+
+_NODE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_ranks import two_process_cfg
+from test_ppo import prompt_rows
+from rlhf_lightning.hardware import Node, node_world
+from rlhf_lightning.models import loading
+from rlhf_lightning.models.ppo import train_ppo
+
+index = int(sys.argv[1])
+cfg = two_process_cfg("tiny:llama", "hf")
+cfg.trainer.devices, cfg.trainer.num_nodes = 1, 2
+with node_world(Node(index, 2, "127.0.0.1", {port})):
+    result = train_ppo(cfg, prompt_rows(loading.load_tokenizer("tiny:llama")), {rm!r}, {out!r} + f"/node{{index}}")
+Path({out!r} + f"/node{{index}}.json").write_text(json.dumps(None if result is None else result.adapter_dir))
+"""
+
+
+def test_two_nodes_of_one_process_train_as_one_node_of_two(tmp_path, reward_model_dir):
+    """HF generate over two nodes of one process each, laid out as a Metaflow @parallel step lays them
+    (`hardware.node_world`: node 0 at 127.0.0.1, NODE_RANK; each node a process of its own, as a local
+    @parallel run starts them): node 0 returns the policy, node 1 nothing, and the weights are those of
+    one node of two processes. (The flow over two nodes, with vLLM, a kill and a retry: test_nodes.py.)"""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = _NODE.format(tests=os.path.dirname(__file__), port=port, rm=reward_model_dir, out=str(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env) for i in range(2)]
+    assert [n.wait(timeout=600) for n in nodes] == [0, 0]
+    adapter = json.loads((tmp_path / "node0.json").read_text())
+    assert adapter and json.loads((tmp_path / "node1.json").read_text()) is None
+
+    straight = train_ppo(two_process_cfg("tiny:llama", "hf"), prompt_rows(loading.load_tokenizer("tiny:llama")),
+                         reward_model_dir, str(tmp_path / "straight"))
+    want = load_file(f"{straight.adapter_dir}/adapter_model.safetensors")
+    got = load_file(f"{adapter}/adapter_model.safetensors")
+    assert set(want) == set(got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
