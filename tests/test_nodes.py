@@ -2,10 +2,11 @@
 steps, run in Metaflow's local mode (each node a task process of its own on this machine, node 0 at
 127.0.0.1), one training process per node, PPO's rollouts from a vLLM engine on each.
 
-One run, killed on its way: node 1's task dies by SIGKILL (with its training process and its engine, as a
-machine dies) after PPO's first checkpoint; the step fails, `@retry` starts both nodes again and they
-continue from that checkpoint. The run must end as one node of two processes ends uninterrupted, with
-only node 0's records. With one node the graph is the plain one; with two `step-functions create` is
+One run, killed twice on its way: node 1's task dies by SIGKILL (with its training process and its
+engine, as a machine dies) after PPO's first checkpoint; the step fails, `@retry` starts both nodes again
+and they continue from that checkpoint; then the whole run dies after the retry's first checkpoint, and
+`resume` continues both nodes from that one. The run must end as one node of two processes ends
+uninterrupted, with only node 0's records. With one node the graph is the plain one; with two `step-functions create` is
 refused with what works instead."""
 
 from __future__ import annotations
@@ -82,15 +83,24 @@ def nodes_run(tmp_path_factory):
         faults["killed_processes"] = len(victims)
         for victim in victims:
             victim.send_signal(signal.SIGKILL)
-        faults["killed_after"] = _checkpoints(work, run_id)[-1]
-        proc.wait(900)
+        faults["killed_after"] = k = _checkpoints(work, run_id)[-1]
+        # Then the whole run dies (runtime, both nodes' tasks) during the retry, after its first new checkpoint.
+        _wait("the retry's first new checkpoint", lambda: _checkpoints(work, run_id)[-1] > k, proc, timeout=600)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+        faults["run_killed_after"] = _checkpoints(work, run_id)[-1]
+        # `resume` finishes it (with the origin run's config: Metaflow refuses --config with `resume`).
+        resume = subprocess.run([*flow[:2], "resume", "--origin-run-id", run_id, "--max-workers", "2",
+                                 "--run-id-file", str(work / "resumed_id")],
+                                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     output = (work / "flow.log").read_text()
     print(output[-20000:])
-    assert proc.returncode == 0, "the run failed; see the output above"
+    assert resume.returncode == 0, "the resume failed; see the output above"
+    origin, run_id = run_id, (work / "resumed_id").read_text().strip()
     with pytest.MonkeyPatch.context() as mp:
         for key in ("MLFLOW_TRACKING_URI", "USERNAME", "METAFLOW_DATASTORE_SYSROOT_LOCAL"):
             mp.setenv(key, env[key])
@@ -99,7 +109,7 @@ def nodes_run(tmp_path_factory):
         previous = get_metadata()
         metadata(f"local@{work}")
         namespace(None)
-        yield Run(f"RLHFFlow/{run_id}"), work, {"output": output, **faults}
+        yield Run(f"RLHFFlow/{run_id}"), work, {"output": output, "origin_run_id": origin, **faults}
         mlflow.set_tracking_uri(None)
         if "@<" not in previous:
             metadata(previous)
@@ -108,8 +118,8 @@ def nodes_run(tmp_path_factory):
 @needs_vllm
 def test_two_nodes_train_as_one_node_of_two_processes_through_a_dead_node(nodes_run, tmp_path):
     """Both training steps ran as two tasks, one per node; node 1's death failed the PPO step and the
-    retry continued on both nodes from the checkpoint; the adapter, value head, kl_coef and history equal
-    one node of two processes running the same PPO without a fault."""
+    retry continued on both nodes from the checkpoint, the resumed run from the retry's; the adapter,
+    value head, kl_coef and history equal one node of two processes running the same PPO without a fault."""
     from safetensors.torch import load_file
 
     from rlhf_lightning.config import load_config
@@ -121,11 +131,14 @@ def test_two_nodes_train_as_one_node_of_two_processes_through_a_dead_node(nodes_
     for step in ("train_reward_model", "reinforce"):
         assert sorted(t.id.endswith("_node_1") for t in run[step].tasks()) == [False, True], step
     out = faults["output"]
-    k = faults["killed_after"]
-    assert 0 < k < ITERATIONS and faults["killed_processes"] >= 2  # the task and at least its training process
+    k, k1 = faults["killed_after"], faults["run_killed_after"]
+    assert 0 < k < k1 < ITERATIONS and faults["killed_processes"] >= 2  # the task and at least its training process
     assert "Task is starting (retry)" in out
-    assert f"reinforce/batch-{k:08d}.ckpt ({k} batches done)" in out  # node 0's attempt 1
-    assert f"PPO: node 1 of 2 takes part in the fit node 0 leads, resuming from batch-{k:08d}.ckpt" in out
+    origin = f"RLHFFlow/{faults['origin_run_id']}/reinforce"
+    assert f"{origin}/batch-{k:08d}.ckpt ({k} batches done)" in out  # node 0's attempt 1
+    assert f"{origin}/batch-{k1:08d}.ckpt ({k1} batches done)" in out  # node 0 in the resumed run
+    for done in (k, k1):  # node 1 in the retry, then in the resumed run
+        assert f"PPO: node 1 of 2 takes part in the fit node 0 leads, resuming from batch-{done:08d}.ckpt" in out
     progress = [line.split("] ", 1)[-1] for line in out.splitlines() if "ppo: epoch 1/1 batch" in line]
     assert len(progress) == len(set(progress))  # each line from rank 0 alone
 
@@ -151,19 +164,24 @@ def test_two_nodes_train_as_one_node_of_two_processes_through_a_dead_node(nodes_
 
 @needs_vllm
 def test_only_node_0_records_in_mlflow(nodes_run):
-    """One `reinforce` stage run per attempt (the killed one FAILED or KILLED, the retry FINISHED), all
-    from node 0's task; no record names node 1's."""
-    run, work, _ = nodes_run
+    """One `reinforce` stage run per attempt of node 0's task (in the first Metaflow run the attempt whose
+    node 1 died FAILED and the killed retry KILLED; the resumed run's FINISHED); no record names node 1's."""
+    run, work, faults = nodes_run
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     experiment = client.get_experiment_by_name("rlhf-lightning").experiment_id
     runs = client.search_runs([experiment])
     pathspecs = [r.data.tags.get("metaflow.pathspec", "") for r in runs]
     assert not [p for p in pathspecs if "_node_" in p], pathspecs
-    reinforce = sorted((int(r.data.tags["metaflow.attempt"]), r.info.status) for r in runs
-                       if r.data.tags.get("mlflow.runName") == "reinforce")
-    assert [a for a, _ in reinforce] == [0, 1] and reinforce[-1][1] == "FINISHED", reinforce
-    (parent,) = [r for r in runs if r.info.run_name == f"RLHFFlow-{run.id}"]  # the flow's own, not the base's
+    reinforce = sorted((r for r in runs if r.data.tags.get("mlflow.runName") == "reinforce"),
+                       key=lambda r: r.info.start_time)
+    # Attempt 0 failed on node 0 itself (its collective timed out on the dead node 1); the retry was killed
+    # with the whole run, and the resumed run's attempt finished.
+    assert [r.info.status for r in reinforce] == ["FAILED", "KILLED", "FINISHED"], [r.info.status for r in reinforce]
+    assert [r.data.tags["metaflow.attempt"] for r in reinforce] == ["0", "1", "0"]
+    assert f"run {run.id} resumed it" in reinforce[1].data.tags["ended_because"]
+    (parent,) = [r for r in runs if "metaflow.run_ids" in r.data.tags]  # the flow's own, not the base's
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
+    assert parent.data.tags["metaflow.run_ids"] == f"{faults['origin_run_id']},{run.id}"
     history = client.get_metric_history(next(r.info.run_id for r in runs if r.data.tags.get("mlflow.runName") == "reinforce"
                                              and r.info.status == "FINISHED"), "ppo/kl_coef")
     assert sorted(m.step for m in history) == list(range(ITERATIONS))  # each iteration once

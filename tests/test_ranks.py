@@ -56,11 +56,15 @@ def two_process_cfg(model: str, backend: str, iterations: int = 3):
 
 
 @needs_vllm
-def test_every_process_samples_with_its_own_engine_and_the_same_adapter(tmp_path, tiny32, reward_model_dir, capfd):
+def test_every_process_samples_with_its_own_engine_and_the_same_adapter(tmp_path, tiny32, reward_model_dir, capfd,
+                                                                        monkeypatch):
     """`trainer.devices: 2` with `generation.backend: vllm`: two processes, each with an engine of its own
     on its own core (a GPU each on a GPU machine), each sampling its own prompts with a freshly handed-
     over adapter every iteration. Before every rollout the trainable weights are bit-for-bit the same on
     both; both end with the same kl_coef; the history and the progress log show each iteration once."""
+    # vLLM's CPU platform sets this for good in a process that built an engine in-process (an earlier test
+    # in this worker may have): start without it, to see that the ranks' engines leave it unset here.
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     cfg = two_process_cfg(tiny32, "vllm")
     rows = prompt_rows(loading.load_tokenizer(tiny32))
     result = train_ppo(cfg, rows, reward_model_dir, str(tmp_path / "ppo"), callbacks=[RankLog(tmp_path)])
