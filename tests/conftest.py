@@ -124,3 +124,17 @@ def s3_server():
         mp.delenv("AWS_PROFILE", raising=False)
         yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+# The modules that run whole flows take minutes each, and `--dist loadscope` keeps a module on one worker:
+# handed out first, they run beside the many short ones instead of after them, which the suite's wall
+# time would otherwise wait for.
+LONGEST_FIRST = ("test_nodes.py", "test_flow.py", "test_batch_offline.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's own order is kept
