@@ -147,14 +147,16 @@ def local_devices(accelerator: str, devices: int) -> int:
     return max(1, int(devices))
 
 
-def _place(env: dict[str, str], cores: list[int]) -> None:
-    """A device process's start (`over_devices`): its GPU, or its cores and as many torch threads."""
+def _place(env: dict[str, str], cores: list[int], threads: int) -> None:
+    """A device process's start (`over_devices`): its GPU, or its cores (where the OS lets a process be
+    bound: Linux) and `threads` torch threads."""
     os.environ.update(env)
-    if cores:
+    if threads:
         import torch
 
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(len(cores))
+        if cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -192,17 +194,18 @@ def over_devices(fn, jobs: list[tuple], accelerator: str) -> list:
 
     cuda = accelerator in GPU_ACCELERATORS and torch.cuda.is_available()
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     share = max(len(cores) // len(jobs), 1)
     pools, futures = [], []
     try:
         for i, job in enumerate(jobs):
             if cuda:
-                env, mine = {"CUDA_VISIBLE_DEVICES": visible[i] if i < len(visible) else str(i)}, []
+                env, mine, threads = {"CUDA_VISIBLE_DEVICES": visible[i] if i < len(visible) else str(i)}, [], 0
             else:
                 env, mine = {}, cores[(i * share) % len(cores):][:share]
+                threads = len(mine)
             pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_place, initargs=(env, mine))
+                                       initializer=_place, initargs=(env, mine, threads))
             pools.append(pool)
             futures.append(pool.submit(fn, *job))
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
