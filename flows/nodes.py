@@ -12,8 +12,9 @@ and the step after it joins them:
 (a join may not also start a `@parallel` step, so `prepare_prompts` follows the join instead of running
 beside the reward model). Each of the N tasks is one machine with `trainer.devices` training processes:
 on AWS Batch a multi-node parallel job, on Kubernetes a JobSet, under a plain `run` N processes on this
-machine (on its CPU: `training_node` refuses local nodes sharing GPUs). Lightning lays its world out from `current.parallel` (`training_node`): node 0's rank 0 is the
-run's, and only node 0 records anything (artifacts, checkpoints, MLflow). A task that dies fails the
+machine (on its CPU: `training_node` refuses local nodes sharing GPUs). Lightning lays its world out
+from `current.parallel` (`training_node`): node 0's rank 0 is the run's, and only node 0 records
+anything (artifacts, checkpoints, MLflow). A task that dies fails the
 step; `@retry` then starts all N again, and they continue from the last checkpoint together.
 
 AWS Step Functions and Airflow cannot run `@parallel` steps: `step-functions create` (and `airflow
