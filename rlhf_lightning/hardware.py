@@ -123,17 +123,23 @@ def node_world(node: Node | None):
     if node is None or node.count == 1:
         yield
         return
-    values = {"MASTER_ADDR": node.main_ip, "MASTER_PORT": str(node.port), "NODE_RANK": str(node.index)}
+    with environment({"MASTER_ADDR": node.main_ip, "MASTER_PORT": str(node.port), "NODE_RANK": str(node.index)}):
+        yield
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """`values` set in os.environ for the block (processes started inside it inherit them), then put back."""
     before = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
         yield
     finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ[key] = value
+                os.environ[k] = v
 
 
 def local_devices(accelerator: str, devices: int) -> int:

@@ -23,7 +23,6 @@ imports it until an engine starts.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing.util
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from rlhf_lightning.config import GenerationConfig
+from rlhf_lightning.hardware import environment  # the engine's processes start inside it
 from rlhf_lightning.models.generation import Sampled, finish_sampled
 from rlhf_lightning.models.loading import hub_snapshot, release_cached_memory
 
@@ -237,21 +237,6 @@ def logging_config(path: Path) -> dict[str, str]:
         if not any(isinstance(f, OneWeightDtypeWarning) for f in handler.filters):
             handler.addFilter(OneWeightDtypeWarning())
     return {"VLLM_LOGGING_CONFIG_PATH": str(path)}
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """`values` set in os.environ for the block (the engine's processes start inside it), then put back."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def rank_placement(device: torch.device | str | None, local_rank: int, local_ranks: int, cores,
