@@ -8,6 +8,7 @@ child processes, so it is removed before any run is started here.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -224,7 +225,9 @@ def log_rows_dataset(rows: list[dict], *, path: str, name: str, context: str) ->
     shows its schema, size and digest. `source` must be a real path."""
     import pandas as pd
 
-    df = pd.DataFrame(rows)
+    # Mappings (a prompt row's `extra` columns) as JSON text, as the Parquet file holds them.
+    df = pd.DataFrame([{k: json.dumps(v, default=str) if isinstance(v, dict) else v for k, v in r.items()}
+                       for r in rows])
     ds = mlflow.data.from_pandas(df, source=str(Path(path).resolve()), name=name)
     mlflow.log_input(ds, context=context)
 

@@ -289,8 +289,10 @@ def test_preprocess_counts_every_row_and_writes_parquet(prepared_user_files):
     assert data.sources["preferences"] == [str(PROBLEMS), cfg.data.preferences[1]]
     assert [str(p) for p in data.problems] == [str(p) for p in read_preferences([str(PROBLEMS)]).problems]
     for name, rows in (("pref_train", data.pref_train), ("rl_prompts", data.rl_prompts), ("eval_prompts", data.eval_prompts)):
-        assert pq.read_table(data.files[name]).to_pylist() == rows
-    assert set(data.rl_prompts[0]) == {"prompt", "prompt_chat", "source", "messages"}
+        stored = pq.read_table(data.files[name]).to_pylist()
+        # A prompt row's `extra` columns (any JSON value) are stored as JSON text.
+        assert [{**r, "extra": json.loads(r["extra"])} if "extra" in r else r for r in stored] == rows
+    assert set(data.rl_prompts[0]) == {"prompt", "prompt_chat", "source", "messages", "extra"}
     assert data.rl_prompts[0]["prompt_chat"].startswith("<|im_start|>user\n")
 
 

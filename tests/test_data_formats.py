@@ -90,7 +90,7 @@ def test_prompt_only_formats_and_vertex_context(tmp_path):
     rows = read_prompts([str(path)]).rows
     assert rows[0]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}]
     assert rows[0]["prompt"] == "System: Be brief.\n\nUser: Hi."
-    assert rows[1] == {"prompt": "Hey.", "messages": None, "source": f"{path}:2"}
+    assert rows[1] == {"prompt": "Hey.", "messages": None, "source": f"{path}:2", "extra": {}}
 
 
 def locs(result) -> list[tuple[str, str, str]]:

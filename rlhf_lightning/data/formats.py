@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from rlhf_lightning.config import FieldMapping
 from rlhf_lightning.data.issues import DataError, Issue
-from rlhf_lightning.data.layouts import (EXPECTED_KEYS, NAMES, PARSERS, describe, detect, flatten, hh_preference,
+from rlhf_lightning.data.layouts import (EXPECTED_KEYS, FORMAT_KEYS, NAMES, PARSERS, describe, detect, flatten, hh_preference,
                                          mapping_stanza, misspelt_keys, not_an_object, prompt_fields,
                                          required_columns, split_hh, typo_hint, typo_issues, unread_keys)
 from rlhf_lightning.data.readers import _undecodable, csv_delimiter, expand, file_format, iter_records, parse_hf_id
@@ -143,6 +143,10 @@ def _read_file(path: str, role: str, fmt: str, mapping: FieldMapping, result: Re
                                          "record)", "mixed_formats")])
                 continue
         parsed = PARSERS[this, role](record, loc, kind in ("csv",), mapping)
+        if role == "prompts":  # the record's other columns (a reference answer) go on, for reward functions
+            extra = extra_columns(record, this, mapping)
+            for row in parsed.rows:
+                row["extra"] = extra
         if parsed.problems and typos:
             counts["none"] += 1
             result.invalid += 1
@@ -181,6 +185,18 @@ def _read_file(path: str, role: str, fmt: str, mapping: FieldMapping, result: Re
                         "empty_file")
 
 
+def extra_columns(record: dict, fmt: str, mapping: FieldMapping) -> dict:
+    """The fields of a prompt record that its layout does not read: what the prompt row carries on as
+    `extra` (a dataset's `answer`, `id`, `tests`, ...), by name."""
+    if fmt == "mapping":
+        read_keys = {mapping.prompt_key, mapping.system_key, mapping.chosen_key, mapping.rejected_key,
+                     mapping.response_key, mapping.label_key, mapping.preference_key, mapping.rank_key,
+                     mapping.item_score_key, *mapping.responses, *mapping.score_keys}
+    else:
+        read_keys = FORMAT_KEYS[fmt]
+    return {str(k): v for k, v in record.items() if str(k) not in read_keys}
+
+
 def read(patterns: list[str], key: str, role: str, fmt: str = "auto",
          mapping: FieldMapping | None = None) -> ReadResult:
     """Read every source matched by `patterns` as `role` (``preferences`` or ``prompts``) in format `fmt`
@@ -214,5 +230,6 @@ def read_preferences(patterns: list[str], key: str = "data.preferences", fmt: st
 
 def read_prompts(patterns: list[str], key: str = "data.prompts", fmt: str = "auto",
                  mapping: FieldMapping | None = None) -> ReadResult:
-    """Prompt sources (preference files work too: only their prompt is read) -> ``{prompt, source, messages}``."""
+    """Prompt sources (preference files work too: only their prompt is read) -> ``{prompt, source, messages,
+    extra}`` (`extra`: the record's fields its layout does not read, by name)."""
     return read(patterns, key, "prompts", fmt, mapping)

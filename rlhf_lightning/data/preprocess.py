@@ -54,7 +54,9 @@ MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])
 PREFERENCE_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
                                ("source", pa.string()), ("messages", MESSAGES)])
 PROMPT_SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_chat", pa.string()), ("source", pa.string()),
-                           ("messages", MESSAGES)])
+                           ("messages", MESSAGES), ("extra", pa.string())])
+"""`extra` (the prompt record's other columns, a dict in the rows) is stored as JSON: its values may be of
+any type, a reference answer's as much as a list of unit tests."""
 
 SPLITS = ("pref_train", "pref_eval", "rl_prompts", "eval_prompts")
 """The canonical datasets of a run (`PreparedData`'s fields, one Parquet file each)."""
@@ -71,7 +73,8 @@ class PreparedData:
     pref_eval: list[dict]
     """Held-out preference rows (no prompt shared with `pref_train`)."""
     rl_prompts: list[dict]
-    """Prompt rows ``{prompt, prompt_chat, source, messages}`` for PPO rollouts."""
+    """Prompt rows ``{prompt, prompt_chat, source, messages, extra}`` for PPO rollouts (``extra``: the
+    prompt record's other columns by name, for reward functions)."""
     eval_prompts: list[dict]
     """Held-out prompt rows for the policy-vs-reference evaluation."""
     counts: dict[str, int]
@@ -213,10 +216,11 @@ def split_by_prompt(rows: list[dict], fraction: float, seed: int) -> tuple[list[
 
 
 def resolve_sources(cfg: RLHFConfig) -> dict[str, list[str]]:
-    """Input patterns per role; generates the built-in task when no preference file is configured."""
+    """Input patterns per role; generates the built-in task when no preference file is configured (and
+    the run trains a reward model, or names no prompts of its own: `RLHFConfig.uses_builtin_task`)."""
     d = cfg.data
-    if d.preferences:
-        if not d.prompts:
+    if not cfg.uses_builtin_task:
+        if d.preferences and not d.prompts:
             raise ConfigError("config: data.prompts: empty while data.preferences is set (name the RL prompt "
                               "files; a preference file works too: only its prompt is used)")
         return {"preferences": list(d.preferences), "prompts": list(d.prompts), "eval_prompts": list(d.eval_prompts)}
@@ -435,7 +439,7 @@ def prepare_prompts(role: str, result: formats.ReadResult, tok, cfg: RLHFConfig,
         prompt = formats.prompt_fields(conv)
         c.add("changed.truncated_prompt", int(prompt["prompt"] != row["prompt"]), row["source"])
         out.append({"prompt": prompt["prompt"], "prompt_chat": chat, "source": row["source"],
-                    "messages": prompt["messages"]})
+                    "messages": prompt["messages"], "extra": row.get("extra") or {}})
     out = _dedupe(out, ("prompt",), c, "duplicate_after_truncation", None)
     c.add("kept", len(out))
     return out
@@ -443,6 +447,8 @@ def prepare_prompts(role: str, result: formats.ReadResult, tok, cfg: RLHFConfig,
 
 def write_parquet(rows: list[dict], schema: pa.Schema, path: Path) -> str:
     # An explicit schema: an empty split still gets its columns, and a non-string value fails loudly.
+    if "extra" in schema.names:
+        rows = [{**row, "extra": json.dumps(row.get("extra") or {}, ensure_ascii=False, default=str)} for row in rows]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return str(path)
 
