@@ -34,7 +34,9 @@ def train_shared_memory(cfg):
 def sampling_devices(cfg) -> int:
     """How many devices the built-in task's sampling tasks get: training's, or none when the config names
     its own data (the one task then does nothing)."""
-    return 0 if cfg.data.preferences else int(cfg.trainer.devices)
+    from rlhf_lightning.config import from_dict
+
+    return int(cfg.trainer.devices) if from_dict(cfg.to_dict()).uses_builtin_task else 0
 
 
 # The training steps ask for trainer.devices GPUs (on each node, when they run on several): a container

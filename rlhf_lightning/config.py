@@ -357,7 +357,26 @@ class RewardModelConfig:
     0.1 for MiniLM). 0, what TRL's RewardConfig does too, lets attention take its fused path: the
     benchmark workload ran 1.9x faster in 3.1 instead of 5.6 GB on 2 CPU cores (benchmarks/README.md)."""
 
+    pretrained: str = ""
+    """A reward model already trained, used as published instead of training one here: a hub id, a local
+    directory or an MLflow model URI (`models:/rlhf-reward@champion`, `models:/NAME/VERSION`, `runs:/...`:
+    a reward model this project registered). An `AutoModelForSequenceClassification` with one output,
+    loaded with its own tokenizer, head and dtype; it reads the (prompt, response) conversation through its
+    own chat template when it has one, else as a text pair (`input`). It is still measured on the held-out
+    preference pairs where the data has them (`min_eval_accuracy` applies). Its scores are normalised by
+    their mean and std on responses the policy samples for the RL prompts (`normalisation_prompts`).
+    Empty: train one on the preference pairs (`backbone` and the fields below)."""
+    input: Literal["auto", "chat", "pair"] = "auto"
+    """How a `pretrained` reward model reads a (prompt, response): `chat` renders the two as a user and an
+    assistant turn with the model's chat template; `pair` encodes them as a text pair ([CLS] prompt [SEP]
+    response [SEP] for BERT/DeBERTa tokenizers); `auto`: a reward model this project trained and registered
+    reads as it was trained, any other `chat` when its tokenizer has a template, else `pair`."""
+    normalisation_prompts: int = 64
+    """RL prompts the policy answers (one sample each, at ppo.temperature) to measure a `pretrained`
+    reward model's score mean and std, which PPO normalises its scores with."""
+
     def __post_init__(self) -> None:
+        _check(self.normalisation_prompts >= 2, "reward_model.normalisation_prompts", "must be >= 2 (a std needs two)")
         _check(self.finetune in ("full", "lora"), "reward_model.finetune", f"got {self.finetune!r}; use full or lora")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "reward_model.dropout", "must lie in [0, 1) or be null")
         _check(self.lr_schedule in ("linear", "constant"), "reward_model.lr_schedule",
@@ -367,6 +386,63 @@ class RewardModelConfig:
         _check(self.learning_rate > 0, "reward_model.learning_rate", "must be > 0")
         _check(self.batch_size > 0 and self.epochs > 0, "reward_model.batch_size/epochs", "must be positive")
         _check(0.0 <= self.min_eval_accuracy <= 1.0, "reward_model.min_eval_accuracy", "must lie in [0, 1]")
+
+
+@dataclass
+class RewardFunctionConfig:
+    """One reward function: Python code that scores responses."""
+
+    function: str = ""
+    """`module:function`, importable where the steps run (this project's package, or a module beside
+    the flow: files next to flows/rlhf.py travel with the code package). It is called as
+    `function(prompts, responses, **columns)` with lists: the raw prompts, the responses, and every other
+    column of the prompt rows by name (`answer=[...]`: the prompt file's own columns; accept `**kwargs` for
+    those you do not use), and returns one float per response (a list or 1-D array). It may raise: the step
+    stops, naming the function and the row. Example: `rlhf_lightning.data.arithmetic:exact_match`."""
+    weight: float = 1.0
+    """Its weight in the total reward (its raw values times this are added)."""
+    name: str = ""
+    """Name of its term in the metrics (`ppo/reward/<name>`, `eval/reward/<name>`); empty: the function's name."""
+
+    @property
+    def term(self) -> str:
+        return self.name or self.function.rpartition(":")[2]
+
+    def __post_init__(self) -> None:
+        module, _, func = self.function.partition(":")
+        _check(bool(module.strip()) and func.isidentifier() and all(p.isidentifier() for p in module.split(".")),
+               "reward.functions[].function", f"got {self.function!r}; write `module.path:function_name` "
+               "(e.g. rlhf_lightning.data.arithmetic:exact_match)")
+        _check(math.isfinite(self.weight), "reward.functions[].weight", "must be a finite number")
+        _check(not self.name or self.name.replace("_", "").isalnum(), "reward.functions[].name",
+               f"got {self.name!r}; use letters, digits and _")
+
+
+@dataclass
+class RewardConfig:
+    """What PPO maximises: the weighted sum of the reward model's normalised score and reward functions'
+    values (each term logged on its own, per iteration and in the evaluation)."""
+
+    model_weight: float | None = 1.0
+    """Weight of the reward model's normalised score (trained here, or `reward_model.pretrained`). 0: the
+    reward model is still trained or loaded, measured and logged, but not maximised. null: no reward model
+    at all (none is trained or loaded; `functions` must then be given)."""
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
+    """Reward functions added to the reward model's term, each with its weight."""
+
+    @property
+    def uses_model(self) -> bool:
+        return self.model_weight is not None
+
+    def __post_init__(self) -> None:
+        _check(self.model_weight is None or math.isfinite(self.model_weight), "reward.model_weight",
+               "must be a number, or null for no reward model")
+        _check(bool(self.functions) or bool(self.model_weight), "reward.functions",
+               "nothing to maximise: give reward functions, or a non-zero reward.model_weight")
+        terms = [f.term for f in self.functions]
+        dupes = sorted({t for t in terms if terms.count(t) > 1} | ({"model"} & set(terms)))
+        _check(not dupes, "reward.functions", f"term name(s) {dupes} used twice (or `model`, the reward "
+               "model's): give each function a distinct `name`")
 
 
 KL_ERROR_CLIP = 0.2
@@ -568,6 +644,10 @@ class RegistryConfig:
     """MLflow experiment holding one parent run per flow run."""
     model_name: str = "rlhf-policy"
     """Registered model name."""
+    reward_model_name: str = "rlhf-reward"
+    """Registered model name of the reward models trained here (a pyfunc that scores (prompt, response)
+    rows, with the lineage of its data and its held-out figures); a later run names one with
+    `reward_model.pretrained: models:/rlhf-reward/VERSION`. Empty: not registered."""
     base_store: Literal["shared", "copy", "hub"] = "shared"
     """Where a registered version's base model lives. `shared`: stored once per base (by the sha256 of
     its files) as the artifact of a `base` run in this experiment, which every version on that base
@@ -757,6 +837,8 @@ class RLHFConfig:
     """Policy model."""
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     """Reward model."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """What PPO maximises: the reward model's score and reward functions, weighted."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -772,7 +854,20 @@ class RLHFConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     """Checkpoints and retries."""
 
+    @property
+    def trains_reward_model(self) -> bool:
+        """A reward model is trained here (not loaded as published, not left out)."""
+        return self.reward.uses_model and not self.reward_model.pretrained
+
+    @property
+    def uses_builtin_task(self) -> bool:
+        """The built-in task is generated: no preference files, unless the config names its own prompts
+        and needs no preference pairs (a published reward model, or reward functions alone)."""
+        return not self.data.preferences and not (self.data.prompts and not self.trains_reward_model)
+
     def __post_init__(self) -> None:
+        _check(self.reward.uses_model or not self.reward_model.pretrained, "reward_model.pretrained",
+               "is set while reward.model_weight is null (no reward model): remove one of them")
         model = self.policy.model
         # Checked here, not at `register` after training: the serving side must be able to fetch it.
         _check(self.registry.base_store != "hub"
@@ -799,7 +894,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         elif get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
             if not isinstance(value, list):
                 raise ConfigError(f"config: {path}: expected a list")
-            kwargs[key] = [_build(get_args(hint)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+            item = get_args(hint)[0]
+            # `- module:function` is short for `- {function: module:function}`.
+            kwargs[key] = [_build(item, {"function": v} if item is RewardFunctionConfig and isinstance(v, str) else v,
+                                  f"{path}[{i}]") for i, v in enumerate(value)]
         else:
             kwargs[key] = _coerce(hint, value, path)
     return cls(**kwargs)

@@ -98,4 +98,4 @@ def ranking_pairs(order: list[int]) -> list[tuple[int, int, int]]:
 
 def has_gold_judge(cfg: RLHFConfig) -> bool:
     """The gold judge is the built-in task's annotator: a run on the user's own data has none."""
-    return not cfg.data.preferences
+    return cfg.uses_builtin_task

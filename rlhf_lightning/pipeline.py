@@ -165,7 +165,7 @@ def sampling_shards(cfg: RLHFConfig) -> list[Shard | None]:
     """What the flow's sampling tasks do (its foreach list): one (index, count) shard per
     `data.builtin.sampling_workers` when the built-in task must be sampled; [None] (one task with nothing
     to do: a foreach cannot be empty) when the config names its own data or the task's files are cached."""
-    if cfg.data.preferences:
+    if not cfg.uses_builtin_task:
         return [None]
     from rlhf_lightning.data import builtin
 
@@ -268,6 +268,9 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, 
     from rlhf_lightning import checkpoints as ckpt
     from rlhf_lightning.models import reward_model as rm
 
+    if not cfg.trains_reward_model:  # nothing to train: node 0 alone loads and measures what there is
+        return None if node is not None and not node.control else _untrained_reward_model(cfg, parent_run_id, data,
+                                                                                           workdir, card)
     fingerprint = ckpt.fingerprint(to_dict(cfg.reward_model), rm.resolve_backbone(cfg), data.digests())
     if node is not None and not node.control:
         _join_the_fit(cfg, node, "reward model", workdir, checkpoints, fingerprint, cfg.faults.checkpoint_every_n_steps,
@@ -289,22 +292,84 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, 
         tracking.log_metrics(metrics, step=result.steps)
         tracking.log_artifacts(result.model_dir, "reward_model")
         card.markdown("# Reward model\n\n" + _metrics_table(metrics))
-        # Gate before RL: recorded, then raised, so the stage run is FAILED and the flow stops here.
-        threshold = cfg.reward_model.min_eval_accuracy
-        passed = result.metrics["eval_accuracy"] >= threshold
-        tracking.set_tags({"gate.reward_model": "passed" if passed else "failed",
-                           "gate.reward_model.min_eval_accuracy": threshold})
-        card.markdown(f"**Gate:** held-out accuracy {result.metrics['eval_accuracy']:.3f} "
-                      f"± {result.metrics['eval_accuracy_ci95']:.3f} (95%, clustered by prompt) "
-                      f"{'>=' if passed else '<'} reward_model.min_eval_accuracy {threshold:.3f}")
-        try:
-            gates.check_reward_model(result.metrics, threshold, len(data.pref_eval))
-        except gates.GateError as exc:
-            # The run ends here (whoever drives the stages, the flow or the CLI).
-            tracking.fail_parent(parent_run_id, step="train_reward_model", reason=str(exc), expected=True)
-            raise
+        _reward_model_gate(cfg, parent_run_id, result.metrics, len(data.pref_eval), card)
+        if cfg.registry.reward_model_name:
+            _register_reward_model(cfg, parent_run_id, data, result.model_dir, metrics, run.info.run_id, card)
     print(f"reward model: held-out accuracy {result.metrics['eval_accuracy']:.3f} ± {result.metrics['eval_accuracy_ci95']:.3f} "
           f"on {len(data.pref_eval)} pairs")
+    return ModelBundle.pack(result.model_dir, metrics=metrics, mlflow_run_id=run.info.run_id)
+
+
+def _reward_model_gate(cfg: RLHFConfig, parent_run_id: str, measured: dict[str, float], pairs: int, card: Card) -> None:
+    """The gate before RL on the reward model's held-out accuracy: recorded (tags, card), then raised, so
+    the stage run is FAILED and the flow stops here."""
+    threshold = cfg.reward_model.min_eval_accuracy
+    passed = measured["eval_accuracy"] >= threshold
+    tracking.set_tags({"gate.reward_model": "passed" if passed else "failed",
+                       "gate.reward_model.min_eval_accuracy": threshold})
+    card.markdown(f"**Gate:** held-out accuracy {measured['eval_accuracy']:.3f} "
+                  f"± {measured['eval_accuracy_ci95']:.3f} (95%, clustered by prompt) "
+                  f"{'>=' if passed else '<'} reward_model.min_eval_accuracy {threshold:.3f}")
+    try:
+        gates.check_reward_model(measured, threshold, pairs)
+    except gates.GateError as exc:
+        # The run ends here (whoever drives the stages, the flow or the CLI).
+        tracking.fail_parent(parent_run_id, step="train_reward_model", reason=str(exc), expected=True)
+        raise
+
+
+def _register_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, model_dir: str,
+                           metrics: dict[str, float], run_id: str, card: Card) -> None:
+    """The reward model trained here as a model of its own in the registry (`registry.reward_model_name`)."""
+    from rlhf_lightning.serving import registry
+
+    tags = {"lineage.mlflow_parent_run_id": parent_run_id, "lineage.reward_model_run_id": run_id,
+            **{f"lineage.data.{k}_sha256": v for k, v in data.digests().items() if k.startswith("pref")},
+            "lineage.data.sources": json.dumps(data.sources.get("preferences", []))[:4900],
+            **{f"eval.{k.split('/', 1)[-1]}": f"{v:.4f}" for k, v in metrics.items()}}
+    info = registry.register_reward_model(cfg, model_dir, run_id, tags)
+    tracking.set_tags({"reward_model.registered": info.model_uri})
+    card.markdown(f"Registered as **{info.model_uri}** (alias {', '.join(info.aliases)}): a later run trains "
+                  f"against it with `reward_model.pretrained: {info.model_uri}`; serve it with "
+                  f"`python -m rlhf_lightning serve --model-uri {info.model_uri}`.")
+    print(f"reward model registered as {info.model_uri} {info.aliases}")
+
+
+def _untrained_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, workdir: str,
+                            card: Card) -> ModelBundle:
+    """The reward-model stage when it trains nothing: a published reward model (`reward_model.pretrained`)
+    measured as it is, or no reward model at all (`reward.model_weight: null`: an empty bundle)."""
+    from rlhf_lightning.models import reward_model as rm
+
+    with tracking.stage_run(parent_run_id, "train_reward_model") as run:
+        if not cfg.reward.uses_model:
+            tracking.set_tags({"reward_model": "none (reward.model_weight: null)"})
+            card.markdown("# Reward model\n\nNone: the reward is the reward functions alone "
+                          "(`reward.model_weight: null`).")
+            print("reward model: none (reward.model_weight: null); PPO maximises the reward functions")
+            empty = Path(workdir) / "no_reward_model"
+            empty.mkdir(parents=True, exist_ok=True)
+            return ModelBundle.pack(str(empty), metrics={}, mlflow_run_id=run.info.run_id)
+        result, samples = rm.measure_published(cfg, data.pref_eval, data.rl_prompts, workdir)
+        metrics = {f"reward_model/{k}": v for k, v in result.metrics.items()}
+        tracking.log_metrics(metrics)
+        tracking.set_tags({"reward_model.pretrained": cfg.reward_model.pretrained})
+        tracking.log_artifacts(result.model_dir, "reward_model")
+        tracking.log_table(samples, "reward_model/normalisation_samples.json")
+        card.markdown(f"# Reward model\n\n`{cfg.reward_model.pretrained}`, used as published.\n\n"
+                      + _metrics_table(metrics) + "\n\nPPO normalises its scores by their mean and std on "
+                      f"{len(samples)} responses the policy sampled for the RL prompts (MLflow artifact "
+                      "`reward_model/normalisation_samples.json`).")
+        if data.pref_eval:
+            _reward_model_gate(cfg, parent_run_id, result.metrics, len(data.pref_eval), card)
+            measured = (f"held-out accuracy {result.metrics['eval_accuracy']:.3f} ± "
+                        f"{result.metrics['eval_accuracy_ci95']:.3f} on {len(data.pref_eval)} pairs")
+        else:
+            tracking.set_tags({"gate.reward_model": "skipped: no preference data"})
+            card.markdown("**Gate:** skipped: the data has no preference pairs to measure the reward model on.")
+            measured = "not measured (no preference data: the gate is skipped)"
+    print(f"reward model: {cfg.reward_model.pretrained} as published; {measured}; normalisation mean "
+          f"{result.reward_mean:.3f} std {result.reward_std:.3f} on {len(samples)} policy samples")
     return ModelBundle.pack(result.model_dir, metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
@@ -386,8 +451,9 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model
                                    if cfg.evaluation.compare_champion
                                    else (None, "champion comparison off (evaluation.compare_champion)"))
         result = compare.evaluate(cfg, prompts.eval, adapter_dir, rm_dir, champion=champion)
-        metrics = {**result.metrics, "reward_model/eval_accuracy": reward_model.metrics["reward_model/eval_accuracy"],
-                   "gate/promote": float(result.promote), "gate/threshold": 0.5 + cfg.evaluation.promotion_margin}
+        metrics = {**result.metrics, "gate/promote": float(result.promote),
+                   "gate/threshold": 0.5 + cfg.evaluation.promotion_margin,
+                   **{k: v for k, v in reward_model.metrics.items() if k == "reward_model/eval_accuracy"}}
         tracking.log_metrics(metrics)
         tracking.log_dict_artifact(result.samples, "evaluation/samples.json")
         shown = compare.side_by_side(result.samples)
@@ -544,7 +610,8 @@ def end(parent_run_id: str, model_version: ModelVersionInfo, evaluated: Evaluate
         value, ci = m.get(key), m.get(f"{key}_ci95")
         return "n/a" if value is None else f"{value:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
 
-    rm_acc = (f"{reward_model.metrics['reward_model/eval_accuracy']:.3f}" if reward_model is not None else "n/a")
+    rm_acc = (f"{reward_model.metrics['reward_model/eval_accuracy']:.3f}"
+              if reward_model is not None and "reward_model/eval_accuracy" in reward_model.metrics else "n/a")
     description = "\n".join([
         f"**{name} [v{version}](#/models/{name}/versions/{version})** — aliases: {', '.join(model_version.aliases)}"
         + (" (serving as champion)" if champion else " (not champion)"),

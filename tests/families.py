@@ -184,3 +184,19 @@ def deberta_v2_reward_dir(out: Path) -> str:
     DebertaV2ForSequenceClassification(config).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def llama3_reward_dir(out: Path, dtype: torch.dtype = torch.bfloat16) -> str:
+    """A Llama-3-based reward model as such models are published (the Skywork-Reward kind): a
+    LlamaForSequenceClassification with one output, Llama 3's tokenizer and chat template, no pad token
+    (none in the tokenizer, none in the config), weights saved in bf16."""
+    from transformers import LlamaForSequenceClassification
+
+    family = FAMILIES["llama3"]
+    tok = family_tokenizer(family)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids(
+        "<|eot_id|>"), pad_token_id=None, num_labels=1, **DIMS, **family.config_kwargs)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).to(dtype).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

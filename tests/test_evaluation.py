@@ -84,22 +84,22 @@ def metrics(gold_wr=0.7, rm_wr=0.9, champion_gold_wr=None):
 
 
 def test_promotion_needs_the_margin_against_the_reference():
-    ok = gates.promotion_decision(metrics(gold_wr=0.56), margin=0.05, gold=True)
+    ok = gates.promotion_decision(metrics(gold_wr=0.56), margin=0.05, judge="gold")
     assert ok.promote and ok.judge == "gold"
     assert "vs reference 0.560 ± 0.050 > 0.550" in ok.reason and "promote to champion" in ok.reason
-    no = gates.promotion_decision(metrics(gold_wr=0.55), margin=0.05, gold=True)
+    no = gates.promotion_decision(metrics(gold_wr=0.55), margin=0.05, judge="gold")
     assert not no.promote and "<= 0.550" in no.reason and "stays candidate" in no.reason
     m = metrics(gold_wr=0.562) | {"eval/gold_win_rate_ci95": 0.084, "eval/n": 24.0}  # past the margin by luck
-    lucky = gates.promotion_decision(m, margin=0.05, gold=True)
+    lucky = gates.promotion_decision(m, margin=0.05, judge="gold")
     assert not lucky.promote and "0.562 ± 0.084 > 0.550 but its 95% interval reaches 0.5" in lucky.reason
 
 
 def test_promotion_needs_the_margin_against_the_champion_too():
-    d = gates.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.52), margin=0.05, gold=True,
+    d = gates.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.52), margin=0.05, judge="gold",
                                       champion="v3")
     assert not d.promote
     assert "vs reference 0.800" in d.reason and "vs champion v3 0.520 ± 0.060 <= 0.550" in d.reason
-    d = gates.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.6), margin=0.05, gold=True,
+    d = gates.promotion_decision(metrics(gold_wr=0.8, champion_gold_wr=0.6), margin=0.05, judge="gold",
                                       champion="v3")
     assert d.promote
 
@@ -108,18 +108,18 @@ def test_a_served_model_that_answers_worse_than_the_evaluated_one_stays_candidat
     """A 4-bit run: promoted on its win rates alone, held back when the served (full-precision, merged)
     answers score clearly lower than the evaluated (nf4) ones; a drop within its noise does not count."""
     worse = metrics() | {"eval/served_rm_gap": -0.8, "eval/served_rm_gap_ci95": 0.3}
-    d = gates.promotion_decision(worse, margin=0.05, gold=True, served_max_drop=0.5)
+    d = gates.promotion_decision(worse, margin=0.05, judge="gold", served_max_drop=0.5)
     assert not d.promote and "served vs evaluated reward -0.80 ± 0.30 std < -0.50" in d.reason
-    assert gates.promotion_decision(worse, margin=0.05, gold=True).promote  # no limit given: not read
+    assert gates.promotion_decision(worse, margin=0.05, judge="gold").promote  # no limit given: not read
     noisy = metrics() | {"eval/served_rm_gap": -0.8, "eval/served_rm_gap_ci95": 0.9}  # interval reaches 0
-    assert gates.promotion_decision(noisy, margin=0.05, gold=True, served_max_drop=0.5).promote
+    assert gates.promotion_decision(noisy, margin=0.05, judge="gold", served_max_drop=0.5).promote
     close = metrics() | {"eval/served_rm_gap": -0.1, "eval/served_rm_gap_ci95": 0.05}
-    d = gates.promotion_decision(close, margin=0.05, gold=True, served_max_drop=0.5)
+    d = gates.promotion_decision(close, margin=0.05, judge="gold", served_max_drop=0.5)
     assert d.promote and "served vs evaluated reward -0.10 ± 0.05 std (allowed down to -0.50)" in d.reason
 
 
 def test_without_a_gold_judge_the_reward_model_decides():
-    d = gates.promotion_decision(metrics(gold_wr=0.0, rm_wr=0.9), margin=0.05, gold=False)
+    d = gates.promotion_decision(metrics(gold_wr=0.0, rm_wr=0.9), margin=0.05, judge="rm")
     assert d.promote and d.judge == "rm" and d.reason.startswith("rm win rate")
 
 

@@ -109,12 +109,12 @@ def test_values_and_reward_scores_are_fp32_under_bf16_autocast(reward_model_dir)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, values, _ = module(*inputs)
         _, hidden = response_forward(module.policy, *inputs, cfg.ppo.temperature)  # (B, R, H)
-        scores = module.scorer.score([r["prompt"] for r in rows], sampled.texts)
+        scores = module.rewards.scorer.score([r["prompt"] for r in rows], sampled.texts)
         assert module.value_head(hidden).dtype == torch.bfloat16  # what a plain call gives under autocast
     expected = F.linear(hidden.float(), module.value_head.weight, module.value_head.bias).squeeze(-1)  # (B, R)
     assert values.dtype == torch.float32 and values.abs().max() > 1
     torch.testing.assert_close(values, expected, rtol=0, atol=0)
-    expected_scores = module.scorer.score([r["prompt"] for r in rows], sampled.texts)  # no autocast
+    expected_scores = module.rewards.scorer.score([r["prompt"] for r in rows], sampled.texts)  # no autocast
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, expected_scores, rtol=0, atol=0)
 
@@ -171,7 +171,7 @@ def test_ppo_trains_adapter_and_value_head_only(tmp_path, reward_model_dir, weig
     # One logged row per iteration with every PPO metric.
     with open(next(tmp_path.glob("logs/*/metrics.csv"))) as f:
         logged = list(csv.DictReader(f))
-    expected = {"ppo/reward", "ppo/reward_normalised", "ppo/kl", "ppo/policy_loss", "ppo/value_loss",
+    expected = {"ppo/reward", "ppo/reward/model", "ppo/reward/model_normalised", "ppo/kl", "ppo/policy_loss", "ppo/value_loss",
                 "ppo/clip_fraction", "ppo/value_clip_fraction", "ppo/approx_kl", "ppo/response_length",
                 "ppo/entropy"}
     assert expected <= set(logged[0]) and len(logged) == 2
@@ -280,7 +280,8 @@ def test_advantages_follow_the_estimator(reward_model_dir):
     logp = torch.tensor([[-1.0, -1.0], [-1.0, 0.0], [-1.0, -1.0], [-1.0, -1.0]])
     ref_logp = logp - torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # KL 1, 1, 0, 0
     score = torch.tensor([1.0, 3.0, 0.0, 0.0])
-    scored = Scored(score, score, torch.ones(4, dtype=torch.bool), logp, ref_logp, per_token_kl(logp, ref_logp),
+    scored = Scored({"model": score}, score, score, torch.ones(4, dtype=torch.bool), logp, ref_logp,
+                    per_token_kl(logp, ref_logp),
                     torch.zeros(4, 2), torch.zeros(4, 2))
     cfg = tiny_cfg(ppo={"estimator": "rloo", "samples_per_prompt": 2, "kl_coef": 0.5})
     module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
@@ -325,8 +326,8 @@ def test_ended_with_eos_and_the_missing_eos_penalty(reward_model_dir):
     module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir)
     rows = prompt_rows(module.tokenizer)
     sampled = module.rollout([r["prompt_chat"] for r in rows], seed=0)
-    scored = module.score_and_kl([r["prompt"] for r in rows], sampled)
-    expected = module.scorer.normalise(scored.raw_scores) - 2.0 * (~scored.ended).float()
+    scored = module.score_and_kl(rows, sampled)
+    expected = module.rewards.scorer.normalise(scored.terms["model"]) - 2.0 * (~scored.ended).float()
     torch.testing.assert_close(scored.score, expected)
 
 

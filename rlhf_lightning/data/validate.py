@@ -255,14 +255,31 @@ def _unique(issues: list[Issue]) -> list[Issue]:
     return list(dict.fromkeys(issues))
 
 
-def check_splits(data: PreparedData) -> list[Issue]:
+def check_splits(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
+    """An empty split the run needs is an error (the preference pairs only where a reward model is trained)."""
     fixes = {
         "pref_train": "no preference pairs to train on (check data.preferences and the read/dropped counts)",
         "pref_eval": "no held-out preference pairs (the split by prompt needs at least 2 distinct prompts)",
         "rl_prompts": "no RL prompts (check data.prompts and the read/dropped counts)",
         "eval_prompts": "no evaluation prompts (check data.eval_prompts, or give more RL prompts to split)",
     }
+    if not cfg.trains_reward_model:  # a published reward model is measured on held-out pairs where there are some
+        fixes = {k: v for k, v in fixes.items() if not k.startswith("pref")}
     return [Issue(name, "", fix, "empty_split") for name, fix in fixes.items() if not getattr(data, name)]
+
+
+def check_reward_columns(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
+    """Every prompt row must carry the columns the reward functions need (their parameters without a
+    default). Loading the functions here also stops a run whose functions cannot be imported before any
+    training."""
+    if not cfg.reward.functions:
+        return []
+    from rlhf_lightning.models.rewards import RewardFunction, column_problems
+
+    functions = [RewardFunction.load(f) for f in cfg.reward.functions]
+    return [Issue(role, "extra", problem, "missing_column")
+            for role, rows in (("rl_prompts", data.rl_prompts), ("eval_prompts", data.eval_prompts))
+            for problem in column_problems(functions, rows, role)]
 
 
 def check_counts(data: PreparedData, cfg: RLHFConfig) -> list[Issue]:
@@ -358,7 +375,7 @@ def validate(data: PreparedData, cfg: RLHFConfig) -> ValidationReport:
         dropped = [dataclasses.replace(i, message=f"{i.message} [row dropped: data.drop_invalid_rows]")
                    for i in problems if i.field]
         problems = [i for i in problems if not i.field]
-    errors = _unique(problems + check_splits(data) + check_rows(data))
+    errors = _unique(problems + check_splits(data, cfg) + check_rows(data) + check_reward_columns(data, cfg))
     warnings = _unique(dropped + list(data.notes) + check_counts(data, cfg) + check_labels(data)
                        + check_contradictions(data) + check_leakage(data))
     if cfg.data.strict:

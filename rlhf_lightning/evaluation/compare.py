@@ -4,8 +4,9 @@ Every model samples the same prompts with the same seeds, at temperature `evalua
 (1.0 by default: the distribution PPO optimised, and the one the KL is measured on). The reference is
 the policy with its adapter disabled; the champion is the registry's `champion` adapter loaded beside
 the policy's on the same base weights. Reported (`eval/...`):
-- learned reward (`rm_score`) and gold score (`gold_score`, where a gold judge exists: the built-in
-  task) of each model, and win rates of the policy by both judges, with a 95% interval;
+- learned reward (`rm_score`, where there is a reward model), gold score (`gold_score`, where a gold judge
+  exists: the built-in task), the total reward PPO maximised (`reward`) and each reward function's mean
+  (`reward/<name>`) of each model, and win rates of the policy by each judge, with a 95% interval;
 - KL(policy || reference) per sequence (`kl`) and per token (`kl_per_token`) on the policy's samples;
 - response length, share of responses that end with an end token, distinct-1/2.
 A gap between the learned-reward and the gold win rate is over-optimisation of the reward model.
@@ -36,7 +37,7 @@ from rlhf_lightning.models.loading import (compute_device, load_policy, policy_t
                                            stop_token_ids, to_compute_device)
 from rlhf_lightning.models.logprobs import ended_with_eos, sequence_logprobs
 from rlhf_lightning.models.losses import per_token_kl
-from rlhf_lightning.models.reward_model import RewardScorer
+from rlhf_lightning.models.rewards import MODEL_TERM, Rewards
 from rlhf_lightning.stats import distinct_n, mean_difference, win_rate
 
 CHAMPION_ADAPTER = "champion"
@@ -135,24 +136,27 @@ def generate(policy, tokenizer, chats: list[str], name: str, *, max_new_tokens: 
     return out
 
 
-def compare(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int, temperature: float,
+Scores = dict[str, dict[str, list[float]]]
+"""{model: {reward term: one raw value per row}} (`Rewards.score`'s terms)."""
+
+
+def compare(policy, tokenizer, rewards: Rewards, rows: list[dict], *, max_new_tokens: int, temperature: float,
             batch_size: int, seed: int, gold: bool, champion: bool = False,
             prefix: str = "eval/", engine=None) -> tuple[dict[str, float], list[dict]]:
-    """Sample policy, reference (and champion) on `rows` (`prompt`, `prompt_chat`); return the metrics
-    and the paired samples. `gold`: score with the gold judge too. `engine`: a VLLMEngine samples."""
-    arms, rm = sample_and_score(policy, tokenizer, scorer, rows, max_new_tokens=max_new_tokens,
-                                temperature=temperature, batch_size=batch_size, seed=seed, champion=champion,
-                                engine=engine)
-    return summarise(arms, rm, rows, scorer, gold=gold, prefix=prefix)
+    """Sample policy, reference (and champion) on `rows` (`prompt`, `prompt_chat`, `extra`); return the
+    metrics and the paired samples. `gold`: score with the gold judge too. `engine`: a VLLMEngine samples."""
+    arms, scores = sample_and_score(policy, tokenizer, rewards, rows, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, batch_size=batch_size, seed=seed, champion=champion,
+                                    engine=engine)
+    return summarise(arms, scores, rows, rewards, gold=gold, prefix=prefix)
 
 
-def sample_and_score(policy, tokenizer, scorer, rows: list[dict], *, max_new_tokens: int, temperature: float,
-                     batch_size: int, seed: int, champion: bool = False, engine=None,
-                     batches: list[tuple[int, list[int]]] | None = None
-                     ) -> tuple[dict[str, Responses], dict[str, list[float]]]:
-    """Every model's responses to `rows` and the reward model's scores of them: ({model: Responses},
-    {model: scores}). `batches`: only these of the rows' length-sorted batches (`generate`); the other
-    rows' entries stay empty (score 0.0)."""
+def sample_and_score(policy, tokenizer, rewards: Rewards, rows: list[dict], *, max_new_tokens: int,
+                     temperature: float, batch_size: int, seed: int, champion: bool = False, engine=None,
+                     batches: list[tuple[int, list[int]]] | None = None) -> tuple[dict[str, Responses], Scores]:
+    """Every model's responses to `rows` and each reward term's values of them: ({model: Responses},
+    {model: {term: values}}). `batches`: only these of the rows' length-sorted batches (`generate`); the
+    other rows' entries stay empty (value 0.0)."""
     if batches is not None and not batches:
         raise ValueError("sample_and_score: an empty share of batches (give each device one at least)")
     policy.eval()
@@ -164,20 +168,30 @@ def sample_and_score(policy, tokenizer, scorer, rows: list[dict], *, max_new_tok
     if champion:
         arms["champion"] = generate(policy, tokenizer, chats, "champion", **kw)
     mine = sorted(r for _, rs in batches for r in rs) if batches is not None else list(range(len(rows)))
-    rm = {}
+    scores: Scores = {}
     for name, r in arms.items():
-        scores = [0.0] * len(rows)
-        for i, score in zip(mine, scorer.score([prompts[i] for i in mine], [r.texts[i] for i in mine]).tolist()):
-            scores[i] = score
-        rm[name] = scores
-    return arms, rm
+        got = rewards.score([prompts[i] for i in mine], [r.texts[i] for i in mine], [rows[i] for i in mine])
+        scores[name] = {term: [0.0] * len(rows) for term in got}
+        for term, values in got.items():
+            for i, value in zip(mine, values.tolist()):
+                scores[name][term][i] = value
+    return arms, scores
 
 
-def summarise(arms: dict[str, Responses], rm: dict[str, list[float]], rows: list[dict], scorer, *, gold: bool,
+def judge_of(rewards: Rewards, gold: bool) -> str:
+    """Whose win rates decide promotion (`gates.promotion_decision`): the gold judge where there is one,
+    else the reward model where it is the whole reward, else the weighted total of the terms."""
+    return "gold" if gold else "rm" if rewards.model_only else "reward"
+
+
+def summarise(arms: dict[str, Responses], scores: Scores, rows: list[dict], rewards: Rewards, *, gold: bool,
               prefix: str = "eval/") -> tuple[dict[str, float], list[dict]]:
-    """`compare`'s metrics and paired samples from every model's responses and reward-model scores."""
+    """`compare`'s metrics and paired samples from every model's responses and reward terms' values."""
     prompts = [r["prompt"] for r in rows]
     golds = {name: judge.gold_scores(r.texts) for name, r in arms.items()} if gold else {}
+    totals = {name: rewards.total({t: torch.tensor(v) for t, v in terms.items()}).tolist()
+              for name, terms in scores.items()}
+    rm = {name: terms[MODEL_TERM] for name, terms in scores.items() if MODEL_TERM in terms}
 
     pol = arms["policy"]
     m: dict[str, float] = {
@@ -188,8 +202,12 @@ def summarise(arms: dict[str, Responses], rm: dict[str, list[float]], rows: list
     short = {"policy": "", "reference": "ref_", "champion": "champion_"}
     for name, r in arms.items():
         p = short[name]
-        m[f"{p}rm_score"] = fmean(rm[name])
-        m[f"{p}rm_score_normalised"] = scorer.normalise(torch.tensor(rm[name])).mean().item()
+        m[f"{p}reward"] = fmean(totals[name])
+        for fn in rewards.functions:
+            m[f"{p}reward/{fn.name}"] = fmean(scores[name][fn.name])
+        if rm:
+            m[f"{p}rm_score"] = fmean(rm[name])
+            m[f"{p}rm_score_normalised"] = rewards.scorer.normalise(torch.tensor(rm[name])).mean().item()
         if gold:
             m[f"{p}gold_score"] = fmean(golds[name])
         m[f"{p}response_length"] = fmean(r.lengths)
@@ -199,9 +217,10 @@ def summarise(arms: dict[str, Responses], rm: dict[str, list[float]], rows: list
     for other, p in (("reference", ""), ("champion", "champion_")):
         if other not in arms:
             continue
-        judges = [("rm", rm)] + ([("gold", golds)] if gold else [])
-        for judge_name, scores in judges:
-            wr, ci = win_rate(scores["policy"], scores[other], groups=prompts)
+        judges = (([("rm", rm)] if rm else []) + ([("reward", totals)] if not rewards.model_only else [])
+                  + ([("gold", golds)] if gold else []))
+        for judge_name, by_arm in judges:
+            wr, ci = win_rate(by_arm["policy"], by_arm[other], groups=prompts)
             m[f"{p}{judge_name}_win_rate"], m[f"{p}{judge_name}_win_rate_ci95"] = wr, ci
 
     samples = []  # every evaluated answer (side_by_side picks the ones to show)
@@ -209,7 +228,11 @@ def summarise(arms: dict[str, Responses], rm: dict[str, list[float]], rows: list
         row = {"prompt": prompts[i]}
         for name, r in arms.items():
             row[name] = r.texts[i]
-            row[f"{name}_rm"] = rm[name][i]
+            if not rewards.model_only:
+                row[f"{name}_reward"] = totals[name][i]
+                row |= {f"{name}_reward/{fn.name}": scores[name][fn.name][i] for fn in rewards.functions}
+            if rm:
+                row[f"{name}_rm"] = rm[name][i]
             if gold:
                 row[f"{name}_gold"] = golds[name][i]
         samples.append(row)
@@ -228,8 +251,8 @@ def served_policy(policy_cfg, adapter_dir: str, accelerator: str = "auto") -> to
 def served_agreement(evaluated: list[str], served: list[str], evaluated_rm: list[float],
                      served_rm: list[float], rm_std: float) -> dict[str, float]:
     """How alike the served and the evaluated model answer the same prompts greedily: the share of
-    identical answers, each one's mean reward, and the paired reward difference served - evaluated in the
-    reward model's standard deviations (`rm_std`) with its 95% half-width."""
+    identical answers, each one's mean reward, and the paired reward difference served - evaluated divided
+    by `rm_std` (1 for rewards already normalised) with its 95% half-width."""
     gap, ci = mean_difference(served_rm, evaluated_rm)
     return {
         "served_greedy_match": fmean(float(a == b) for a, b in zip(evaluated, served)),
@@ -246,17 +269,18 @@ def greedy_kwargs(cfg: RLHFConfig) -> dict:
                 seed=cfg.evaluation.seed)
 
 
-def served_check(cfg: RLHFConfig, tokenizer, scorer, rows: list[dict], evaluated: list[str], adapter_dir: str,
-                 prefix: str = "eval/") -> tuple[dict[str, float], list[dict]]:
+def served_check(cfg: RLHFConfig, tokenizer, rewards: Rewards, rows: list[dict], evaluated: list[str],
+                 adapter_dir: str, prefix: str = "eval/") -> tuple[dict[str, float], list[dict]]:
     """The served form of the adapter (`served_policy`) answers `rows` greedily beside `evaluated`, the
-    evaluated model's greedy answers to them; both scored by the reward model. Returns the metrics
-    (`served_agreement`) and the answers side by side."""
+    evaluated model's greedy answers to them; both given the total reward (the reward model's score
+    normalised, plus the reward functions, weighted: in the reward model's standard deviations when it is
+    the whole reward). Returns the metrics (`served_agreement`) and the answers side by side."""
     chats, prompts = [r["prompt_chat"] for r in rows], [r["prompt"] for r in rows]
     served_model = served_policy(cfg.policy, adapter_dir, cfg.trainer.accelerator)
     served = generate(served_model, tokenizer, chats, "policy", **greedy_kwargs(cfg)).texts
     del served_model
-    evaluated_rm, served_rm = scorer.score(prompts, evaluated).tolist(), scorer.score(prompts, served).tolist()
-    m = served_agreement(evaluated, served, evaluated_rm, served_rm, float(scorer.std))
+    evaluated_rm, served_rm = (rewards.total(rewards.score(prompts, texts, rows)).tolist() for texts in (evaluated, served))
+    m = served_agreement(evaluated, served, evaluated_rm, served_rm, 1.0)
     table = [{"prompt": p, "evaluated": e, "served": s_, "rm evaluated": round(er, 3), "rm served": round(sr, 3)}
              for p, e, s_, er, sr in zip(prompts, evaluated, served, evaluated_rm, served_rm)]
     return {f"{prefix}{k}": v for k, v in m.items()}, table
@@ -265,10 +289,11 @@ def served_check(cfg: RLHFConfig, tokenizer, scorer, rows: list[dict], evaluated
 def side_by_side(samples: list[dict], n: int = 5) -> list[dict]:
     """What the tuned policy now says next to what the reference said, for people to read: the `n`
     answers where the policy gained most over the reference, the `n` where it lost most (by the gold
-    judge when there is one, else by the reward model), then the first `n` others as they came.
-    Rows: {case, prompt, reference, policy, then for each judge (gold when there is one, rm): <judge>
-    reference, <judge> policy, <judge> gain}."""
-    judges = ["gold", "rm"] if samples and "policy_gold" in samples[0] else ["rm"]
+    judge when there is one, else by the total reward), then the first `n` others as they came.
+    Rows: {case, prompt, reference, policy, then for each judge (gold when there is one, the total reward
+    when it is more than the reward model's score, rm when there is a reward model): <judge> reference,
+    <judge> policy, <judge> gain}."""
+    judges = [j for j in ("gold", "reward", "rm") if samples and f"policy_{j}" in samples[0]]
     judge_name = judges[0]
     gain = [s[f"policy_{judge_name}"] - s[f"reference_{judge_name}"] for s in samples]  # decides the order
     order = sorted(range(len(samples)), key=lambda i: gain[i], reverse=True)
@@ -304,33 +329,38 @@ def side_by_side_markdown(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def _models(cfg: RLHFConfig, adapter_dir: str, reward_model_dir: str, champion: tuple[str, str] | None):
-    """The policy (its adapter, and the champion's beside it) and the reward model on this process's
+def load_rewards(cfg: RLHFConfig, reward_model_dir: str | None) -> Rewards:
+    """The run's reward terms (`cfg.reward`), the reward model on this process's device."""
+    return Rewards.load(cfg.reward, reward_model_dir).to(compute_device(cfg.trainer.accelerator))
+
+
+def _models(cfg: RLHFConfig, adapter_dir: str, reward_model_dir: str | None, champion: tuple[str, str] | None):
+    """The policy (its adapter, and the champion's beside it) and the reward terms on this process's
     device, and a vLLM engine there under `generation.backend: vllm` (else None)."""
     policy = load_policy(cfg.policy, adapter_dir, trainable=False)
     if champion is not None:
         policy.load_adapter(champion[0], adapter_name=CHAMPION_ADAPTER)
     # Sampling 3 models x every held-out prompt: on the GPU when the step has one.
     policy = to_compute_device(policy, cfg.trainer.accelerator, quantized=cfg.policy.quantization == "4bit")
-    scorer = RewardScorer.load(reward_model_dir).to(compute_device(cfg.trainer.accelerator))
+    rewards = load_rewards(cfg, reward_model_dir)
     engine = None
     if cfg.generation.backend == "vllm":
         from rlhf_lightning.models.engines import VLLMEngine
 
         engine = VLLMEngine(resolve_model(cfg.policy.model), cfg.generation, lora_rank=cfg.policy.lora.r,
                             seed=cfg.evaluation.seed)
-    return policy, scorer, engine
+    return policy, rewards, engine
 
 
-def sample_share(cfg: RLHFConfig, rows: list[dict], adapter_dir: str, reward_model_dir: str,
+def sample_share(cfg: RLHFConfig, rows: list[dict], adapter_dir: str, reward_model_dir: str | None,
                  champion: tuple[str, str] | None, batches: list[tuple[int, list[int]]] | None
-                 ) -> tuple[dict[str, Responses], dict[str, list[float]]]:
+                 ) -> tuple[dict[str, Responses], Scores]:
     """`sample_and_score` of `batches` (all of them for None) with models loaded here: one device's share of
     the evaluation, in a process of its own when the step has several (`hardware.over_devices`)."""
     ev = cfg.evaluation
-    policy, scorer, engine = _models(cfg, adapter_dir, reward_model_dir, champion)
+    policy, rewards, engine = _models(cfg, adapter_dir, reward_model_dir, champion)
     try:
-        return sample_and_score(policy, policy_tokenizer(cfg.policy), scorer, rows, max_new_tokens=ev.max_new_tokens,
+        return sample_and_score(policy, policy_tokenizer(cfg.policy), rewards, rows, max_new_tokens=ev.max_new_tokens,
                                 temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed,
                                 champion=champion is not None, engine=engine, batches=batches)
     finally:
@@ -338,22 +368,23 @@ def sample_share(cfg: RLHFConfig, rows: list[dict], adapter_dir: str, reward_mod
             engine.close()
 
 
-def merge_shares(shares: list[tuple[dict[str, Responses], dict[str, list[float]]]],
-                 batches: list[list[tuple[int, list[int]]]]) -> tuple[dict[str, Responses], dict[str, list[float]]]:
+def merge_shares(shares: list[tuple[dict[str, Responses], Scores]],
+                 batches: list[list[tuple[int, list[int]]]]) -> tuple[dict[str, Responses], Scores]:
     """The devices' shares (`sample_share` of `batches[d]` on device d) as one sample of every row."""
-    arms, rm = shares[0]
-    for (share_arms, share_rm), share_batches in zip(shares[1:], batches[1:]):
+    arms, scores = shares[0]
+    for (share_arms, share_scores), share_batches in zip(shares[1:], batches[1:]):
         for r in (r for _, rs in share_batches for r in rs):
             for name, responses in share_arms.items():
                 for field_name in ("texts", "lengths", "ended", "seq_kl"):
                     values = getattr(responses, field_name)
                     if values:
                         getattr(arms[name], field_name)[r] = values[r]
-                rm[name][r] = share_rm[name][r]
-    return arms, rm
+                for term, values in share_scores[name].items():
+                    scores[name][term][r] = values[r]
+    return arms, scores
 
 
-def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward_model_dir: str,
+def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward_model_dir: str | None,
              champion: tuple[str, str] | None = None) -> EvalResult:
     """Compare the adapter in `adapter_dir` with its reference (and with `champion` = (adapter dir,
     label), on the same base) on every held-out prompt, `evaluation.samples_per_prompt` times; decide
@@ -374,20 +405,20 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     if devices > 1:
         shares = [every[d::devices] for d in range(devices)]
         print(f"evaluation: {len(rows)} rows sampled on {devices} devices at once", flush=True)
-        arms, rm = merge_shares(hardware.over_devices(
+        arms, scores = merge_shares(hardware.over_devices(
             sample_share, [(cfg, rows, adapter_dir, reward_model_dir, champion, share) for share in shares],
             cfg.trainer.accelerator), shares)
-        scorer = RewardScorer.load(reward_model_dir).to(compute_device(cfg.trainer.accelerator))
+        rewards = load_rewards(cfg, reward_model_dir)
     else:
-        policy, scorer, engine = _models(cfg, adapter_dir, reward_model_dir, champion)
+        policy, rewards, engine = _models(cfg, adapter_dir, reward_model_dir, champion)
         try:
-            arms, rm = sample_and_score(policy, tok, scorer, rows, max_new_tokens=ev.max_new_tokens,
+            arms, scores = sample_and_score(policy, tok, rewards, rows, max_new_tokens=ev.max_new_tokens,
                                         temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed,
                                         champion=champion is not None, engine=engine)
         finally:
             if engine is not None:
                 engine.close()
-    metrics, samples = summarise(arms, rm, rows, scorer, gold=gold)
+    metrics, samples = summarise(arms, scores, rows, rewards, gold=gold)
     served: list[dict] = []
     check_rows = prompts[: ev.served_check_prompts] if cfg.policy.quantization == "4bit" else []
     if check_rows and policy is None:
@@ -401,9 +432,9 @@ def evaluate(cfg: RLHFConfig, eval_prompts: list[dict], adapter_dir: str, reward
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if check_rows:
-        served_metrics, served = served_check(cfg, tok, scorer, check_rows, evaluated, adapter_dir)
+        served_metrics, served = served_check(cfg, tok, rewards, check_rows, evaluated, adapter_dir)
         metrics |= served_metrics
-    decision = promotion_decision(metrics, ev.promotion_margin, gold, champion[1] if champion else None,
+    decision = promotion_decision(metrics, ev.promotion_margin, judge_of(rewards, gold), champion[1] if champion else None,
                                   served_max_drop=ev.served_max_rm_drop)
     return EvalResult(metrics=metrics, promote=decision.promote, reason=decision.reason, samples=samples,
                       served=served)

@@ -33,21 +33,23 @@ class GateDecision:
     promote: bool
     reason: str
     judge: str
-    """`gold` or `rm`: whose win rates decided."""
+    """`gold`, `rm` or `reward`: whose win rates decided."""
 
 
-def promotion_decision(metrics: dict[str, float], margin: float, gold: bool,
+def promotion_decision(metrics: dict[str, float], margin: float, judge: str,
                        champion: str | None = None, served_max_drop: float | None = None) -> GateDecision:
     """Gate before promotion: the policy's win rate against the reference, and against the champion when
     one was compared (`champion` names it), must exceed 0.5 + margin, and its 95% interval must lie above
-    0.5 (a tie). Judged by the gold judge when there is one, else by the reward model (which the policy
-    was trained on: a weaker test). `metrics` are the evaluation's (`eval/...`).
+    0.5 (a tie). Judged by `judge`'s win rates: `gold`, the gold judge, where there is one; else `rm`, the
+    reward model, where it is the whole reward, or `reward`, the weighted total of the reward terms (both
+    what the policy was trained on: a weaker test, unless the terms are exact checks such as a
+    reference answer's). `metrics` are the evaluation's (`eval/...`).
 
     Where the served form of the policy differs from the evaluated one (a 4-bit run: `eval/served_rm_gap`,
     the served minus the evaluated greedy answers' reward, in the reward model's standard deviations) and
     `served_max_drop` is set, the served answers must not be worse by more than `served_max_drop` with a
     95% interval that excludes no difference: what would be served is then not what passed."""
-    judge_name = "gold" if gold else "rm"
+    judge_name = judge
     threshold = 0.5 + margin
     against = [("reference", "")] + ([(f"champion {champion}", "champion_")] if champion else [])
     parts, ok = [], True

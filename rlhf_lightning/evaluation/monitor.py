@@ -25,7 +25,7 @@ class HeldoutMonitor(Callback):
         last = batch_idx + 1 == trainer.num_training_batches
         if (batch_idx + 1) % self.ev.every_n_iterations and not last:
             return
-        metrics, _ = compare(pl_module.policy, pl_module.tokenizer, pl_module.scorer, self.rows,
+        metrics, _ = compare(pl_module.policy, pl_module.tokenizer, pl_module.rewards, self.rows,
                              max_new_tokens=self.ev.max_new_tokens, temperature=self.ev.temperature,
                              batch_size=self.ev.batch_size, seed=self.ev.seed, gold=self.gold, prefix="heldout/",
                              engine=getattr(pl_module, "engine", None))

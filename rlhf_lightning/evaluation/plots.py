@@ -30,8 +30,8 @@ def training_curves_figure(history: list[dict]):
 
 
 def overoptimisation_figure(history: list[dict]):
-    """Left: gold score, learned reward (normalised: the scale PPO saw) and KL over the PPO iterations on
-    one plot; rollouts as lines, the held-out monitor's evaluations as markers. Gold falling while the
+    """Left: gold score, the reward PPO maximised (the learned reward normalised, plus any reward functions,
+    weighted: the scale PPO saw) and KL over the PPO iterations on one plot; rollouts as lines, the held-out monitor's evaluations as markers. Gold falling while the
     learned reward keeps rising is reward over-optimisation (Gao et al. 2023). Right, when the monitor
     ran: held-out win rates against the reference by both judges."""
     held = [h for h in history if "heldout/kl" in h]
@@ -39,12 +39,11 @@ def overoptimisation_figure(history: list[dict]):
     ax = axes[0][0]
     it = [h["iteration"] + 1 for h in history]
     hx = [h["iteration"] + 1 for h in held]
-    ax.plot(it, [h["ppo/reward_normalised"] for h in history], color="tab:blue", label="learned reward (rollouts)")
+    ax.plot(it, [h["ppo/reward"] for h in history], color="tab:blue", label="reward (rollouts)")
     if "ppo/gold_score" in history[0]:
         ax.plot(it, [h["ppo/gold_score"] for h in history], color="tab:green", label="gold score (rollouts)")
     if held:
-        ax.plot(hx, [h["heldout/rm_score_normalised"] for h in held], "o", color="tab:blue",
-                label="learned reward (held-out)")
+        ax.plot(hx, [h["heldout/reward"] for h in held], "o", color="tab:blue", label="reward (held-out)")
         if "heldout/gold_score" in held[0]:
             ax.plot(hx, [h["heldout/gold_score"] for h in held], "s", color="tab:green", label="gold score (held-out)")
     ax.set_xlabel("PPO iteration")
@@ -57,10 +56,11 @@ def overoptimisation_figure(history: list[dict]):
     handles, labels = ax.get_legend_handles_labels()
     kl_handles, kl_labels = kl_ax.get_legend_handles_labels()
     ax.legend(handles + kl_handles, labels + kl_labels, fontsize=7, loc="upper left")
-    ax.set_title("Gold score, learned reward and KL over PPO")
+    ax.set_title("Gold score, reward and KL over PPO")
     if held:
         wr = axes[0][1]
-        for key, label in (("heldout/gold_win_rate", "gold judge"), ("heldout/rm_win_rate", "reward model")):
+        for key, label in (("heldout/gold_win_rate", "gold judge"), ("heldout/rm_win_rate", "reward model"),
+                           ("heldout/reward_win_rate", "total reward")):
             if key in held[0]:
                 wr.errorbar(hx, [h[key] for h in held], yerr=[h[key + "_ci95"] for h in held], marker="o",
                             capsize=3, label=label)

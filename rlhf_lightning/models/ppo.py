@@ -4,8 +4,9 @@ One `training_step` is one iteration on a batch of prompts, in four named phases
 
 1. rollout       sample `samples_per_prompt` responses per prompt with the current policy (prompts
                  left-padded, as `generate` needs), seeded per iteration so a CPU run repeats exactly;
-2. score_and_kl  reward-model score of the decoded (prompt, response) text, normalised with the reward
-                 model's training statistics, minus the missing-EOS penalty; log-probs of the response
+2. score_and_kl  the reward of the decoded (prompt, response) text (`rewards.Rewards`: the reward model's
+                 score normalised by its measured mean and std, and reward functions, weighted),
+                 minus the missing-EOS penalty; log-probs of the response
                  tokens under the policy and the reference (the same PeftModel with its adapter
                  disabled) and from them the per-token KL, computed once for the penalty and the
                  logged figures; values and entropy. When one minibatch holds the whole rollout, the
@@ -37,7 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from rlhf_lightning import judge
-from rlhf_lightning.config import GenerationConfig, PolicyConfig, PPOConfig, RLHFConfig
+from rlhf_lightning.config import GenerationConfig, PolicyConfig, PPOConfig, RewardConfig, RLHFConfig
 from rlhf_lightning.models.generation import Sampled, sample
 from rlhf_lightning.models.loading import (enable_gradient_checkpointing, load_policy, policy_tokenizer,
                                            release_cached_memory, resolve_model, stop_token_ids)
@@ -57,7 +58,7 @@ from rlhf_lightning.models.losses import (
     sequence_rewards,
     value_loss,
 )
-from rlhf_lightning.models.reward_model import RewardScorer
+from rlhf_lightning.models.rewards import MODEL_TERM, Rewards
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
 from rlhf_lightning.models.trainer import build_trainer
 
@@ -69,8 +70,9 @@ HISTORY_FILE = "ppo_history.json"
 class Scored:
     """What phase 2 measures about one rollout (no gradients)."""
 
-    raw_scores: torch.Tensor  # (B,) reward-model scores as the model outputs them
-    score: torch.Tensor  # (B,) normalised scores minus the missing-EOS penalty: the reward PPO maximises
+    terms: dict[str, torch.Tensor]  # {term: (B,)} each reward term's raw values (`Rewards.score`)
+    reward: torch.Tensor  # (B,) their weighted total (`Rewards.total`)
+    score: torch.Tensor  # (B,) the total minus the missing-EOS penalty: the reward PPO maximises
     ended: torch.Tensor  # (B,) bool, the response produced an end token
     logp: torch.Tensor  # (B, R) log-probs of the response tokens under the rollout policy
     ref_logp: torch.Tensor  # (B, R) the same under the reference (adapter disabled)
@@ -100,11 +102,14 @@ class Experience:
 
 
 class PPOModule(L.LightningModule):
-    """LoRA policy (+ scalar value head for gae), trained by PPO against a frozen reward model."""
+    """LoRA policy (+ scalar value head for gae), trained by PPO against a frozen reward model and reward
+    functions."""
 
-    def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str, gold_judge: bool = False,
-                 gradient_checkpointing: bool = False, generation: GenerationConfig | None = None):
-        """`gold_judge`: also score the rollouts with the built-in task's gold judge, for monitoring
+    def __init__(self, policy: PolicyConfig, ppo: PPOConfig, reward_model_dir: str | None, gold_judge: bool = False,
+                 gradient_checkpointing: bool = False, generation: GenerationConfig | None = None,
+                 reward: RewardConfig | None = None):
+        """`reward_model_dir`: the reward model (`RewardScorer.load`; None with `reward.model_weight: null`);
+        `reward`: the reward terms and weights (the reward model's score alone by default). `gold_judge`: also score the rollouts with the built-in task's gold judge, for monitoring
         only (`ppo/gold_score`); it never enters the reward. `gradient_checkpointing`: the policy
         recomputes its layers' activations in the backward pass (`trainer.gradient_checkpointing`).
         `generation`: where rollouts are generated (HF `generate` by default; `backend: vllm` starts an
@@ -128,7 +133,7 @@ class PPOModule(L.LightningModule):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         # A plain attribute, not a submodule: the frozen reward model stays out of checkpoints and optimiser.
-        self.scorer = RewardScorer.load(reward_model_dir)  # normalises with the training pairs' mean and std
+        self.rewards = Rewards.load(reward or RewardConfig(), reward_model_dir)
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.history: list[dict[str, float]] = []
         self.generation = generation or GenerationConfig()
@@ -170,7 +175,7 @@ class PPOModule(L.LightningModule):
         self.policy.load_state_dict(weights, strict=False)
 
     def on_fit_start(self) -> None:
-        self.scorer.to(self.device)
+        self.rewards.to(self.device)
         if self.generation.backend == "vllm" and self.engine is None:
             from rlhf_lightning.models.engines import VLLMEngine
 
@@ -234,21 +239,23 @@ class PPOModule(L.LightningModule):
         return self.ppo.minibatch_size >= rows and not dropout
 
     @torch.no_grad()
-    def score_and_kl(self, prompts: list[str], sampled: Sampled, keep_graph: bool = False) -> Scored:
+    def score_and_kl(self, rows: list[dict], sampled: Sampled, keep_graph: bool = False) -> Scored:
         """`keep_graph` (only where `shares_forward`): the policy's forward keeps its autograd graph in
         `Scored.graph`, and the first update step backpropagates through it instead of running the same
         forward again (on the benchmark workload, one update epoch of one minibatch, the update phase's time
-        fell from 25 to 15 s of an 89 s fit)."""
+        fell from 25 to 15 s of an 89 s fit).
+        `rows`: the prompt row of each response ({prompt, extra, source}: what the reward functions read)."""
         ended = ended_with_eos(sampled, stop_token_ids(self.policy, self.tokenizer))  # (B,)
-        raw = self.scorer.score(prompts, sampled.texts).to(self.device)  # (B,)
-        score = missing_eos_penalty(self.scorer.normalise(raw), ended, self.ppo.missing_eos_penalty)  # (B,)
+        terms = self.rewards.score([r["prompt"] for r in rows], sampled.texts, rows)  # {term: (B,)}
+        reward = self.rewards.total(terms).to(self.device)  # (B,)
+        score = missing_eos_penalty(reward, ended, self.ppo.missing_eos_penalty)  # (B,)
         # In minibatch-sized chunks: the (rows, R, V) logits of a whole k-sample rollout would not fit
         # comfortably in memory with a 49152-token vocabulary.
         logp, ref_logp, values, entropy = [], [], [], []
         graph = None
-        for rows in torch.arange(len(prompts), device=self.device).split(self.ppo.minibatch_size):
-            inputs = (sampled.prompt_ids[rows], sampled.prompt_mask[rows], sampled.response_ids[rows],
-                      sampled.response_mask[rows])
+        for chunk in torch.arange(len(rows), device=self.device).split(self.ppo.minibatch_size):
+            inputs = (sampled.prompt_ids[chunk], sampled.prompt_mask[chunk], sampled.response_ids[chunk],
+                      sampled.response_mask[chunk])
             if keep_graph:  # one chunk: the whole rollout (shares_forward)
                 self.policy.train()  # as phase 4 runs it; without dropout the same numbers as eval mode
                 with torch.enable_grad():
@@ -264,7 +271,7 @@ class PPOModule(L.LightningModule):
                 ref_logp.append(self(*inputs)[0])  # (b, R)
         values_all = None if self.value_head is None else torch.cat(values)  # (B, R)
         logp_all, ref_all = torch.cat(logp), torch.cat(ref_logp)  # (B, R) each
-        return Scored(raw, score, ended, logp_all, ref_all, per_token_kl(logp_all, ref_all), values_all,
+        return Scored(terms, reward, score, ended, logp_all, ref_all, per_token_kl(logp_all, ref_all), values_all,
                       torch.cat(entropy), graph)
 
     # -- phase 3 ---------------------------------------------------------------------------------------
@@ -351,7 +358,8 @@ class PPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         k = self.ppo.samples_per_prompt
-        prompts = [p for p in batch["prompt"] for _ in range(k)]  # (B,) consecutive groups of k
+        rows = [{"prompt": p, "extra": e, "source": s} for p, e, s in zip(batch["prompt"], batch["extra"], batch["source"])
+                for _ in range(k)]  # (B,) consecutive groups of k
         chats = [c for c in batch["prompt_chat"] for _ in range(k)]
         self.check_adapter(batch_idx)
         # Seeded per iteration, not by the global stream: a run repeats on CPU even if something
@@ -361,7 +369,7 @@ class PPOModule(L.LightningModule):
         sampled = self.rollout(chats, seed=seed)
         if self.engine is not None:
             self.engine.sleep()  # its GPU memory back to training until the next rollout (GPU only)
-        scored = self.score_and_kl(prompts, sampled, keep_graph=self.shares_forward(len(chats)))
+        scored = self.score_and_kl(rows, sampled, keep_graph=self.shares_forward(len(chats)))
         mask = sampled.response_mask  # (B, R)
         advantages, returns = self.advantages(scored, mask)
         kl_coef = self.kl_ctl.value  # the coefficient this rollout was penalised with
@@ -378,8 +386,10 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.update(pooled_kl, n_steps=rows)
 
         stats = {
-            "reward": scored.raw_scores.mean().item(),
-            "reward_normalised": self.scorer.normalise(scored.raw_scores).mean().item(),
+            "reward": scored.reward.mean().item(),  # the weighted total; then each term as it came
+            **{f"reward/{term}": values.mean().item() for term, values in scored.terms.items()},
+            **({"reward/model_normalised": self.rewards.scorer.normalise(scored.terms[MODEL_TERM]).mean().item()}
+               if MODEL_TERM in scored.terms else {}),
             "score": scored.score.mean().item(),
             "kl": seq_kl,
             "kl_per_token": masked_mean(scored.kl, mask).item(),
@@ -450,9 +460,11 @@ def _max_over_processes(value: torch.Tensor) -> float:
     return value.item()
 
 
-def collate_prompts(rows: list[dict]) -> dict[str, list[str]]:
-    """`prompt_chat` (template applied) goes to the policy, the raw `prompt` to the reward model."""
-    return {"prompt": [row["prompt"] for row in rows], "prompt_chat": [row["prompt_chat"] for row in rows]}
+def collate_prompts(rows: list[dict]) -> dict[str, list]:
+    """`prompt_chat` (template applied) goes to the policy, the raw `prompt` to the reward terms with the
+    row's `extra` columns (reward functions) and `source` (what a failing function's error names)."""
+    return {"prompt": [row["prompt"] for row in rows], "prompt_chat": [row["prompt_chat"] for row in rows],
+            "extra": [row.get("extra") or {} for row in rows], "source": [row.get("source", "") for row in rows]}
 
 
 def prompt_loader(rows: list[dict], ppo: PPOConfig) -> ResumableLoader:
@@ -524,16 +536,17 @@ class _SaveResults(Callback):
                 torch.save(pl_module.value_head.state_dict(), self.adapter_dir / VALUE_HEAD_FILE)
 
 
-def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str, out_dir: str, logger=None,
+def train_ppo(cfg: RLHFConfig, rl_prompts: list[dict], reward_model_dir: str | None, out_dir: str, logger=None,
               gold_judge: bool = False, callbacks: list[Callback] | None = None,
               ckpt_path: str | None = None) -> PPOResult | None:
-    """PPO from a fresh adapter against the reward model in `reward_model_dir` (`RewardScorer.load`);
+    """PPO from a fresh adapter against the reward model in `reward_model_dir` (`RewardScorer.load`) and
+    the reward functions, as `cfg.reward` weighs them;
     `logger` is a Lightning logger (e.g. MLFlowLogger) or None;
     `gold_judge` logs the built-in task's gold score of the rollouts (monitoring only); `callbacks`
     e.g. monitor.HeldoutMonitor or a checkpoint callback; `ckpt_path`: resume from that checkpoint."""
     L.seed_everything(cfg.ppo.seed)
     module = PPOModule(cfg.policy, cfg.ppo, reward_model_dir, gold_judge, cfg.trainer.gradient_checkpointing,
-                       cfg.generation)
+                       cfg.generation, cfg.reward)
     try:
         return fit_ppo(module, cfg, rl_prompts, out_dir, logger, callbacks, ckpt_path)
     finally:

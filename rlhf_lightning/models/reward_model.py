@@ -20,14 +20,14 @@ from typing import Literal
 
 import lightning as L
 import torch
-from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_lightning import judge
-from rlhf_lightning.config import LoraConfig, RLHFConfig
+from rlhf_lightning.config import ConfigError, LoraConfig, RLHFConfig
 from rlhf_lightning.models.loading import (compute_device, enable_gradient_checkpointing, load_reward_backbone,
-                                           peft_lora_config)
+                                           peft_lora_config, resolve_model)
 from rlhf_lightning.models.losses import bradley_terry_loss
+from rlhf_lightning.pair_encoding import PairEncoder
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
 from rlhf_lightning.models.trainer import build_trainer
 from rlhf_lightning.stats import win_rate
@@ -43,47 +43,46 @@ pairs, 2.64-2.70 at 2 000); with four widths it peaked at 2.03 and 2.32 GB, at t
 held-out accuracy. The extra positions are masked, so the rewards do not change."""
 
 
-class PairEncoder:
-    """(prompt, response) texts -> padded model inputs of at most `max_length` tokens.
+class ChatEncoder:
+    """(prompt, response) texts -> the conversation [user: prompt, assistant: response] rendered with the
+    reward model's own chat template, tokenised as the template writes it (its BOS included), right-padded.
 
-    The response is encoded first and keeps its head if it alone is too long; the prompt keeps its *tail*
-    in the room that is left. Then the tokenizer's own pair template adds its special tokens
-    ([CLS] p [SEP] r [SEP] and token types for BERT). Responses are prefixed with a newline: decoder
-    tokenizers have no pair template and would glue the two texts together; WordPiece drops it."""
+    Too long: the prompt loses its start, then the response its end, until it fits `max_length`. Decoder
+    reward models without a pad token (Llama's) pool the last token that is not the pad id: the padding
+    is filled with an id that ends no row of the batch, returned as `pad_token_id` for the model's config."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_multiple_of: int = 1):
-        # A private copy of the Rust tokenizer with truncation and padding off: we cut by hand.
-        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.backend.no_truncation()
-        self.backend.no_padding()
-        self.room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
-        self.pad_id = tokenizer.pad_token_id
-        self.max_length, self.multiple = max_length, pad_to_multiple_of
-        self.with_token_types = "token_type_ids" in tokenizer.model_input_names
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def render(self, prompt: str, response: str) -> list[int]:
+        for _ in range(4):  # each pass cuts what overflowed (re-rendering may shift a token or two)
+            ids = self._ids(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False))
+            over = len(ids) - self.max_length
+            if over <= 0:
+                return ids
+            prompt_ids = self._ids(prompt)
+            cut = min(over, len(prompt_ids))
+            prompt = self.tokenizer.decode(prompt_ids[cut:])
+            if over > cut:  # the prompt is gone: the response loses its end
+                response_ids = self._ids(response)
+                response = self.tokenizer.decode(response_ids[: max(0, len(response_ids) - (over - cut))])
+        return ids[: self.max_length]
 
     def __call__(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        encodings = []
-        for p, r in zip(self.backend.encode_batch(prompts, add_special_tokens=False),
-                        self.backend.encode_batch(["\n" + text for text in responses], add_special_tokens=False)):
-            r.truncate(self.room, direction="right")
-            p.truncate(self.room - len(r.ids), direction="left")
-            encodings.append(self.backend.post_process(p, r, add_special_tokens=True))
-        longest = max(len(e.ids) for e in encodings)
-        # Rounded up, never past max_length (unless one row already is): see TRAIN_PAD_MULTIPLE.
-        width = min(-(-longest // self.multiple) * self.multiple, max(longest, self.max_length))
-
-        def padded(rows: list[list[int]], value: int) -> torch.Tensor:  # right padding -> (B, T)
-            return torch.tensor([row + [value] * (width - len(row)) for row in rows])
-
-        batch = {
-            "input_ids": padded([e.ids for e in encodings], self.pad_id),  # (B, T)
-            "attention_mask": padded([[1] * len(e.ids) for e in encodings], 0),  # (B, T)
-        }
-        if self.with_token_types:
-            batch["token_type_ids"] = padded([e.type_ids for e in encodings], 0)  # (B, T)
-        return batch
+        rows = [self.render(p, r) for p, r in zip(prompts, responses)]
+        width = max(map(len, rows))
+        last = {row[-1] for row in rows}
+        preferred = [self.tokenizer.pad_token_id] if self.tokenizer.pad_token_id is not None else []
+        pad = next(i for i in [*preferred, *range(len(self.tokenizer))] if i not in last)
+        return {"input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),  # (B, T)
+                "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),  # (B, T)
+                "pad_token_id": pad}
 
 
 def distinct_sequences(rows: list[dict]) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
@@ -213,19 +212,74 @@ class RewardModel(L.LightningModule):
         return self.model
 
 
+PUBLISHED_FILE = "published.json"
+"""In place of a model directory: a reward model used as published (`reward_model.pretrained`), by
+reference ({model, input, max_length, mean, std, metrics}): every step loads it from where it is
+published (hub, directory, MLflow), so no step ships its weights to the next."""
+
+
+def published_input(tokenizer: PreTrainedTokenizerBase, mode: str, path: str) -> str:
+    """How a published reward model in `path` reads a (prompt, response) (`reward_model.input`): `chat`,
+    `pair`, or, for `auto` on a reward model this project trained (its `reward_stats.json`), `trained`:
+    the encoding it was trained with."""
+    if mode == "auto" and (Path(path) / STATS_FILE).is_file():
+        return "trained"
+    if mode == "chat" and not tokenizer.chat_template:
+        raise ConfigError("config: reward_model.input: chat, but the reward model's tokenizer has no chat "
+                          "template; use pair (or auto)")
+    return mode if mode != "auto" else ("chat" if tokenizer.chat_template else "pair")
+
+
+def fetch_model_uri(uri: str, workdir: str | Path) -> str:
+    """A reward model this project registered (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/...`),
+    downloaded from MLflow: the directory of its transformers model."""
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
+    # The pyfunc's `reward_model` artifact (MLflow keeps its source directory's name under artifacts/).
+    found = sorted(p.parent for p in local.glob(f"artifacts/*/{STATS_FILE}"))
+    if not found:
+        raise ConfigError(f"config: reward_model.pretrained: {uri} holds no reward model registered by this project "
+                          f"(no artifacts/*/{STATS_FILE} in {local}); name a version of registry.reward_model_name, "
+                          "a hub id or a transformers directory")
+    return str(found[0])
+
+
+def load_published(ref: str, workdir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
+    """A published sequence-classification reward model as it is: its head, its dtype, its tokenizer (and
+    the local directory they came from)."""
+    path = fetch_model_uri(ref, workdir) if ref.startswith(("models:/", "runs:/")) else resolve_model(ref)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto")
+    if model.config.num_labels != 1:
+        raise ConfigError(f"config: reward_model.pretrained: {ref} has {model.config.num_labels} outputs; a reward "
+                          "model has one (a scalar score per conversation)")
+    return model, tokenizer, path
+
+
 class RewardScorer:
-    """Scores (prompt, response) pairs with a trained reward model, batched, without gradients."""
+    """Scores (prompt, response) pairs with a reward model, batched, without gradients."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                 mean: float = 0.0, std: float = 1.0):
+                 mean: float = 0.0, std: float = 1.0, input: str = "trained"):
+        """`input`: `trained` (a model trained here: `PairEncoder` with its newline), or a published
+        model's `chat` (`ChatEncoder`) or `pair` (the tokenizer's own pair encoding)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.encoder = PairEncoder(tokenizer, max_length)
+        self.input = input
+        self.encoder = (ChatEncoder(tokenizer, max_length) if input == "chat"
+                        else PairEncoder(tokenizer, max_length, separator="" if input == "pair" else "\n"))
         self.mean, self.std = mean, std
 
     @classmethod
     def load(cls, model_dir: str | Path) -> RewardScorer:
+        """A trained model's directory (`save`), or one holding a published model's reference (`PUBLISHED_FILE`)."""
+        published = Path(model_dir) / PUBLISHED_FILE
+        if published.is_file():
+            ref = json.loads(published.read_text())
+            model, tokenizer, _ = load_published(ref["model"], Path(model_dir) / "download")
+            return cls(model, tokenizer, ref["max_length"], ref["mean"], ref["std"], input=ref["input"])
         stats = json.loads((Path(model_dir) / STATS_FILE).read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -253,6 +307,8 @@ class RewardScorer:
         memory."""
         device = next(self.model.parameters()).device
         encoded = self.encoder(prompts, responses)  # (B, T), right-padded to the longest of all
+        if "pad_token_id" in encoded:  # ChatEncoder: the model pools the last token that is not this id
+            self.model.config.pad_token_id = encoded.pop("pad_token_id")
         lengths = encoded["attention_mask"].sum(1)  # (B,)
         order = torch.argsort(lengths, descending=True, stable=True)
         out = torch.empty(len(prompts))
@@ -360,3 +416,55 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     model_dir = out / "model"
     scorer.save(model_dir, metrics)
     return RewardModelResult(str(model_dir), metrics, scorer.mean, scorer.std, trainer.global_step)
+
+
+def normalisation_samples(cfg: RLHFConfig, rl_prompts: list[dict]) -> tuple[list[dict], list[str]]:
+    """The first `reward_model.normalisation_prompts` RL prompts and the policy's responses to them, as PPO's
+    first rollouts would sample them (the base with a fresh adapter, at ppo.temperature and ppo.max_new_tokens)."""
+    from rlhf_lightning.models.generation import sample
+    from rlhf_lightning.models.loading import load_policy, policy_tokenizer, to_compute_device
+
+    rows = rl_prompts[: cfg.reward_model.normalisation_prompts]
+    policy = to_compute_device(load_policy(cfg.policy, trainable=False), cfg.trainer.accelerator,
+                               quantized=cfg.policy.quantization == "4bit").eval()
+    tokenizer = policy_tokenizer(cfg.policy)
+    texts: list[str] = []
+    batch = cfg.evaluation.batch_size
+    for start in range(0, len(rows), batch):
+        chats = [r["prompt_chat"] for r in rows[start : start + batch]]
+        texts += sample(policy, tokenizer, chats, max_new_tokens=cfg.ppo.max_new_tokens,
+                        temperature=cfg.ppo.temperature, seed=cfg.ppo.seed + start).texts
+    return rows, texts
+
+
+def measure_published(cfg: RLHFConfig, eval_rows: list[dict], rl_prompts: list[dict], out_dir: str
+                      ) -> tuple[RewardModelResult, list[dict]]:
+    """`reward_model.pretrained` as published: measured on the held-out preference pairs (where the data has
+    them: else no `eval_accuracy`), and its normalisation (score mean and std) from its scores of the
+    policy's responses to the RL prompts. Saves its reference (`PUBLISHED_FILE`) in `out_dir/model`.
+    Returns the result and the scored samples ({prompt, response, score}) behind the normalisation."""
+    rm = cfg.reward_model
+    out = Path(out_dir) / "model"
+    model, tokenizer, path = load_published(rm.pretrained, Path(out_dir) / "download")
+    scorer = RewardScorer(model, tokenizer, rm.max_length, input=published_input(tokenizer, rm.input, path)).to(
+        compute_device(cfg.trainer.accelerator))
+    metrics: dict[str, float] = {}
+    if eval_rows:
+        eval_chosen, eval_rejected = scorer.score_pairs(eval_rows)
+        metrics = {f"eval_{k}": v for k, v in preference_metrics(eval_chosen, eval_rejected).items()}
+        metrics["eval_accuracy_ci95"] = win_rate(eval_chosen.tolist(), eval_rejected.tolist(),
+                                                 groups=[row["prompt"] for row in eval_rows])[1]
+        if judge.has_gold_judge(cfg):
+            metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
+    rows, texts = normalisation_samples(cfg, rl_prompts)
+    scores = scorer.score([r["prompt"] for r in rows], texts)  # (N,)
+    scorer.mean, scorer.std = scores.mean().item(), scores.std().clamp(min=1e-6).item()
+    metrics |= {"normalisation_mean": scorer.mean, "normalisation_std": scorer.std,
+                "normalisation_samples": float(len(rows))}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PUBLISHED_FILE).write_text(json.dumps(
+        {"model": rm.pretrained, "input": scorer.input, "max_length": rm.max_length, "mean": scorer.mean,
+         "std": scorer.std, "metrics": metrics}, indent=2))
+    samples = [{"prompt": r["prompt"], "response": t, "score": round(s, 4)}
+               for r, t, s in zip(rows, texts, scores.tolist())]
+    return RewardModelResult(str(out), metrics, scorer.mean, scorer.std), samples

@@ -309,6 +309,49 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                             model_uri=f"models:/{name}/{version}")
 
 
+REWARD_EXAMPLE = {"prompt": "Write a one-sentence review of a small seaside cafe.",
+                  "response": "Lovely coffee, friendly staff and a view of the harbour."}
+
+
+def register_reward_model(cfg: RLHFConfig, model_dir: str, run_id: str, tags: dict[str, str]) -> ModelVersionInfo:
+    """Log the reward model trained here (`model_dir`: `RewardScorer.save`'s directory) in run `run_id` as a
+    pyfunc that scores (prompt, response) rows (serving/reward_pyfunc.py, with the pair encoding it was
+    measured with), register it as `registry.reward_model_name`, tag the version (`tags`: the lineage of
+    its data and its held-out figures) and alias it `candidate`. A later run names it by URI
+    (`reward_model.pretrained`); `rlhf_lightning serve --model-uri` serves it."""
+    from rlhf_lightning import pair_encoding
+    from rlhf_lightning.serving import reward_pyfunc
+
+    name = cfg.registry.reward_model_name
+    weights = Path(model_dir) / "model.safetensors"
+    sha = pyfunc_model.sha256_file(weights)
+    with _in_run(run_id):
+        info = mlflow.pyfunc.log_model(
+            name="reward_model",
+            python_model=reward_pyfunc.__file__,  # models-from-code, self-contained as the policy's
+            artifacts={"reward_model": model_dir},
+            code_paths=[pair_encoding.__file__],  # the encoding training measured it with, imported by name
+            signature=reward_pyfunc.SIGNATURE,
+            input_example=pd.DataFrame([REWARD_EXAMPLE]),
+            pip_requirements=pip_requirements(),
+            metadata={"weights_sha256": sha, "backbone": cfg.reward_model.backbone},
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    version_tags = {**tags, "weights_sha256": sha, "backbone": cfg.reward_model.backbone,
+                    "finetune": cfg.reward_model.finetune}
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    lines = [f"Bradley-Terry reward model on `{cfg.reward_model.backbone}`, logged by run `{run_id}`. Scores "
+             "(prompt, response) rows: `score` (raw) and `score_normalised` (by the training pairs' mean and std).",
+             "", "| tag | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(version_tags.items())]
+    client.update_model_version(name, version, description="\n".join(lines))
+    client.set_registered_model_alias(name, CANDIDATE_ALIAS, version)
+    return ModelVersionInfo(name=name, version=version, aliases=version_aliases(name, version), weights_sha256=sha,
+                            model_uri=f"models:/{name}/{version}")
+
+
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked (the message says why and what to do)."""
 
