@@ -396,7 +396,7 @@ def reinforce(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_mode
     from rlhf_lightning.evaluation.monitor import HeldoutMonitor
 
     gold = judge.has_gold_judge(cfg)
-    fingerprint = ckpt.fingerprint(to_dict(cfg.policy), to_dict(cfg.ppo), prompts.rl,
+    fingerprint = ckpt.fingerprint(to_dict(cfg.policy), to_dict(cfg.ppo), to_dict(cfg.reward), prompts.rl,
                                    hashlib.sha256(reward_model.tar).hexdigest())
     if node is not None and not node.control:
         def fit(wd: str, callbacks: list, ckpt_path: str | None) -> None:
@@ -590,7 +590,8 @@ def inference(cfg: RLHFConfig, parent_run_id: str, model_version: ModelVersionIn
     return served, replace(model_version, aliases=aliases)
 
 
-HEADLINE = ("eval/gold_win_rate", "eval/gold_win_rate_ci95", "eval/rm_win_rate", "eval/rm_win_rate_ci95", "eval/kl",
+HEADLINE = ("eval/gold_win_rate", "eval/gold_win_rate_ci95", "eval/rm_win_rate", "eval/rm_win_rate_ci95",
+            "eval/reward_win_rate", "eval/reward_win_rate_ci95", "eval/reward", "eval/ref_reward", "eval/kl",
             "eval/kl_per_token", "eval/gold_score", "eval/ref_gold_score", "gate/promote")
 
 
@@ -610,6 +611,8 @@ def end(parent_run_id: str, model_version: ModelVersionInfo, evaluated: Evaluate
         value, ci = m.get(key), m.get(f"{key}_ci95")
         return "n/a" if value is None else f"{value:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
 
+    wins = "; ".join(f"{who} {figure(f'eval/{key}_win_rate')}" for key, who in
+                     (("gold", "gold judge"), ("reward", "total reward"), ("rm", "reward model")) if f"eval/{key}_win_rate" in m)
     rm_acc = (f"{reward_model.metrics['reward_model/eval_accuracy']:.3f}"
               if reward_model is not None and "reward_model/eval_accuracy" in reward_model.metrics else "n/a")
     description = "\n".join([
@@ -617,8 +620,7 @@ def end(parent_run_id: str, model_version: ModelVersionInfo, evaluated: Evaluate
         + (" (serving as champion)" if champion else " (not champion)"),
         "",
         f"- Gate: {evaluated.reason}",
-        f"- Gold win rate vs reference: {figure('eval/gold_win_rate')}; learned-reward win rate: "
-        f"{figure('eval/rm_win_rate')}; KL to reference {figure('eval/kl', 2)} nats per answer",
+        f"- Win rate vs reference: {wins}; KL to reference {figure('eval/kl', 2)} nats per answer",
         f"- Reward model held-out accuracy: {rm_acc}",
         f"- {evaluated.champion}",
         "",
@@ -632,8 +634,7 @@ def end(parent_run_id: str, model_version: ModelVersionInfo, evaluated: Evaluate
     experiment = tracking.experiment_of(parent_run_id)
     uri = f"models:/{name}@champion" if champion else f"models:/{name}/{version}"
     lines = [
-        f"done: {name} v{version} {model_version.aliases}; gold win rate {figure('eval/gold_win_rate')}, "
-        f"KL {figure('eval/kl', 2)}",
+        f"done: {name} v{version} {model_version.aliases}; win rate {wins}, KL {figure('eval/kl', 2)}",
         f"  gate: {evaluated.reason}",
         "next:",
         f"  see the runs:            {tracking.ui_link(experiment, parent_run_id)}",

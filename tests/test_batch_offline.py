@@ -69,7 +69,10 @@ def client_data(env: dict, cwd: Path, code: str):
 def batch_run(aws):
     emulator, tracking, root = aws
     already = len(emulator.jobs)
-    done, env = launch(aws, "launch", tracking.url, "--sampling_workers", "2")
+    # A reward function beside the reward model: its module must import in the containers.
+    done, env = launch(aws, "launch", tracking.url, "--sampling_workers", "2", config=(
+        "include: configs/tiny.yaml\n"
+        "reward: {functions: [{function: 'rlhf_lightning.data.arithmetic:number_only', weight: 0.1}]}\n"))
     jobs = emulator.jobs[already:]
     if done.returncode != 0:  # the failing job's own output says why
         failed = [j for j in jobs if j["exit_code"] != 0]
@@ -110,6 +113,13 @@ def test_the_tracking_server_holds_the_whole_run(batch_run, aws):
     assert set(stages) == STAGES
     assert all(c.info.status == "FINISHED" for c in children)
     assert len(client.get_metric_history(stages["reinforce"].info.run_id, "ppo/kl")) == 2
+    # The reward function's term, per iteration and in the evaluation; the reward model registered as a
+    # model of its own from the container that trained it, through the server.
+    assert len(client.get_metric_history(stages["reinforce"].info.run_id, "ppo/reward/number_only")) == 2
+    assert "eval/reward/number_only" in stages["evaluate"].data.metrics
+    (rm_version,) = client.search_model_versions(
+        f"name = 'rlhf-reward' and run_id = '{stages['train_reward_model'].info.run_id}'")
+    assert rm_version.tags["lineage.mlflow_parent_run_id"] == parent.info.run_id
     # Artifacts went through the server, not onto a shared disk.
     assert client.list_artifacts(stages["validate"].info.run_id, "validation")
 

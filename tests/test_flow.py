@@ -74,8 +74,11 @@ def flow_config(work: Path) -> Path:
     path = work / "run.yaml"
     if not path.exists():
         model = build_family("gemma2", work / "gemma2")
+        # A reward function beside the reward model: its term goes through the kills and the resume too.
         path.write_text(yaml.safe_dump({"include": "configs/tiny.yaml", "policy": {"model": model},
-                                        "data": {"prompt_length": 64}}))
+                                        "data": {"prompt_length": 64},
+                                        "reward": {"functions": [{"function": "rlhf_lightning.data.arithmetic:number_only",
+                                                                  "weight": 0.1}]}}))
     return path
 
 
@@ -185,13 +188,18 @@ def test_mlflow_records(flow_run):
     assert set(by_stage) == STAGES
     # Per-iteration PPO metrics, logged by Lightning into the reinforce run: every iteration once, those
     # the killed attempts did included (the finished attempt re-logs what its checkpoint holds).
-    for key in ("ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/clip_fraction", "ppo/response_length"):
+    for key in ("ppo/reward", "ppo/reward/model", "ppo/reward/number_only", "ppo/kl", "ppo/value_loss",
+                "ppo/clip_fraction", "ppo/response_length"):
         history = client.get_metric_history(by_stage["reinforce"].info.run_id, key)
         assert sorted(m.step for m in history) == list(range(ITERATIONS)), key
     assert "reward_model/eval_accuracy" in by_stage["train_reward_model"].data.metrics
     for key in ("eval/gold_win_rate", "eval/rm_win_rate", "eval/kl", "eval/gold_score", "eval/ref_gold_score",
-                "reward_model/eval_accuracy"):
+                "reward_model/eval_accuracy", "eval/reward", "eval/reward/number_only", "eval/ref_reward/number_only"):
         assert key in by_stage["evaluate"].data.metrics, key
+    # The trained reward model is a registered model of its own, from the reward-model stage's run.
+    (rm_version,) = client.search_model_versions(
+        f"name = 'rlhf-reward' and run_id = '{by_stage['train_reward_model'].info.run_id}'")
+    assert rm_version.tags["lineage.mlflow_parent_run_id"] == parent.info.run_id
     # Datasets through mlflow.data, the validation report as an artifact.
     names = {d.dataset.name for d in by_stage["preprocess"].inputs.dataset_inputs}
     assert {"pref_train", "pref_eval", "rl_prompts", "eval_prompts"} <= names
