@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to write the JSON report (default: %(default)s)")
     for name, text in (
         ("data", "preprocess and validate the configured data; write the report under --out"),
-        ("train-reward-model", "preprocess, validate and train the reward model; print held-out accuracy"),
+        ("train-reward-model", "preprocess, validate and train the reward model; print held-out accuracy; register it "
+                               "(registry.reward_model_name)"),
     ):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", default=None, help="YAML config (default: the default run's)")

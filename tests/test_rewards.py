@@ -266,3 +266,12 @@ def test_a_trained_reward_model_is_registered_served_and_reused_by_uri(mlflow_tr
     reloaded = RewardScorer.load(again.extract(str(tmp_path / "again")))
     assert reloaded.input == "trained"
     torch.testing.assert_close(reloaded.score([r["prompt"] for r in rows], [r["response"] for r in rows]), expected)
+    assert client.get_run(again.mlflow_run_id).data.tags["gate.reward_model"] == "passed"
+
+    # With no preference data there is nothing to measure it on: the gate is skipped, and says so.
+    prompts_only = PreparedData(pref_train=[], pref_eval=[], rl_prompts=prompt_rows(6), eval_prompts=[], counts={},
+                                files={}, sources={})
+    parent = pipeline.start(reuse, flow_name="RewardTest", run_id="3")
+    bare = pipeline.train_reward_model(reuse, parent, prompts_only, str(tmp_path / "bare"))
+    assert "reward_model/eval_accuracy" not in bare.metrics and "reward_model/normalisation_std" in bare.metrics
+    assert client.get_run(bare.mlflow_run_id).data.tags["gate.reward_model"] == "skipped: no preference data"
