@@ -55,10 +55,13 @@ class RLHFFlow(FlowSpec):
      3. preprocess           label the responses (built-in task); read every source, clean, template,
                              truncate, split
      4. validate             check every row; stop here on errors, with a report (JSON, card, MLflow artifact)
-     5. train_reward_model   Bradley-Terry reward model on the preference pairs   } in parallel
+     5. train_reward_model   Bradley-Terry reward model on the preference pairs,  } in parallel
+                             registered as rlhf-reward (or reward_model.pretrained }
+                             measured as published; none with reward.model_weight }
+                             null: reward functions alone, docs/rewards.md)       }
      6. prepare_prompts      RL prompts and held-out evaluation prompts            }
      7. join
-     8. reinforce            PPO on the LoRA policy against the reward model
+     8. reinforce            PPO on the LoRA policy against the reward (model and functions, weighted)
      9. evaluate             policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
     10. register             MLflow pyfunc model -> Model Registry with its lineage tags, alias `candidate`
     11. deploy               the new candidate to an MLflow deployments target (serving.target; default
@@ -166,7 +169,8 @@ class RLHFFlow(FlowSpec):
     @retry(**RETRY)
     @step
     def train_reward_model(self):
-        """Train the Bradley-Terry reward model and measure its held-out accuracy."""
+        """Train the Bradley-Terry reward model and measure its held-out accuracy (or measure the published
+        one reward_model.pretrained names; nothing with reward.model_weight: null)."""
         from rlhf_lightning import pipeline
 
         model = pipeline.train_reward_model(self._config(), self.parent_run_id, self.data,

@@ -260,8 +260,10 @@ def _join_the_fit(cfg: RLHFConfig, node: hardware.Node, stage: str, workdir: str
 def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, workdir: str, card: Card = NoCard(),
                        checkpoints: CheckpointPlan | None = None, node: hardware.Node | None = None
                        ) -> ModelBundle | None:
-    """Train and measure the reward model; raise `gates.GateError` (stopping the run before RL) when
-    its held-out accuracy is below `reward_model.min_eval_accuracy`. `checkpoints`: where to save
+    """Train and measure the reward model, and register it (`registry.reward_model_name`); or, training
+    nothing, measure `reward_model.pretrained` as published, or pass on none (`reward.model_weight: null`).
+    Raise `gates.GateError` (stopping the run before RL) when its held-out accuracy is below
+    `reward_model.min_eval_accuracy`. `checkpoints`: where to save
     checkpoints and look for one to resume from. `node`: this machine, when the step runs on several
     (`trainer.num_nodes`); only node 0 returns the model and records anything, the others return None."""
     hardware.check_gpu(cfg.trainer.accelerator)

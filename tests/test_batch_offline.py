@@ -185,6 +185,37 @@ print(json.dumps({{"ok": report["ok"], "checks": [[c["name"], c["ok"]] for c in 
     assert set(data["endpoint"]) == {"target", "name", "model_uri", "alias", "version"}
 
 
+def test_the_registered_reward_model_loads_by_uri_in_a_fresh_container(batch_run, aws, tmp_path):
+    """What a later run's steps do with `reward_model.pretrained: models:/rlhf-reward/N`, in a container that
+    shares nothing with the one that trained it: the model comes from the tracking server and scores as
+    the reward model the training container logged."""
+    from rlhf_lightning.models.reward_model import PUBLISHED_FILE, RewardScorer
+
+    _, env, _, run_id = batch_run
+    client = MlflowClient(tracking_uri=aws[1].url, registry_uri=aws[1].url)
+    exp = client.get_experiment_by_name("rlhf-lightning")
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`metaflow.run_id` = '{run_id}'")
+    (rm_run,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                        "and tags.stage = 'train_reward_model'")
+    (version,) = client.search_model_versions(f"name = 'rlhf-reward' and run_id = '{rm_run.info.run_id}'")
+    fresh = aws[2] / "reuse-reward-model"
+    (fresh / "home").mkdir(parents=True)
+    reference = {"model": f"models:/rlhf-reward/{version.version}", "input": "trained", "max_length": 64,
+                 "mean": 0.0, "std": 1.0}
+    scores = client_data({**env, "HOME": str(fresh / "home")}, fresh, f"""
+import json
+from pathlib import Path
+from rlhf_lightning.models.reward_model import RewardScorer
+Path("ref").mkdir()
+Path("ref/{PUBLISHED_FILE}").write_text({json.dumps(json.dumps(reference))})
+scorer = RewardScorer.load("ref")
+print(json.dumps(scorer.score(["Review a cafe.", "Describe a park."], ["Lovely coffee.", "Dirty and loud."]).tolist()))
+""")
+    logged = client.download_artifacts(rm_run.info.run_id, "reward_model", str(tmp_path))
+    expected = RewardScorer.load(logged).score(["Review a cafe.", "Describe a park."], ["Lovely coffee.", "Dirty and loud."])
+    assert scores == pytest.approx(expected.tolist(), abs=1e-5)
+
+
 def test_remote_steps_with_a_local_tracking_store_stop_at_start(aws):
     """No MLFLOW_TRACKING_URI at launch: each container would log into its own sqlite file. The run
     stops in `start` with what to set, before anything else is submitted, and without a traceback."""
