@@ -396,8 +396,8 @@ class RewardFunctionConfig:
     """`module:function`, importable where the steps run (this project's package, or a module beside
     the flow: files next to flows/rlhf.py travel with the code package). It is called as
     `function(prompts, responses, **columns)` with lists: the raw prompts, the responses, and every other
-    column of the prompt rows by name (`answer=[...]`: the prompt file's own columns; accept `**kwargs` for
-    those you do not use), and returns one float per response (a list or 1-D array). It may raise: the step
+    column of the prompt rows it names as a parameter (`answer=[...]`: the prompt file's own columns; with
+    `**kwargs` it gets them all), and returns one float per response (a list or 1-D array). It may raise: the step
     stops, naming the function and the row. Example: `rlhf_lightning.data.arithmetic:exact_match`."""
     weight: float = 1.0
     """Its weight in the total reward (its raw values times this are added)."""
@@ -435,14 +435,14 @@ class RewardConfig:
         return self.model_weight is not None
 
     def __post_init__(self) -> None:
-        _check(self.model_weight is None or math.isfinite(self.model_weight), "reward.model_weight",
-               "must be a number, or null for no reward model")
+        _check(self.model_weight is None or (math.isfinite(self.model_weight) and self.model_weight >= 0),
+               "reward.model_weight", "must be a number >= 0, or null for no reward model")
         _check(bool(self.functions) or bool(self.model_weight), "reward.functions",
                "nothing to maximise: give reward functions, or a non-zero reward.model_weight")
         terms = [f.term for f in self.functions]
-        dupes = sorted({t for t in terms if terms.count(t) > 1} | ({"model"} & set(terms)))
-        _check(not dupes, "reward.functions", f"term name(s) {dupes} used twice (or `model`, the reward "
-               "model's): give each function a distinct `name`")
+        dupes = sorted({t for t in terms if terms.count(t) > 1} | ({"model", "model_normalised"} & set(terms)))
+        _check(not dupes, "reward.functions", f"term name(s) {dupes} used twice (or `model`, `model_normalised`: "
+               "the reward model's): give each function a distinct `name`")
 
 
 KL_ERROR_CLIP = 0.2
@@ -603,8 +603,9 @@ class EvaluationConfig:
     (`eval/served_*`, MLflow artifact `evaluation/served_vs_evaluated.json`) and gate promotion
     (`served_max_rm_drop`). 0 = off. Other runs serve the weights they were evaluated with."""
     served_max_rm_drop: float = 0.5
-    """Stay candidate when the served answers score below the evaluated ones by more than this many of
-    the reward model's standard deviations, with a 95% interval that excludes no difference."""
+    """Stay candidate when the served answers' total reward falls below the evaluated ones' by more than
+    this, with a 95% interval that excludes no difference. The total is in the reward model's standard
+    deviations (its score normalised, times reward.model_weight) plus the reward functions' own units."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.promotion_margin < 0.5, "evaluation.promotion_margin", "must lie in [0, 0.5)")

@@ -302,7 +302,8 @@ def train_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedData, 
     return ModelBundle.pack(result.model_dir, metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
-def _reward_model_gate(cfg: RLHFConfig, parent_run_id: str, measured: dict[str, float], pairs: int, card: Card) -> None:
+def _reward_model_gate(cfg: RLHFConfig, parent_run_id: str, measured: dict[str, float], pairs: int, card: Card,
+                       published: str = "") -> None:
     """The gate before RL on the reward model's held-out accuracy: recorded (tags, card), then raised, so
     the stage run is FAILED and the flow stops here."""
     threshold = cfg.reward_model.min_eval_accuracy
@@ -313,7 +314,7 @@ def _reward_model_gate(cfg: RLHFConfig, parent_run_id: str, measured: dict[str, 
                   f"± {measured['eval_accuracy_ci95']:.3f} (95%, clustered by prompt) "
                   f"{'>=' if passed else '<'} reward_model.min_eval_accuracy {threshold:.3f}")
     try:
-        gates.check_reward_model(measured, threshold, pairs)
+        gates.check_reward_model(measured, threshold, pairs, published)
     except gates.GateError as exc:
         # The run ends here (whoever drives the stages, the flow or the CLI).
         tracking.fail_parent(parent_run_id, step="train_reward_model", reason=str(exc), expected=True)
@@ -363,7 +364,7 @@ def _untrained_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedD
                       f"{len(samples)} responses the policy sampled for the RL prompts (MLflow artifact "
                       "`reward_model/normalisation_samples.json`).")
         if data.pref_eval:
-            _reward_model_gate(cfg, parent_run_id, result.metrics, len(data.pref_eval), card)
+            _reward_model_gate(cfg, parent_run_id, result.metrics, len(data.pref_eval), card, cfg.reward_model.pretrained)
             measured = (f"held-out accuracy {result.metrics['eval_accuracy']:.3f} ± "
                         f"{result.metrics['eval_accuracy_ci95']:.3f} on {len(data.pref_eval)} pairs")
         else:
@@ -514,9 +515,15 @@ def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, workdir: 
     from rlhf_lightning.models.loading import base_model_dir
 
     adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
+    # What it was trained to maximise: the reward model (trained here, or the published one) and functions.
+    reward = {"lineage.reward.model": ("none" if not cfg.reward.uses_model else cfg.reward_model.pretrained
+                                       or "trained here (lineage.reward_model_run_id)"),
+              "lineage.reward.model_weight": str(cfg.reward.model_weight),
+              "lineage.reward.functions": json.dumps([{"function": f.function, "weight": f.weight}
+                                                      for f in cfg.reward.functions])[:4900]}
     with tracking.stage_run(parent_run_id, "register") as run:
         info = registry.log_and_register(cfg, adapter_dir, base_model_dir(cfg.policy.model, workdir),
-                                         run.info.run_id, tags=lineage)
+                                         run.info.run_id, tags={**reward, **lineage})
         tracking.set_tags({"model.name": info.name, "model.version": info.version})
     print(f"registered {info.name} version {info.version} aliases {info.aliases}")
     return info

@@ -432,4 +432,4 @@ def test_the_evaluation_samples_every_arm_through_the_engine(tmp_path, tiny32, r
     for arm in ("policy", "reference"):
         assert joined[0][arm].texts == whole[0][arm].texts == want[arm] * 2, arm
         assert joined[0][arm].lengths == whole[0][arm].lengths, arm
-        assert joined[1][arm] == pytest.approx(whole[1][arm], abs=1e-6), arm
+        assert joined[1][arm]["model"] == pytest.approx(whole[1][arm]["model"], abs=1e-6), arm

@@ -48,6 +48,10 @@ def words(prompts, responses, **columns):
     return ["high"] * len(responses)
 
 
+def answer_only(prompts, responses, answer):  # no **kwargs: gets `answer` and nothing else
+    return [float(r.strip() == a) for r, a in zip(responses, answer)]
+
+
 def prompt_rows(n: int, with_chat: bool = True) -> list[dict]:
     from rlhf_lightning.data.arithmetic import generate
 
@@ -112,6 +116,23 @@ def test_a_reward_function_that_fails_stops_with_its_name_and_the_row(name, mess
     rows = prompt_rows(3, with_chat=False)
     with pytest.raises(RewardFunctionError, match=message):
         rewards.score([r["prompt"] for r in rows], ["6", "7", "8"], rows)
+
+
+def test_a_function_gets_the_columns_it_declares_and_travels_by_its_name():
+    """A prompt file's other columns (`id`) do not reach a function that does not declare them; a function
+    goes to ddp_spawn's processes as its module:function, reloaded there."""
+    import pickle
+
+    from rlhf_lightning.models.rewards import RewardFunction, column_problems
+
+    (fn,) = [RewardFunction.load(f) for f in from_dict({"reward": {"functions": ["test_rewards:answer_only"]}}).reward.functions]
+    rows = [{"prompt": "What is 1 + 1?", "extra": {"answer": "2", "id": 7}, "source": "f:1"},
+            {"prompt": "What is 2 + 2?", "extra": {"answer": "4", "id": 8}, "source": "f:2"}]
+    assert fn(["p", "q"], ["2", "5"], rows).tolist() == [1.0, 0.0]
+    again = pickle.loads(pickle.dumps(fn))
+    assert (again.name, again.weight, again.spec, again.fn) == (fn.name, fn.weight, fn.spec, answer_only)
+    (problem,) = column_problems([fn], rows + [{"prompt": "What is 3 + 3?", "extra": {}, "source": "f:3"}], "prompts")
+    assert "needs column 'answer', which 1 of 3 prompts lack, first row 2 (f:3" in problem
 
 
 def test_an_unimportable_reward_function_stops_validation():
@@ -194,6 +215,17 @@ def test_a_published_reward_model_is_used_as_published(family, tmp_path):
     assert "eval_accuracy" not in none.metrics and none.reward_mean == pytest.approx(result.reward_mean)
 
 
+def test_a_model_that_is_not_a_reward_model_is_refused(tmp_path):
+    """A causal LM named as the reward model would load with a random scoring head: refused, saying so."""
+    from families import build_family
+
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "ppo": {"max_new_tokens": 4},
+                     "reward_model": {"pretrained": build_family("llama3", tmp_path / "lm"), "normalisation_prompts": 2},
+                     "trainer": {"accelerator": "cpu"}})
+    with pytest.raises(ConfigError, match="has no trained weights for score.weight: it is not a reward model"):
+        measure_published(cfg, [], prompt_rows(2), str(tmp_path))
+
+
 def test_ppo_and_the_evaluation_maximise_and_report_every_term(tmp_path):
     """Reward functions alone (no reward model): PPO's per-iteration reward is the weighted sum of the
     terms it logs, and the evaluation reports each term and decides by the total's win rate."""
@@ -256,13 +288,16 @@ def test_a_trained_reward_model_is_registered_served_and_reused_by_uri(mlflow_tr
         bad = invoke(server.url, {"dataframe_records": [{"prompt": "only a prompt"}]})
         assert bad.status == 400 and "missing inputs ['response']" in bad.error_message  # the signature's check
 
-    reuse = from_dict({**base, "reward_model": {"pretrained": "models:/rlhf-reward/1", "max_length": 48,
+    reuse = from_dict({**base, "reward_model": {"pretrained": "models:/rlhf-reward@candidate", "max_length": 48,
                                                 "normalisation_prompts": 4, "min_eval_accuracy": 0.0}})
     parent = pipeline.start(reuse, flow_name="RewardTest", run_id="2")
     again = pipeline.train_reward_model(reuse, parent, data, str(tmp_path / "reuse"))
     assert again.metrics["reward_model/eval_accuracy"] == trained.metrics["reward_model/eval_accuracy"]
     assert again.metrics["reward_model/normalisation_samples"] == 4.0
     assert [str(v.version) for v in client.search_model_versions("name = 'rlhf-reward'")] == ["1"]  # nothing new
+    # The alias is pinned to the version it named when measured: every step scores with that model.
+    assert json.loads((Path(again.extract(str(tmp_path / "again"))) / PUBLISHED_FILE).read_text())["model"] == \
+        "models:/rlhf-reward/1"
     reloaded = RewardScorer.load(again.extract(str(tmp_path / "again")))
     assert reloaded.input == "trained"
     torch.testing.assert_close(reloaded.score([r["prompt"] for r in rows], [r["response"] for r in rows]), expected)

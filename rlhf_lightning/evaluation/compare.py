@@ -281,7 +281,7 @@ def served_check(cfg: RLHFConfig, tokenizer, rewards: Rewards, rows: list[dict],
     del served_model
     evaluated_rm, served_rm = (rewards.total(rewards.score(prompts, texts, rows)).tolist() for texts in (evaluated, served))
     m = served_agreement(evaluated, served, evaluated_rm, served_rm, 1.0)
-    table = [{"prompt": p, "evaluated": e, "served": s_, "rm evaluated": round(er, 3), "rm served": round(sr, 3)}
+    table = [{"prompt": p, "evaluated": e, "served": s_, "reward evaluated": round(er, 3), "reward served": round(sr, 3)}
              for p, e, s_, er, sr in zip(prompts, evaluated, served, evaluated_rm, served_rm)]
     return {f"{prefix}{k}": v for k, v in m.items()}, table
 
@@ -293,7 +293,9 @@ def side_by_side(samples: list[dict], n: int = 5) -> list[dict]:
     Rows: {case, prompt, reference, policy, then for each judge (gold when there is one, the total reward
     when it is more than the reward model's score, rm when there is a reward model): <judge> reference,
     <judge> policy, <judge> gain}."""
-    judges = [j for j in ("gold", "reward", "rm") if samples and f"policy_{j}" in samples[0]]
+    if not samples:
+        return []
+    judges = [j for j in ("gold", "reward", "rm") if f"policy_{j}" in samples[0]]
     judge_name = judges[0]
     gain = [s[f"policy_{judge_name}"] - s[f"reference_{judge_name}"] for s in samples]  # decides the order
     order = sorted(range(len(samples)), key=lambda i: gain[i], reverse=True)

@@ -12,16 +12,24 @@ class GateError(RuntimeError):
     """A quality gate failed; the message says which numbers failed and what to try."""
 
 
-def check_reward_model(metrics: dict[str, float], min_accuracy: float, n_pairs: int) -> None:
-    """Gate before RL: raise GateError unless the held-out preference accuracy reaches `min_accuracy`."""
+def check_reward_model(metrics: dict[str, float], min_accuracy: float, n_pairs: int, published: str = "") -> None:
+    """Gate before RL: raise GateError unless the held-out preference accuracy reaches `min_accuracy`.
+    `published`: the reward model was not trained here but loaded as published (its reference)."""
     accuracy = metrics["eval_accuracy"]
     if accuracy >= min_accuracy:
         return
     ci = metrics.get("eval_accuracy_ci95")
+    failed = (f"reward model gate failed: held-out accuracy {accuracy:.3f}{f' ± {ci:.3f}' if ci is not None else ''} "
+              f"< reward_model.min_eval_accuracy {min_accuracy:.3f} (on {n_pairs} pairs). PPO against this reward model "
+              "would optimise noise, so the run stops before RL.")
+    if published:
+        raise GateError(
+            f"{failed} {published} (reward_model.pretrained) disagrees with these pairs' labels. Check how it reads "
+            "them (reward_model.input: chat or pair; reward_model.max_length, which may cut what it judges); try "
+            "another reward model, or keep it out of the reward (reward.model_weight: 0) and maximise reward "
+            "functions. Lower the gate only knowingly.")
     raise GateError(
-        f"reward model gate failed: held-out accuracy {accuracy:.3f}{f' ± {ci:.3f}' if ci is not None else ''} "
-        f"< reward_model.min_eval_accuracy {min_accuracy:.3f} (on {n_pairs} pairs). PPO against this reward model would optimise noise, so the "
-        "run stops before RL. Try: more preference pairs (data.builtin.n_preference_prompts or more files); "
+        f"{failed} Try: more preference pairs (data.builtin.n_preference_prompts or more files); "
         "more epochs or another learning rate (reward_model.epochs, reward_model.learning_rate); less label "
         "noise (data.builtin.annotator_beta, or check your labels: random or flipped `choice` values give "
         "~0.5); a stronger backbone (reward_model.backbone, e.g. `policy`). Lower the gate only knowingly."

@@ -13,6 +13,8 @@ drops over-long pairs and lost accuracy for it).
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from rlhf_lightning import judge
 from rlhf_lightning.config import ConfigError, LoraConfig, RLHFConfig
 from rlhf_lightning.models.loading import (compute_device, enable_gradient_checkpointing, load_reward_backbone,
-                                           peft_lora_config, resolve_model)
+                                           peft_lora_config, release_cached_memory, resolve_model)
 from rlhf_lightning.models.losses import bradley_terry_loss
 from rlhf_lightning.pair_encoding import PairEncoder
 from rlhf_lightning.models.sampling import ResumableLoader, SeededOrder
@@ -227,7 +229,12 @@ def published_input(tokenizer: PreTrainedTokenizerBase, mode: str, path: str) ->
     if mode == "chat" and not tokenizer.chat_template:
         raise ConfigError("config: reward_model.input: chat, but the reward model's tokenizer has no chat "
                           "template; use pair (or auto)")
-    return mode if mode != "auto" else ("chat" if tokenizer.chat_template else "pair")
+    mode = mode if mode != "auto" else ("chat" if tokenizer.chat_template else "pair")
+    if mode == "pair" and (tokenizer.pad_token_id is None or tokenizer.num_special_tokens_to_add(pair=True) == 0):
+        raise ConfigError("config: reward_model.input: pair, but the reward model's tokenizer has no pair encoding "
+                          "(no separator or no pad token: a decoder's); give it a chat template (input: chat) or use "
+                          "a reward model published with one")
+    return mode
 
 
 def fetch_model_uri(uri: str, workdir: str | Path) -> str:
@@ -236,8 +243,9 @@ def fetch_model_uri(uri: str, workdir: str | Path) -> str:
     import mlflow.artifacts
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
-    # The pyfunc's `reward_model` artifact (MLflow keeps its source directory's name under artifacts/).
-    found = sorted(p.parent for p in local.glob(f"artifacts/*/{STATS_FILE}"))
+    # The registered pyfunc's `reward_model` artifact (MLflow keeps its source directory's name under
+    # artifacts/), or the directory itself (`runs:/RUN/reward_model`, as the stage run logs it).
+    found = sorted(p.parent for p in [local / STATS_FILE, *local.glob(f"artifacts/*/{STATS_FILE}")] if p.is_file())
     if not found:
         raise ConfigError(f"config: reward_model.pretrained: {uri} holds no reward model registered by this project "
                           f"(no artifacts/*/{STATS_FILE} in {local}); name a version of registry.reward_model_name, "
@@ -245,15 +253,37 @@ def fetch_model_uri(uri: str, workdir: str | Path) -> str:
     return str(found[0])
 
 
+def pinned(ref: str) -> str:
+    """`models:/NAME@ALIAS` as the version the alias names now (`models:/NAME/VERSION`): every step scores
+    with the model that was measured, even if the alias moves during the run. Other references as given."""
+    match = re.fullmatch(r"models:/([^/@]+)@([^/]+)", ref)
+    if not match:
+        return ref
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = MlflowClient().get_model_version_by_alias(*match.groups()).version
+    except MlflowException as exc:
+        raise ConfigError(f"config: reward_model.pretrained: {ref}: no such registered model or alias in the registry "
+                          f"({exc.message.splitlines()[0]}); name a version, models:/NAME/VERSION") from None
+    return f"models:/{match.group(1)}/{version}"
+
+
 def load_published(ref: str, workdir: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
     """A published sequence-classification reward model as it is: its head, its dtype, its tokenizer (and
     the local directory they came from)."""
     path = fetch_model_uri(ref, workdir) if ref.startswith(("models:/", "runs:/")) else resolve_model(ref)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto")
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto", output_loading_info=True)
+    if info["missing_keys"]:
+        raise ConfigError(f"config: reward_model.pretrained: {ref} has no trained weights for "
+                          f"{', '.join(sorted(info['missing_keys'])[:3])}: it is not a reward model (a base or "
+                          "causal LM would score with a random head); name a sequence-classification reward model")
     if model.config.num_labels != 1:
-        raise ConfigError(f"config: reward_model.pretrained: {ref} has {model.config.num_labels} outputs; a reward "
-                          "model has one (a scalar score per conversation)")
+        raise ConfigError(f"config: reward_model.pretrained: {ref} is a classifier with {model.config.num_labels} "
+                          "outputs; a reward model has one (a scalar score per conversation). Multi-objective "
+                          "reward models with their own scoring code are not supported")
     return model, tokenizer, path
 
 
@@ -278,7 +308,8 @@ class RewardScorer:
         published = Path(model_dir) / PUBLISHED_FILE
         if published.is_file():
             ref = json.loads(published.read_text())
-            model, tokenizer, _ = load_published(ref["model"], Path(model_dir) / "download")
+            # A directory of its own per process: the devices of an evaluation load it side by side.
+            model, tokenizer, _ = load_published(ref["model"], Path(model_dir) / f"download-{os.getpid()}")
             return cls(model, tokenizer, ref["max_length"], ref["mean"], ref["std"], input=ref["input"])
         stats = json.loads((Path(model_dir) / STATS_FILE).read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -445,9 +476,15 @@ def measure_published(cfg: RLHFConfig, eval_rows: list[dict], rl_prompts: list[d
     Returns the result and the scored samples ({prompt, response, score}) behind the normalisation."""
     rm = cfg.reward_model
     out = Path(out_dir) / "model"
-    model, tokenizer, path = load_published(rm.pretrained, Path(out_dir) / "download")
-    scorer = RewardScorer(model, tokenizer, rm.max_length, input=published_input(tokenizer, rm.input, path)).to(
-        compute_device(cfg.trainer.accelerator))
+    ref = pinned(rm.pretrained)
+    # The policy's answers first: it leaves the device before the reward model comes.
+    rows, texts = normalisation_samples(cfg, rl_prompts)
+    release_cached_memory()
+    model, tokenizer, path = load_published(ref, Path(out_dir) / "download")
+    mode = published_input(tokenizer, rm.input, path)
+    # A reward model trained here reads as long a text as it was trained on.
+    max_length = json.loads((Path(path) / STATS_FILE).read_text())["max_length"] if mode == "trained" else rm.max_length
+    scorer = RewardScorer(model, tokenizer, max_length, input=mode).to(compute_device(cfg.trainer.accelerator))
     metrics: dict[str, float] = {}
     if eval_rows:
         eval_chosen, eval_rejected = scorer.score_pairs(eval_rows)
@@ -456,14 +493,13 @@ def measure_published(cfg: RLHFConfig, eval_rows: list[dict], rl_prompts: list[d
                                                  groups=[row["prompt"] for row in eval_rows])[1]
         if judge.has_gold_judge(cfg):
             metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
-    rows, texts = normalisation_samples(cfg, rl_prompts)
     scores = scorer.score([r["prompt"] for r in rows], texts)  # (N,)
     scorer.mean, scorer.std = scores.mean().item(), scores.std().clamp(min=1e-6).item()
     metrics |= {"normalisation_mean": scorer.mean, "normalisation_std": scorer.std,
                 "normalisation_samples": float(len(rows))}
     out.mkdir(parents=True, exist_ok=True)
     (out / PUBLISHED_FILE).write_text(json.dumps(
-        {"model": rm.pretrained, "input": scorer.input, "max_length": rm.max_length, "mean": scorer.mean,
+        {"model": ref, "input": scorer.input, "max_length": max_length, "mean": scorer.mean,
          "std": scorer.std, "metrics": metrics}, indent=2))
     samples = [{"prompt": r["prompt"], "response": t, "score": round(s, 4)}
                for r, t, s in zip(rows, texts, scores.tolist())]

@@ -55,9 +55,22 @@ def required_columns(fn: Callable) -> list[str]:
             if p.default is p.empty]
 
 
-def columns_of(rows: list[dict]) -> dict[str, list[Any]]:
-    """The rows' `extra` columns as lists, by name (None where a row lacks one)."""
+def accepted_columns(fn: Callable) -> set[str] | None:
+    """The column names `fn` takes as keywords (None: any, it has **kwargs); never its first two
+    parameters (the prompts and the responses), whatever a column is called."""
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(positional)
+
+
+def columns_of(rows: list[dict], accepted: set[str] | None = None, exclude: set[str] = frozenset()
+               ) -> dict[str, list[Any]]:
+    """The rows' `extra` columns as lists, by name (None where a row lacks one): those in `accepted` (all
+    for None), none in `exclude`."""
     names = list(dict.fromkeys(k for row in rows for k in (row.get("extra") or {})))
+    names = [n for n in names if (accepted is None or n in accepted) and n not in exclude]
     return {name: [(row.get("extra") or {}).get(name) for row in rows] for name in names}
 
 
@@ -80,11 +93,19 @@ class RewardFunction:
     def load(cls, cfg: RewardFunctionConfig) -> RewardFunction:
         return cls(cfg.term, cfg.weight, cfg.function, load_function(cfg.function))
 
+    def __reduce__(self):
+        # Pickled as its spec (ddp_spawn hands PPO's module to its processes this way): a function made by
+        # a factory or a lambda bound to a name does not pickle by reference, its module:function does.
+        return _reloaded, (self.name, self.weight, self.spec)
+
     def _fail(self, message: str) -> RewardFunctionError:
         return RewardFunctionError(f"reward function {self.name} ({self.spec}): {message}")
 
     def _call(self, prompts: list[str], responses: list[str], rows: list[dict]) -> Any:
-        return self.fn(list(prompts), list(responses), **columns_of(rows))
+        # Only the columns it declares (all of them with **kwargs): a prompt file's other columns (an `id`)
+        # must not break a function that does not read them.
+        params = [p.name for p in inspect.signature(self.fn).parameters.values()][:2]
+        return self.fn(list(prompts), list(responses), **columns_of(rows, accepted_columns(self.fn), set(params)))
 
     def __call__(self, prompts: list[str], responses: list[str], rows: list[dict]) -> torch.Tensor:
         """Its values for the responses, (B,) float64; raises RewardFunctionError naming the row."""
@@ -106,8 +127,10 @@ class RewardFunction:
         return out
 
     def _failure(self, exc: Exception, prompts: list[str], responses: list[str], rows: list[dict]) -> RewardFunctionError:
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        where = f" at {frame.filename}:{frame.lineno}"
+        # The last line of the function's own file that the exception passed (not numpy's or re's).
+        frames = traceback.extract_tb(exc.__traceback__)
+        own = [f for f in frames if f.filename == self.fn.__code__.co_filename] or frames
+        where = f" at {own[-1].filename}:{own[-1].lineno}"
         for i in range(len(responses)):
             try:
                 self._call(prompts[i : i + 1], responses[i : i + 1], rows[i : i + 1])
@@ -116,6 +139,10 @@ class RewardFunction:
                                   f"{responses[i][:80]!r}")
         return self._fail(f"raised {type(exc).__name__}: {exc}{where}, on the batch of {len(responses)} rows (each row "
                           "alone passes)")
+
+
+def _reloaded(name: str, weight: float, spec: str) -> RewardFunction:
+    return RewardFunction(name, weight, spec, load_function(spec))
 
 
 class Rewards:

@@ -323,8 +323,10 @@ def register_reward_model(cfg: RLHFConfig, model_dir: str, run_id: str, tags: di
     from rlhf_lightning.serving import reward_pyfunc
 
     name = cfg.registry.reward_model_name
-    weights = Path(model_dir) / "model.safetensors"
-    sha = pyfunc_model.sha256_file(weights)
+    # One file or shards: the sha256 of the weights files' manifest (as a base's identity is computed).
+    sha = pyfunc_model.manifest_digest({p.name: pyfunc_model.sha256_file(p)
+                                        for p in sorted(Path(model_dir).glob("*.safetensors"))})
+    backbone = cfg.policy.model if cfg.reward_model.backbone == "policy" else cfg.reward_model.backbone
     with _in_run(run_id):
         info = mlflow.pyfunc.log_model(
             name="reward_model",
@@ -334,16 +336,16 @@ def register_reward_model(cfg: RLHFConfig, model_dir: str, run_id: str, tags: di
             signature=reward_pyfunc.SIGNATURE,
             input_example=pd.DataFrame([REWARD_EXAMPLE]),
             pip_requirements=pip_requirements(),
-            metadata={"weights_sha256": sha, "backbone": cfg.reward_model.backbone},
+            metadata={"weights_sha256": sha, "backbone": backbone},
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    version_tags = {**tags, "weights_sha256": sha, "backbone": cfg.reward_model.backbone,
+    version_tags = {**tags, "weights_sha256": sha, "backbone": backbone,
                     "finetune": cfg.reward_model.finetune}
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-    lines = [f"Bradley-Terry reward model on `{cfg.reward_model.backbone}`, logged by run `{run_id}`. Scores "
+    lines = [f"Bradley-Terry reward model on `{backbone}`, logged by run `{run_id}`. Scores "
              "(prompt, response) rows: `score` (raw) and `score_normalised` (by the training pairs' mean and std).",
              "", "| tag | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(version_tags.items())]
     client.update_model_version(name, version, description="\n".join(lines))
