@@ -47,6 +47,15 @@ class ModelBundle:
             tar.add(directory, arcname=".")
         return cls(tar=buf.getvalue(), **kwargs)
 
+    def published_as(self) -> str:
+        """A reward model's bundle: the published model it references (pinned to its version), `trained` (a
+        model trained here), or `none` (no reward model: reward functions alone)."""
+        with tarfile.open(fileobj=io.BytesIO(self.tar)) as tar:
+            members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+            if "published.json" in members:
+                return json.load(tar.extractfile(members["published.json"]))["model"]
+        return "trained" if set(members) - {"."} else "none"
+
     def extract(self, directory: str) -> str:
         """Unpack into `directory` (reused if already unpacked there) and return it."""
         path = Path(directory)
@@ -494,6 +503,7 @@ def lineage_tags(parent_run_id: str, data: PreparedData, reward_model: ModelBund
         "lineage.reward_model_run_id": reward_model.mlflow_run_id,
         "lineage.ppo_run_id": policy.mlflow_run_id,
         "lineage.evaluate_run_id": evaluated.mlflow_run_id,
+        "lineage.reward.model": reward_model.published_as(),
         **{f"lineage.data.{k}_sha256": v for k, v in data.digests().items()},
         # The built-in task has no input files: its generated files are the sources then.
         "lineage.data.sources": json.dumps(data.sources)[:4900],  # tag values are capped at 5000 chars
@@ -515,10 +525,8 @@ def register(cfg: RLHFConfig, parent_run_id: str, policy: ModelBundle, workdir: 
     from rlhf_lightning.models.loading import base_model_dir
 
     adapter_dir = policy.extract(os.path.join(workdir, "adapter"))
-    # What it was trained to maximise: the reward model (trained here, or the published one) and functions.
-    reward = {"lineage.reward.model": ("none" if not cfg.reward.uses_model else cfg.reward_model.pretrained
-                                       or "trained here (lineage.reward_model_run_id)"),
-              "lineage.reward.model_weight": str(cfg.reward.model_weight),
+    # What it was trained to maximise: the reward model (lineage_tags says which) and the functions.
+    reward = {"lineage.reward.model_weight": str(cfg.reward.model_weight),
               "lineage.reward.functions": json.dumps([{"function": f.function, "weight": f.weight}
                                                       for f in cfg.reward.functions])[:4900]}
     with tracking.stage_run(parent_run_id, "register") as run:

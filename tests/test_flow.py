@@ -269,6 +269,10 @@ def test_registered_version_carries_its_lineage(flow_run):
     assert tags["lineage.reward_model_run_id"] == stages["train_reward_model"].info.run_id
     assert tags["lineage.ppo_run_id"] == stages["reinforce"].info.run_id
     assert tags["lineage.evaluate_run_id"] == stages["evaluate"].info.run_id
+    # The reward it maximised: the reward model trained in this run, plus the reward function, weighted.
+    assert tags["lineage.reward.model"] == "trained" and tags["lineage.reward.model_weight"] == "1.0"
+    assert json.loads(tags["lineage.reward.functions"]) == [{"function": "rlhf_lightning.data.arithmetic:number_only",
+                                                             "weight": 0.1}]
     digests = run["preprocess"].task.data.data.digests()
     for split, digest in digests.items():
         assert tags[f"lineage.data.{split}_sha256"] == digest

@@ -295,7 +295,9 @@ def test_a_trained_reward_model_is_registered_served_and_reused_by_uri(mlflow_tr
     assert again.metrics["reward_model/eval_accuracy"] == trained.metrics["reward_model/eval_accuracy"]
     assert again.metrics["reward_model/normalisation_samples"] == 4.0
     assert [str(v.version) for v in client.search_model_versions("name = 'rlhf-reward'")] == ["1"]  # nothing new
-    # The alias is pinned to the version it named when measured: every step scores with that model.
+    # The alias is pinned to the version it named when measured: every step scores with that model (and the
+    # policy's lineage names it so).
+    assert again.published_as() == "models:/rlhf-reward/1" and trained.published_as() == "trained"
     assert json.loads((Path(again.extract(str(tmp_path / "again"))) / PUBLISHED_FILE).read_text())["model"] == \
         "models:/rlhf-reward/1"
     reloaded = RewardScorer.load(again.extract(str(tmp_path / "again")))
