@@ -265,11 +265,13 @@ def test_a_4bit_run_checks_what_is_served_against_what_was_evaluated(tiny_policy
     evaluated = sample(nf4, tok, [r["prompt_chat"] for r in rows(tok)[:2]], max_new_tokens=6, temperature=0.0).texts
     assert [r["evaluated"] for r in result.served] == evaluated
     scorer = RewardScorer.load(reward_model_dir)
-    assert [r["rm served"] for r in result.served] == [round(x, 3) for x in scorer.score(PROMPTS[:2], served["response"].tolist()).tolist()]
+    # The total reward: the reward model's score normalised (its weight 1, no reward functions).
+    expected = scorer.normalise(scorer.score(PROMPTS[:2], served["response"].tolist())).tolist()
+    assert [r["reward served"] for r in result.served] == [round(x, 3) for x in expected]
     assert m["eval/served_n"] == 2
     assert m["eval/served_greedy_match"] == sum(e == s for e, s in zip(evaluated, served["response"])) / 2
     assert m["eval/served_rm_gap"] == pytest.approx(
-        sum(r["rm served"] - r["rm evaluated"] for r in result.served) / 2, abs=2e-3)
+        sum(r["reward served"] - r["reward evaluated"] for r in result.served) / 2, abs=2e-3)
     assert "served vs evaluated reward" in result.reason
 
 
