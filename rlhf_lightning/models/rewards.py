@@ -56,13 +56,11 @@ def required_columns(fn: Callable) -> list[str]:
 
 
 def accepted_columns(fn: Callable) -> set[str] | None:
-    """The column names `fn` takes as keywords (None: any, it has **kwargs); never its first two
-    parameters (the prompts and the responses), whatever a column is called."""
+    """The parameter names `fn` takes as keywords (None: any, it has **kwargs)."""
     params = list(inspect.signature(fn).parameters.values())
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(positional)
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def columns_of(rows: list[dict], accepted: set[str] | None = None, exclude: set[str] = frozenset()
@@ -103,7 +101,8 @@ class RewardFunction:
 
     def _call(self, prompts: list[str], responses: list[str], rows: list[dict]) -> Any:
         # Only the columns it declares (all of them with **kwargs): a prompt file's other columns (an `id`)
-        # must not break a function that does not read them.
+        # must not break a function that does not read them. Never as its first two parameters (the prompts
+        # and the responses), whatever a column is called.
         params = [p.name for p in inspect.signature(self.fn).parameters.values()][:2]
         return self.fn(list(prompts), list(responses), **columns_of(rows, accepted_columns(self.fn), set(params)))
 
@@ -129,7 +128,8 @@ class RewardFunction:
     def _failure(self, exc: Exception, prompts: list[str], responses: list[str], rows: list[dict]) -> RewardFunctionError:
         # The last line of the function's own file that the exception passed (not numpy's or re's).
         frames = traceback.extract_tb(exc.__traceback__)
-        own = [f for f in frames if f.filename == self.fn.__code__.co_filename] or frames
+        source = getattr(getattr(self.fn, "__code__", None), "co_filename", None)  # None: a callable object
+        own = [f for f in frames if f.filename == source] or frames
         where = f" at {own[-1].filename}:{own[-1].lineno}"
         for i in range(len(responses)):
             try:
