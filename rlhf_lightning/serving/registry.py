@@ -327,6 +327,9 @@ def register_reward_model(cfg: RLHFConfig, model_dir: str, run_id: str, tags: di
     sha = pyfunc_model.manifest_digest({p.name: pyfunc_model.sha256_file(p)
                                         for p in sorted(Path(model_dir).glob("*.safetensors"))})
     backbone = cfg.policy.model if cfg.reward_model.backbone == "policy" else cfg.reward_model.backbone
+    example_ok, example_note = example_check(model_dir)  # MLflow would load a large reward model here to check it
+    if not example_ok:
+        print(f"register reward model: {example_note}")
     with _in_run(run_id):
         info = mlflow.pyfunc.log_model(
             name="reward_model",
@@ -334,7 +337,7 @@ def register_reward_model(cfg: RLHFConfig, model_dir: str, run_id: str, tags: di
             artifacts={"reward_model": model_dir},
             code_paths=[pair_encoding.__file__],  # the encoding training measured it with, imported by name
             signature=reward_pyfunc.SIGNATURE,
-            input_example=pd.DataFrame([REWARD_EXAMPLE]),
+            input_example=pd.DataFrame([REWARD_EXAMPLE]) if example_ok else None,
             pip_requirements=pip_requirements(),
             metadata={"weights_sha256": sha, "backbone": backbone},
             registered_model_name=name,
