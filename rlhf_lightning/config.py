@@ -359,8 +359,9 @@ class RewardModelConfig:
 
     pretrained: str = ""
     """A reward model already trained, used as published instead of training one here: a hub id, a local
-    directory or an MLflow model URI (`models:/rlhf-reward@champion`, `models:/NAME/VERSION`, `runs:/...`:
-    a reward model this project registered). An `AutoModelForSequenceClassification` with one output,
+    directory or an MLflow model URI (`models:/rlhf-reward/VERSION`, or `models:/NAME@ALIAS`, pinned to the
+    version the alias names when the run measures it; `runs:/...`: a reward model this project registered).
+    An `AutoModelForSequenceClassification` with one output,
     loaded with its own tokenizer, head and dtype; it reads the (prompt, response) conversation through its
     own chat template when it has one, else as a text pair (`input`). It is still measured on the held-out
     preference pairs where the data has them (`min_eval_accuracy` applies). Its scores are normalised by
@@ -397,8 +398,8 @@ class RewardFunctionConfig:
     the flow: files next to flows/rlhf.py travel with the code package). It is called as
     `function(prompts, responses, **columns)` with lists: the raw prompts, the responses, and every other
     column of the prompt rows it names as a parameter (`answer=[...]`: the prompt file's own columns; with
-    `**kwargs` it gets them all), and returns one float per response (a list or 1-D array). It may raise: the step
-    stops, naming the function and the row. Example: `rlhf_lightning.data.arithmetic:exact_match`."""
+    `**kwargs` it gets them all), and returns one float per response (a list or 1-D array). It may raise:
+    the step stops, naming the function and the row. Example: `rlhf_lightning.data.arithmetic:exact_match`."""
     weight: float = 1.0
     """Its weight in the total reward (its raw values times this are added)."""
     name: str = ""
