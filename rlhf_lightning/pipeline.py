@@ -336,8 +336,7 @@ def _register_reward_model(cfg: RLHFConfig, parent_run_id: str, data: PreparedDa
     from rlhf_lightning.serving import registry
 
     tags = {"lineage.mlflow_parent_run_id": parent_run_id, "lineage.reward_model_run_id": run_id,
-            **{f"lineage.data.{k}_sha256": v for k, v in data.digests().items() if k.startswith("pref")},
-            "lineage.data.sources": json.dumps(data.sources.get("preferences", []))[:4900],
+            **data_lineage(data, preferences_only=True),
             **{f"eval.{k.split('/', 1)[-1]}": f"{v:.4f}" for k, v in metrics.items()}}
     info = registry.register_reward_model(cfg, model_dir, run_id, tags)
     tracking.set_tags({"reward_model.registered": info.model_uri})
@@ -493,6 +492,16 @@ def evaluate(cfg: RLHFConfig, parent_run_id: str, prompts: Prompts, reward_model
                      mlflow_run_id=run.info.run_id)
 
 
+def data_lineage(data: PreparedData, preferences_only: bool = False) -> dict[str, str]:
+    """Model Registry tags naming the data a model was trained on: the sha256 of each canonical split and
+    the input files (all of them, or only the preference pairs and their files: a reward model's)."""
+    digests = {k: v for k, v in data.digests().items() if not preferences_only or k.startswith("pref")}
+    # The built-in task has no input files: its generated files are the sources then.
+    sources = data.sources.get("preferences", []) if preferences_only else data.sources
+    return {**{f"lineage.data.{k}_sha256": v for k, v in digests.items()},
+            "lineage.data.sources": json.dumps(sources)[:4900]}  # tag values are capped at 5000 chars
+
+
 def lineage_tags(parent_run_id: str, data: PreparedData, reward_model: ModelBundle, policy: ModelBundle,
                  evaluated: Evaluated, metaflow: dict[str, str] | None = None) -> dict[str, str]:
     """What a registered version came from, as Model Registry tags: the Metaflow run, the MLflow runs of
@@ -504,9 +513,7 @@ def lineage_tags(parent_run_id: str, data: PreparedData, reward_model: ModelBund
         "lineage.ppo_run_id": policy.mlflow_run_id,
         "lineage.evaluate_run_id": evaluated.mlflow_run_id,
         "lineage.reward.model": reward_model.published_as(),
-        **{f"lineage.data.{k}_sha256": v for k, v in data.digests().items()},
-        # The built-in task has no input files: its generated files are the sources then.
-        "lineage.data.sources": json.dumps(data.sources)[:4900],  # tag values are capped at 5000 chars
+        **data_lineage(data),
         "gate.promote": str(evaluated.promote),
         "gate.reason": evaluated.reason,
         "gate.champion": evaluated.champion,

@@ -381,6 +381,19 @@ def gold_agreement(rows: list[dict], r_chosen: torch.Tensor, r_rejected: torch.T
     return {"eval_gold_accuracy": agree(r_chosen - r_rejected), "eval_label_gold_agreement": agree(torch.ones_like(gold_diff))}
 
 
+def heldout_metrics(cfg: RLHFConfig, scorer: RewardScorer, eval_rows: list[dict]) -> dict[str, float]:
+    """A reward model on held-out preference rows, as the gate reads it: eval_accuracy/margin/loss, the
+    accuracy's 95% half-width, and the agreement with the gold judge where there is one."""
+    eval_chosen, eval_rejected = scorer.score_pairs(eval_rows)
+    metrics = {f"eval_{k}": v for k, v in preference_metrics(eval_chosen, eval_rejected).items()}
+    # 95% half-width, clustered by prompt: the pairs of one ranking are right or wrong together.
+    metrics["eval_accuracy_ci95"] = win_rate(eval_chosen.tolist(), eval_rejected.tolist(),
+                                             groups=[row["prompt"] for row in eval_rows])[1]
+    if judge.has_gold_judge(cfg):
+        metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
+    return metrics
+
+
 @dataclass
 class RewardModelResult:
     model_dir: str
@@ -436,14 +449,8 @@ def train_reward_model(cfg: RLHFConfig, train_rows: list[dict], eval_rows: list[
     train_chosen, train_rejected = scorer.score_pairs(train_rows)
     all_train = torch.cat([train_chosen, train_rejected])  # (2N,)
     scorer.mean, scorer.std = all_train.mean().item(), all_train.std().clamp(min=1e-6).item()
-    eval_chosen, eval_rejected = scorer.score_pairs(eval_rows)
-    metrics = {f"eval_{k}": v for k, v in preference_metrics(eval_chosen, eval_rejected).items()}
-    # 95% half-width, clustered by prompt: the pairs of one ranking are right or wrong together.
-    metrics["eval_accuracy_ci95"] = win_rate(eval_chosen.tolist(), eval_rejected.tolist(),
-                                             groups=[row["prompt"] for row in eval_rows])[1]
+    metrics = heldout_metrics(cfg, scorer, eval_rows)
     metrics |= {f"train_{k}": v for k, v in preference_metrics(train_chosen, train_rejected).items()}
-    if judge.has_gold_judge(cfg):
-        metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
     model_dir = out / "model"
     scorer.save(model_dir, metrics)
     return RewardModelResult(str(model_dir), metrics, scorer.mean, scorer.std, trainer.global_step)
@@ -485,14 +492,7 @@ def measure_published(cfg: RLHFConfig, eval_rows: list[dict], rl_prompts: list[d
     # A reward model trained here reads as long a text as it was trained on.
     max_length = json.loads((Path(path) / STATS_FILE).read_text())["max_length"] if mode == "trained" else rm.max_length
     scorer = RewardScorer(model, tokenizer, max_length, input=mode).to(compute_device(cfg.trainer.accelerator))
-    metrics: dict[str, float] = {}
-    if eval_rows:
-        eval_chosen, eval_rejected = scorer.score_pairs(eval_rows)
-        metrics = {f"eval_{k}": v for k, v in preference_metrics(eval_chosen, eval_rejected).items()}
-        metrics["eval_accuracy_ci95"] = win_rate(eval_chosen.tolist(), eval_rejected.tolist(),
-                                                 groups=[row["prompt"] for row in eval_rows])[1]
-        if judge.has_gold_judge(cfg):
-            metrics |= gold_agreement(eval_rows, eval_chosen, eval_rejected)
+    metrics = heldout_metrics(cfg, scorer, eval_rows) if eval_rows else {}
     scores = scorer.score([r["prompt"] for r in rows], texts)  # (N,)
     scorer.mean, scorer.std = scores.mean().item(), scores.std().clamp(min=1e-6).item()
     metrics |= {"normalisation_mean": scorer.mean, "normalisation_std": scorer.std,
