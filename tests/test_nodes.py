@@ -28,7 +28,8 @@ from test_engines import build_tiny32, needs_vllm
 from test_flow import _checkpoints, _wait
 
 REPO = Path(__file__).resolve().parents[1]
-ITERATIONS = 6  # configs/tiny.yaml checkpoints PPO every 2 iterations
+ITERATIONS = 10  # configs/tiny.yaml checkpoints PPO every 2 iterations; the kill during the retry needs
+# iterations left after its first new checkpoint (at 6 the retry, at ~1 s an iteration, could finish first)
 
 
 def nodes_config(work: Path, **extra) -> Path:
