@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from openai.types.chat import ChatCompletion
 
 from rlhf_lightning.serving import registry
 from rlhf_lightning.serving import server as serving
@@ -111,6 +113,91 @@ def test_every_mlflow_request_form_is_accepted(server):
         result = serving.invoke(server.url, {**body, "params": {"max_new_tokens": 3}})
         assert result.status == 200, result.body
         assert result.body["predictions"] == expected, body
+
+
+def test_a_plain_list_of_prompts_is_prompts_over_rest_and_in_python(server, registered):
+    expected = serving.predict(server.url, ["Hi", "Describe a cafe."], {"max_new_tokens": 3})
+    for body in ({"inputs": ["Hi", "Describe a cafe."]}, {"instances": ["Hi", "Describe a cafe."]}):
+        result = serving.invoke(server.url, {**body, "params": {"max_new_tokens": 3}})
+        assert result.status == 200, result.body
+        assert result.body["predictions"] == expected, body
+    model = mlflow.pyfunc.load_model(registered.model_uri)
+    in_python = model.predict(["Hi", "Describe a cafe."], params={"max_new_tokens": 3})
+    assert in_python.to_dict("records") == expected
+
+
+def test_chat_completions_body_gets_a_chat_completions_answer(server, registered):
+    """The body the openai client sends to /chat/completions, posted to /invocations, is answered in
+    its response form, which the openai package's own types parse; it answers as the row form does."""
+    chat = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Describe a cafe."}]
+    body = {"model": "rlhf-policy", "messages": chat, "max_tokens": 5, "temperature": 0.0}
+    result = serving.invoke(server.url, body)
+    assert result.status == 200, result.body
+    completion = ChatCompletion.model_validate(result.body)
+    row = serving.predict(server.url, [[{"role": "system", "content": "Be brief."}, chat[1]]],
+                          {"max_new_tokens": 5})[0]
+    assert completion.choices[0].message.content == row["response"]
+    assert completion.choices[0].finish_reason == row["finish_reason"]
+    assert completion.usage.prompt_tokens == row["prompt_tokens"]
+    assert completion.usage.completion_tokens == row["completion_tokens"]
+    assert completion.usage.total_tokens == row["prompt_tokens"] + row["completion_tokens"]
+    assert completion.model == "rlhf-policy" and result.body["weights_sha256"] == registered.weights_sha256
+
+    # n answers, each its own sample; a seed makes them reproducible; content parts are text.
+    sampled = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "n": 3,
+               "max_tokens": 6, "temperature": 1.5, "seed": 7}
+    first, again = serving.invoke(server.url, sampled), serving.invoke(server.url, sampled)
+    assert first.status == 200, first.body
+    choices = ChatCompletion.model_validate(first.body).choices
+    assert [c.index for c in choices] == [0, 1, 2]
+    assert [c.message.content for c in choices] == [c["message"]["content"] for c in again.body["choices"]]
+    assert len({c.message.content for c in choices}) > 1  # three rows, three generators
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": [{"role": "user", "content": "Hi"}], "stream": True}, "stream from the rlhf-vllm deployment target"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}, "['tools'] are not supported"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "stop": ["."]}, "stop=['.'] is not supported"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, "max_tokens must be an integer in [1, 256]"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "n": 100}, "n must be an integer in [1, 64]"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "the last message must be from 'user'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "['image_url'] parts"),
+    ({"inputs": [["Hi"], ["There"]]}, "a list input must hold prompt strings, chats"),
+    ({"inputs": []}, "no rows"),
+])
+def test_bad_chat_and_list_requests_get_a_400(server, body, message):
+    result = _post(server, body)
+    assert result.status == 400, (result.status, result.body)
+    assert message in result.error_message, result.error_message
+
+
+def test_concurrent_requests_share_a_generate_and_keep_their_own_answers(registered):
+    """Rows of requests that arrive together are answered by one `generate`; each request gets the
+    answers it gets alone (greedy, and seeded sampling: per-row generators), with its own max_new_tokens."""
+    model = mlflow.pyfunc.load_model(registered.model_uri)
+    policy = model.unwrap_python_model()
+    requests = [(["Hi"], {"max_new_tokens": 4}),
+                (["Describe a cafe.", "Name a colour."], {"max_new_tokens": 7, "temperature": 1.3, "seed": 5}),
+                ([[{"role": "user", "content": "Count to three."}]], {"max_new_tokens": 2, "temperature": 0.8, "seed": 9}),
+                (["Tell me about your weekend."], {"max_new_tokens": 6, "top_p": 0.5, "temperature": 1.0, "seed": 1})] * 3
+    alone = [model.predict(p, params=q).to_dict("records") for p, q in requests[:4]] * 3
+
+    calls, generate = [], policy.model.generate
+    def counted(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(**kwargs)
+    policy.model.generate = counted
+    policy.batch_wait = 0.5  # hold the first batch open until every thread has queued
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: model.predict(r[0], params=r[1]).to_dict("records"), requests))
+    finally:
+        policy.model.generate = generate
+    assert together == alone
+    assert sum(calls) == sum(len(p) for p, _ in requests) and len(calls) < len(requests), calls
+    assert max(calls) > 2  # rows of several requests in one generate
+    assert [len(a) for a in together] == [len(p) for p, _ in requests]
+    assert all(r["completion_tokens"] <= q["max_new_tokens"] for (_, q), a in zip(requests, together) for r in a)
 
 
 def _post(server, body: bytes | dict) -> serving.InvocationResult:

@@ -25,14 +25,20 @@ so a client can check which weights are being served.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
 import json
 import math
 import os
+import queue
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +49,7 @@ from jinja2.exceptions import TemplateError
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 """The peft adapter weights file whose sha256 identifies the served policy."""
@@ -60,20 +66,29 @@ LIMITS: dict[str, Any] = {
 """What the model accepts; a request outside these limits gets HTTP 400 saying which limit. Recorded in
 the MLmodel metadata (`limits`) so clients can read them without calling the model."""
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": None}
-# Prompts per `generate` call: on CPU, batches of 8-16 give most of the throughput; a GPU decodes a
-# whole request (at most LIMITS["max_rows"]) at about the cost of one row.
+# Rows per `generate` call when one request is served alone (RLHF_SERVE_BATCHING=0, the behaviour before
+# requests were batched together): on CPU, batches of 8-16 give most of a lone request's throughput; a GPU
+# decodes a whole request (at most LIMITS["max_rows"]) at about the cost of one row.
 GENERATE_BATCH_SIZE = 8
 GPU_GENERATE_BATCH_SIZE = 64
+BATCHING_ENV = "RLHF_SERVE_BATCHING"
+"""`0` serves one request per `generate` (as before batching); anything else, or unset, batches."""
+BATCH_ROWS_ENV = "RLHF_SERVE_BATCH_ROWS"
+"""Rows of concurrent requests one `generate` may hold (default LIMITS["max_rows"])."""
+BATCH_WAIT_ENV = "RLHF_SERVE_BATCH_WAIT_MS"
+"""How long the first request of a batch waits for others (default 5 ms). Requests that arrive while a
+`generate` runs queue anyway and go together into the next one."""
+REQUEST_THREADS = 128
+"""Requests the scoring server hands to the model at once (see `_widen_request_threads`)."""
 OUTPUT_COLUMNS = ["response", "prompt_tokens", "completion_tokens", "finish_reason", "weights_sha256"]
 
-# One request holds either plain prompts or chat conversations: MLflow's schema check rejects a batch
-# that mixes them (a missing `messages` cell is not a list).
-MESSAGES_TYPE = Array(Object([Property("role", "string"), Property("content", "string")]))
+# No input schema, on purpose: with a column schema MLflow drops whatever has no declared column name
+# before the model sees it, so a plain list of prompts (`{"inputs": ["..."]}`, `predict(["..."])`)
+# arrived as an empty frame, and a Chat Completions body lost its own keys (max_tokens, n, stream).
+# `conversations` / `chat_request` check every form as strictly as the schema did (HTTP 400 naming the
+# row and the field). Params stay declared: the scoring server passes only declared params to predict.
 SIGNATURE = ModelSignature(
-    inputs=Schema([
-        ColSpec("string", "prompt", required=False),
-        ColSpec(MESSAGES_TYPE, "messages", required=False),
-    ]),
+    inputs=None,
     outputs=Schema([
         ColSpec("string", "response"),
         ColSpec("long", "prompt_tokens"),
@@ -81,7 +96,6 @@ SIGNATURE = ModelSignature(
         ColSpec("string", "finish_reason"),
         ColSpec("string", "weights_sha256"),
     ]),
-    # `mlflow models serve` passes request "params" to predict only when the signature declares them.
     params=ParamSchema([
         ParamSpec("max_new_tokens", "long", DEFAULT_PARAMS["max_new_tokens"]),
         ParamSpec("temperature", "double", DEFAULT_PARAMS["temperature"]),
@@ -89,6 +103,15 @@ SIGNATURE = ModelSignature(
         ParamSpec("seed", "long", DEFAULT_PARAMS["seed"]),
     ]),
 )
+
+# The Chat Completions request keys this model reads; `temperature`, `top_p` and `seed` are declared
+# params, so the scoring server hands them over as params, the others in the body.
+CHAT_KEYS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
+             "stream", "stream_options", "user", "stop", "frequency_penalty", "presence_penalty", "logprobs"}
+# Keys clients send with a neutral value (the openai package leaves them out unless set; LangChain sends
+# some as null or 0): accepted with that value, refused with another, since this model cannot honour it.
+NEUTRAL = {"stop": (None, [], ""), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+           "logprobs": (None, False), "stream_options": (None,), "user": None}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -227,95 +250,289 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def conversations(model_input: pd.DataFrame) -> list[list[dict[str, str]]]:
-    """One chat (list of {role, content}) per input row, from its `prompt` (a single user turn) or its
-    `messages`; raises HTTP-400 errors that name the row and the field."""
+def _plain(value: Any) -> Any:
+    # numpy arrays (JSON lists after MLflow's parsing) and numpy scalars as Python lists and values.
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        return value.tolist()
+    return value
+
+
+def is_chat_request(model_input: Any) -> bool:
+    """A Chat Completions body: a dict whose `messages` is one conversation (a list of message dicts),
+    as `{"messages": [...], "max_tokens": 16}` posted to /invocations or passed to `predict`. The
+    columnar `{"messages": [chat, chat]}` form holds a list of conversations instead."""
+    if not isinstance(model_input, dict):
+        return False
+    messages = _plain(model_input.get("messages"))
+    return isinstance(messages, list) and bool(messages) and all(isinstance(m, dict) for m in messages)
+
+
+def conversations(model_input: Any) -> list[list[dict[str, str]]]:
+    """One chat (list of {role, content}) per request row; raises HTTP-400 errors that name the row and
+    the field. Rows come as a DataFrame or a list of dicts with `prompt` (a single user turn) or
+    `messages`, as a dict of columns (`{"prompt": [...]}`), as plain prompt strings (a list, or one) or
+    as a list of chats."""
+    model_input = _plain(model_input)
+    if isinstance(model_input, str):
+        model_input = [model_input]
     if isinstance(model_input, dict):
-        model_input = pd.DataFrame([model_input])
+        columns = {k: _plain(v) for k, v in model_input.items()}
+        if any(isinstance(v, list) for v in columns.values()):  # columnar: {"prompt": ["a", "b"]}
+            lengths = {len(v) for v in columns.values() if isinstance(v, list)}
+            if len(lengths) > 1 or not all(isinstance(v, list) for v in columns.values()):
+                raise _invalid(f"columns {sorted(columns)} hold different numbers of rows; give one value per row")
+            model_input = pd.DataFrame(columns)
+        else:
+            model_input = pd.DataFrame([columns])
     elif isinstance(model_input, list):
-        model_input = pd.DataFrame(model_input)
-    model_input = _columns_to_rows(model_input)
+        rows = []
+        for x in model_input:  # prompt strings, chats and request rows, each item one request row
+            x = _plain(x)
+            if isinstance(x, str):
+                rows.append({"prompt": x})
+            elif isinstance(x, dict):
+                rows.append(x)
+            elif isinstance(x, list) and x and all(isinstance(m, dict) for m in x):
+                rows.append({"messages": x})
+            else:
+                raise _invalid(f"input row {len(rows)}: a list input must hold prompt strings, chats (lists of "
+                               f"{{role, content}}) or request rows ({{prompt}} or {{messages}}), got {x!r:.80}")
+        model_input = pd.DataFrame(rows)
+    if not isinstance(model_input, pd.DataFrame):
+        raise _invalid(f"input must be prompt strings, request rows or a Chat Completions body, got "
+                       f"{type(model_input).__name__}")
+    if len(model_input) == 0:
+        raise _invalid("the request holds no rows; send at least one prompt")
     columns = [c for c in ("prompt", "messages") if c in model_input.columns]
     if not columns:
-        raise _invalid("input needs a 'prompt' (string) or 'messages' (list of {role, content}) column; none was "
-                       "given (columns the signature does not declare are dropped before the model sees them)")
+        raise _invalid(f"input needs a 'prompt' (string) or 'messages' (list of {{role, content}}) column, or a "
+                       f"plain list of prompt strings; got columns {[str(c) for c in model_input.columns][:8]}")
     if len(model_input) > LIMITS["max_rows"]:
         raise _invalid(f"{len(model_input)} rows in one request; send at most {LIMITS['max_rows']} per request")
     chats = []
     for i, row in enumerate(model_input[columns].to_dict("records")):
-        prompt, messages = row.get("prompt"), row.get("messages")
+        prompt, messages = row.get("prompt"), _plain(row.get("messages"))
         has_prompt, has_messages = not _is_missing(prompt), not _is_missing(messages)
         if has_prompt == has_messages:
             raise _invalid(f"input row {i}: give exactly one of 'prompt' and 'messages'"
                            + (", not both" if has_prompt else ""))
         if has_prompt:
             if not isinstance(prompt, str) or not prompt.strip():
-                raise _invalid(f"input row {i}: prompt must be a non-empty string, got {prompt!r}")
+                raise _invalid(f"input row {i}: prompt must be a non-empty string, got {prompt!r:.80}")
             chat = [{"role": "user", "content": prompt}]
         else:
-            chat = _check_messages(i, messages)
-        chars = sum(len(m["content"]) for m in chat)
-        if chars > LIMITS["max_prompt_chars"]:
-            raise _invalid(f"input row {i}: the prompt is {chars} characters; this model accepts at most "
-                           f"{LIMITS['max_prompt_chars']}; shorten it")
+            chat = _check_messages(f"input row {i}: ", messages)
+        _check_length(f"input row {i}: ", chat)
         chats.append(chat)
     return chats
 
 
-def _columns_to_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The `instances` and `inputs` request forms reach the model as one row whose cells hold whole
-    columns (MLflow builds `DataFrame([{column: array}])` because the signature has an array column):
-    `prompt` = several strings, `messages` = several chats. Unfold them into one row per request."""
-    if len(frame) != 1:
-        return frame
-    cells = {c: frame.iloc[0][c] for c in ("prompt", "messages") if c in frame.columns}
-    prompt, messages = cells.get("prompt"), cells.get("messages")
-    if hasattr(prompt, "tolist") and not isinstance(prompt, str):
-        prompt = prompt.tolist()
-    if hasattr(messages, "tolist"):
-        messages = messages.tolist()
-    if isinstance(prompt, list) and "messages" not in cells:
-        return pd.DataFrame({"prompt": prompt})
-    if isinstance(messages, list) and messages and isinstance(messages[0], (list, tuple)) and "prompt" not in cells:
-        return pd.DataFrame({"messages": [list(chat) for chat in messages]})
-    return frame
+def _check_length(where: str, chat: list[dict[str, str]]) -> None:
+    chars = sum(len(m["content"]) for m in chat)
+    if chars > LIMITS["max_prompt_chars"]:
+        raise _invalid(f"{where}the prompt is {chars} characters; this model accepts at most "
+                       f"{LIMITS['max_prompt_chars']}; shorten it")
 
 
-def _check_messages(i: int, messages: Any) -> list[dict[str, str]]:
-    if hasattr(messages, "tolist"):  # numpy arrays after schema enforcement
-        messages = messages.tolist()
+def _content_text(where: str, content: Any) -> str:
+    """A message's content: a string, or OpenAI's list of content parts of which only text parts are
+    understood here."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        kinds = sorted({str(p.get("type")) for p in content} - {"text"})
+        if kinds:
+            raise _invalid(f"{where}.content has {kinds} parts; this model reads text parts only")
+        if not all(isinstance(p.get("text"), str) for p in content):
+            raise _invalid(f"{where}.content: every text part needs a string 'text'")
+        return "".join(p["text"] for p in content)
+    raise _invalid(f"{where} must be {{\"role\": str, \"content\": str}}, got content {content!r:.80}")
+
+
+def _check_messages(where: str, messages: Any) -> list[dict[str, str]]:
+    messages = _plain(messages)
     if not isinstance(messages, list) or not messages:
-        raise _invalid(f"input row {i}: messages must be a non-empty list of {{role, content}}, got {messages!r:.80}")
+        raise _invalid(f"{where}messages must be a non-empty list of {{role, content}}, got {messages!r:.80}")
     chat = []
     for j, m in enumerate(messages):
-        where = f"input row {i}: messages[{j}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise _invalid(f"{where} must be {{\"role\": str, \"content\": str}}, got {m!r:.80}")
-        if m["role"] not in LIMITS["roles"]:
-            raise _invalid(f"{where}.role must be one of {LIMITS['roles']}, got {m['role']!r}")
-        if not m["content"].strip():
-            raise _invalid(f"{where}.content is empty")
-        chat.append({"role": m["role"], "content": m["content"]})
+        at = f"{where}messages[{j}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise _invalid(f"{at} must be {{\"role\": str, \"content\": str}}, got {m!r:.80}")
+        # OpenAI's newer name for the system turn.
+        role = "system" if m["role"] == "developer" else m["role"]
+        if role not in LIMITS["roles"]:
+            raise _invalid(f"{at}.role must be one of {LIMITS['roles']} (or 'developer'), got {m['role']!r}")
+        content = _content_text(at, m["content"])
+        if not content.strip():
+            raise _invalid(f"{at}.content is empty")
+        chat.append({"role": role, "content": content})
     if chat[-1]["role"] != "user":
-        raise _invalid(f"input row {i}: the last message must be from 'user' (the model answers it), "
+        raise _invalid(f"{where}the last message must be from 'user' (the model answers it), "
                        f"got {chat[-1]['role']!r}")
     return chat
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A Chat Completions request as this model serves it: `n` answers to one conversation."""
+
+    chat: list[dict[str, str]]
+    gen: GenerationParams
+    n: int
+    model: str | None
+
+
+def chat_request(body: dict[str, Any], params: dict[str, Any] | None) -> ChatRequest:
+    """Check a Chat Completions body (`is_chat_request`) and read its generation settings: `max_tokens`
+    (or `max_completion_tokens`) is max_new_tokens; `temperature`, `top_p` and `seed` come as params when
+    posted (declared params), or in the body when passed to `predict`. HTTP 400 for what it cannot honour."""
+    body = {k: _plain(v) for k, v in body.items()}
+    unknown = sorted(set(body) - CHAT_KEYS)
+    if unknown:
+        raise _invalid(f"Chat Completions field(s) {unknown} are not supported by this model; it reads "
+                       f"{sorted(CHAT_KEYS - set(NEUTRAL))}")
+    for key, neutral in NEUTRAL.items():
+        if neutral is not None and key in body and body[key] not in neutral:
+            raise _invalid(f"{key}={body[key]!r} is not supported by this model (leave it out); the rlhf-vllm "
+                           f"deployment target serves the full Chat Completions API")
+    if body.get("stream"):
+        raise _invalid("stream=true: `mlflow models serve` answers whole responses only (MLflow issue #12439); "
+                       "stream from the rlhf-vllm deployment target, or call predict_stream in Python")
+    merged = dict(params or {})
+    merged.update({k: body[k] for k in ("temperature", "top_p", "seed") if body.get(k) is not None})
+    for key in ("max_completion_tokens", "max_tokens"):
+        if body.get(key) is not None:
+            merged["max_new_tokens"] = body[key]
+            break
+    try:
+        gen = validate_params(merged)
+    except MlflowException as exc:  # name the field as the client sent it
+        raise _invalid(exc.message.replace("params.max_new_tokens", "max_tokens")) from None
+    n = body.get("n", 1)
+    n = 1 if n is None else n
+    if not _is_int(n) or not 1 <= n <= LIMITS["max_rows"]:
+        raise _invalid(f"n must be an integer in [1, {LIMITS['max_rows']}], got {n!r}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _invalid(f"model must be a string, got {model!r:.80}")
+    chat = _check_messages("", body["messages"])
+    _check_length("", chat)
+    return ChatRequest(chat=chat, gen=gen, n=n, model=model)
+
+
+def chat_completion(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """The Chat Completions response for `rows`, the answers to one request's `n` copies of its chat,
+    with the served weights' sha256 beside the standard fields (clients ignore fields they do not know)."""
+    prompt_tokens = rows[0]["prompt_tokens"]
+    completion = sum(r["completion_tokens"] for r in rows)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r["response"]},
+                     "finish_reason": r["finish_reason"], "logprobs": None} for i, r in enumerate(rows)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": prompt_tokens + completion},
+        "weights_sha256": rows[0]["weights_sha256"],
+    }
+
+
+def row_seed(seed: int | None, row: int) -> int | None:
+    """The seed of row `row` of a request seeded `seed`: distinct for every (seed, row) pair, since a
+    request holds at most LIMITS["max_rows"] rows, and independent of the requests it is batched with."""
+    return None if seed is None else seed * LIMITS["max_rows"] + row
+
+
+class RowSampling:
+    """A logits processor that samples each row with its own temperature, top-p and random generator,
+    and leaves greedy rows (temperature 0) as they are; `generate` then runs greedily and takes the token
+    chosen here. Rows of different requests share a batch, so sampling cannot use one global RNG: a
+    seeded request must get the same answers whatever it was batched with."""
+
+    def __init__(self, temperature: list[float], top_p: list[float], generators: list[torch.Generator | None]):
+        self.rows = [i for i, t in enumerate(temperature) if t > 0]
+        self.temperature = torch.tensor([temperature[i] for i in self.rows], dtype=torch.float32)
+        self.top_p = torch.tensor([top_p[i] for i in self.rows], dtype=torch.float32)
+        self.generators = [generators[i] for i in self.rows]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return scores
+        idx = torch.tensor(self.rows, device=scores.device)
+        logits = scores[idx].float() / self.temperature.to(scores.device)[:, None]  # (S, V)
+        probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)  # (S, V)
+        # Nucleus: keep the smallest prefix of the sorted tokens whose mass reaches top_p (always the first).
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(before >= self.top_p.to(scores.device)[:, None], 0.0)
+        cdf = probs.cumsum(dim=-1)  # (S, V)
+        # One uniform draw per row from its own generator: inverse-CDF sampling over the kept tokens.
+        u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(scores.device)  # (S,)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)  # (S, 1)
+        token = order.gather(1, pick).squeeze(1)  # (S,)
+        out = scores.clone()
+        out[idx] = float("-inf")
+        out[idx, token] = 0.0
+        return out
+
+
+@dataclass
+class _Job:
+    """One request's rows waiting for the batcher."""
+
+    ids: list[list[int]]
+    gen: GenerationParams
+    seeds: list[int | None]
+    done: threading.Event = field(default_factory=threading.Event)
+    results: list[dict[str, Any] | None] = field(default_factory=list)
+    left: int = 0
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.ids)
+        self.left = len(self.ids)
+
+
+def _widen_request_threads() -> None:
+    """Let the scoring server hand the model as many concurrent requests as one batch can hold.
+
+    `mlflow models serve` runs each request with `asyncio.to_thread`, i.e. in the event loop's default
+    executor: min(32, cores + 4) threads, 6 on a 2-core machine, so no more than 6 requests could ever
+    wait for the same `generate`. The model is loaded while the server's loop runs (uvicorn imports the
+    app inside it), so it can give that loop a wider executor; the threads only wait on the batcher.
+    Outside a running loop (predict in Python) there is nothing to widen."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=REQUEST_THREADS, thread_name_prefix="invocations"))
 
 
 class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
     """Chat generation with a LoRA-tuned causal LM.
 
-    Input: a DataFrame, one request per row, with either ``prompt`` (a string: one user turn) or
-    ``messages`` (a list of ``{role, content}``, roles system/user/assistant, ending with a user turn);
-    one request holds one kind. The chat template is applied here, with the model's own tokenizer.
-    Params: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed`` (same seed and batch →
-    same answers), within ``LIMITS``. Output: one row per input row with ``response``, ``prompt_tokens``,
-    ``completion_tokens`` (generated tokens up to and including the end token), ``finish_reason``
-    (``stop``: the model ended its answer; ``length``: cut at max_new_tokens) and ``weights_sha256``.
+    Input, in one of three forms:
+
+    - request rows: a DataFrame or list of dicts, one request per row, with either ``prompt`` (a string:
+      one user turn) or ``messages`` (a list of ``{role, content}``, roles system/user/assistant, ending
+      with a user turn); params ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed``
+      (same request and seed → same answers), within ``LIMITS``. Output: one row per input row with
+      ``response``, ``prompt_tokens``, ``completion_tokens`` (generated tokens up to and including the
+      end token), ``finish_reason`` (``stop``: the model ended its answer; ``length``: cut at
+      max_new_tokens) and ``weights_sha256``;
+    - plain prompt strings (``["...", "..."]``, ``{"inputs": [...]}`` over REST): rows of prompts;
+    - a Chat Completions body (``{"messages": [...], "max_tokens", "temperature", "top_p", "seed", "n"}``,
+      posted as it is to /invocations): answered with a Chat Completions response (``choices``,
+      ``usage``; ``weights_sha256`` beside them).
+
+    The chat template is applied here, with the model's own tokenizer. Concurrent requests share
+    `generate` calls (see `_batches`): each keeps its own params, and a seeded row samples from its own
+    generator, so its answer does not depend on what it was batched with.
 
     ``model_config``: ``weights_sha256`` (optional), the hash recorded at registration; loading fails
     when the adapter artifact does not match it. ``chat_template`` (optional): the template the policy
-    was trained with, used instead of the tokenizer's.
+    was trained with, used instead of the tokenizer's. ``model_name`` (optional): the name Chat
+    Completions responses carry when the request names none.
     """
 
     @staticmethod
@@ -371,64 +588,139 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         # reads the same; this module loads nothing of training, so it reads them itself.
         listed = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
         self.stop_ids = sorted(set([listed] if isinstance(listed, int) else listed or []) | {tok.eos_token_id})
-        # The scoring server runs each request in a worker thread; one generate at a time keeps CPU
-        # threads from oversubscribing and `generate` from sharing state between requests.
-        self._lock = threading.Lock()
+        self.model_name = config.get("model_name") or "rlhf-policy"
+        # Fast tokenizers are not safe to call from several request threads at once ("Already borrowed").
+        self._tok_lock = threading.Lock()
+        self.batching = os.environ.get(BATCHING_ENV, "1") != "0"
+        self.batch_rows = int(os.environ.get(BATCH_ROWS_ENV) or LIMITS["max_rows"])
+        self.batch_wait = float(os.environ.get(BATCH_WAIT_ENV) or 5) / 1000
+        if self.batch_rows < 1:
+            raise MlflowException(f"{BATCH_ROWS_ENV}={self.batch_rows}: give at least 1 row per generate")
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        # One generate at a time, on one thread: CPU threads do not oversubscribe and `generate` shares no
+        # state between calls; the request threads queue their rows and wait.
+        threading.Thread(target=self._batches, name="rlhf-batcher", daemon=True).start()
+        _widen_request_threads()
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # ------------------------------------------------------------------ requests
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        # No type hints on model_input: MLflow would try to build a schema from them.
+        if is_chat_request(model_input):
+            req = chat_request(model_input, params)
+            rows = self._answer([req.chat] * req.n, req.gen, list(range(req.n)))
+            return chat_completion(rows, req.model or self.model_name)
         gen = validate_params(params)
         chats = conversations(model_input)
-        rows: list[dict[str, Any]] = []
-        with self._lock:
-            if gen.seed is not None:
-                # Seeds the whole request: the same request with the same seed gives the same answers.
-                torch.manual_seed(gen.seed)
-            for start in range(0, len(chats), self.batch_size):
-                rows.extend(self._generate(chats[start : start + self.batch_size], start, gen))
-        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+        return pd.DataFrame(self._answer(chats, gen, list(range(len(chats)))), columns=OUTPUT_COLUMNS)
+
+    def _answer(self, chats: list[list[dict[str, str]]], gen: GenerationParams, rows: list[int]) -> list[dict[str, Any]]:
+        """Tokenize `chats` here (errors are this request's 400s), queue them, wait for their answers."""
+        job = _Job(ids=self._encode(chats, gen), gen=gen, seeds=[row_seed(gen.seed, r) for r in rows])
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.results
+
+    def _encode(self, chats: list[list[dict[str, str]]], gen: GenerationParams) -> list[list[int]]:
+        ids = []
+        with self._tok_lock:
+            for i, chat in enumerate(chats):
+                try:
+                    text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                except TemplateError as exc:  # the template refuses this conversation: the client's to change
+                    raise _invalid(f"input row {i}: the model's chat template refuses roles "
+                                   f"{[m['role'] for m in chat]}: {exc}") from None
+                # The template already contains the special tokens; adding them again would double BOS.
+                ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for i, row in enumerate(ids):
+            if len(row) + gen.max_new_tokens > self.max_positions:
+                raise _invalid(f"input row {i}: prompt is {len(row)} tokens; with max_new_tokens={gen.max_new_tokens} "
+                               f"it exceeds the model's {self.max_positions} positions; shorten the prompt")
+        return ids
+
+    # ------------------------------------------------------------------ the batcher
+
+    def _batches(self) -> None:
+        """Forever: take the queued rows (in arrival order, a request's rows possibly split over two
+        batches), at most `batch_rows` of them, waiting `batch_wait` for more after the first, and answer
+        them with one `generate`. With batching off, one request's rows at a time, `batch_size` a call."""
+        pending: collections.deque[tuple[_Job, int]] = collections.deque()
+        while True:
+            if not pending:
+                job = self._queue.get()
+                pending.extend((job, i) for i in range(len(job.ids)))
+            limit = self.batch_rows if self.batching else self.batch_size
+            if self.batching:
+                deadline = time.monotonic() + self.batch_wait
+                while len(pending) < limit:
+                    try:
+                        job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    pending.extend((job, i) for i in range(len(job.ids)))
+            first_job = pending[0][0]
+            batch = []
+            while pending and len(batch) < limit and (self.batching or pending[0][0] is first_job):
+                batch.append(pending.popleft())
+            try:
+                answers = self._generate(batch)
+            except BaseException as exc:  # a bug, not a bad request: every request of the batch fails with it
+                for job in {id(j): j for j, _ in batch}.values():
+                    job.error = exc
+                    job.done.set()
+                pending = collections.deque((j, i) for j, i in pending if j.error is None)
+                continue
+            for (job, i), answer in zip(batch, answers):
+                job.results[i] = answer
+                job.left -= 1
+                if job.left == 0:
+                    job.done.set()
 
     @torch.no_grad()
-    def _generate(self, chats: list[list[dict[str, str]]], first_row: int, gen: GenerationParams) -> list[dict[str, Any]]:
+    def _generate(self, batch: list[tuple[_Job, int]]) -> list[dict[str, Any]]:
+        """Answer each (request, row) of `batch` with one `generate`: to the longest max_new_tokens among
+        them, each row then cut at its own."""
+        from transformers import LogitsProcessorList
+
         tok = self.tokenizer
-        texts = []
-        for i, chat in enumerate(chats):
-            try:
-                texts.append(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
-            except TemplateError as exc:  # the template refuses this conversation: the client's to change
-                raise _invalid(f"input row {first_row + i}: the model's chat template refuses roles "
-                               f"{[m['role'] for m in chat]}: {exc}") from None
-        # The template already contains the special tokens; adding them again would double BOS.
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with self._tok_lock:
+            enc = tok.pad({"input_ids": [job.ids[i] for job, i in batch]}, padding=True, return_tensors="pt")
+        enc = enc.to(self.device)
         prompt_tokens = enc["attention_mask"].sum(dim=1)  # (B,)
-        for i, n in enumerate(prompt_tokens.tolist()):
-            if n + gen.max_new_tokens > self.max_positions:
-                raise _invalid(
-                    f"input row {first_row + i}: prompt is {n} tokens; with max_new_tokens={gen.max_new_tokens} "
-                    f"it exceeds the model's {self.max_positions} positions; shorten the prompt"
-                )
-        sampling = (
-            dict(do_sample=True, temperature=gen.temperature, top_k=0, top_p=gen.top_p)
-            if gen.temperature > 0 else dict(do_sample=False)
-        )
+        limits = [job.gen.max_new_tokens for job, _ in batch]
+        generators = []
+        for job, i in batch:
+            seed = job.seeds[i]
+            if job.gen.temperature > 0:
+                g = torch.Generator()
+                g.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+                generators.append(g)
+            else:
+                generators.append(None)
+        sampler = RowSampling([job.gen.temperature for job, _ in batch], [job.gen.top_p for job, _ in batch], generators)
         out = self.model.generate(
-            **enc, max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids,
-            **sampling,
+            **enc, max_new_tokens=max(limits), pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids,
+            do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=LogitsProcessorList([sampler]),
         )
         response = out[:, enc["input_ids"].shape[1]:]  # (B, R)
         # Count tokens up to and including the first end token, by position: when pad == eos (SmolLM2)
         # comparing with the pad id would hide real end tokens.
         is_eos = torch.isin(response, torch.tensor(self.stop_ids, device=response.device)).long()  # (B, R)
         keep = (torch.cumsum(is_eos, dim=1) - is_eos) == 0  # (B, R) True up to the first EOS
-        ended = is_eos.any(dim=1)  # (B,)
         rows = []
-        for i in range(len(chats)):
-            ids = response[i][keep[i]]
-            words = ids[~is_eos[i][keep[i]].bool()]  # the text stops before the end token, special or not
+        for b, limit in enumerate(limits):
+            ids = response[b][keep[b]][:limit]
+            ended = bool(is_eos[b][keep[b]][:limit].any())
+            words = ids[:-1] if ended else ids  # the text stops before the end token, special or not
+            with self._tok_lock:
+                text = tok.decode(words, skip_special_tokens=True).strip()
             rows.append({
-                "response": tok.decode(words, skip_special_tokens=True).strip(),
-                "prompt_tokens": int(prompt_tokens[i]),
+                "response": text,
+                "prompt_tokens": int(prompt_tokens[b]),
                 "completion_tokens": int(ids.numel()),
-                "finish_reason": "stop" if bool(ended[i]) else "length",
+                "finish_reason": "stop" if ended else "length",
                 "weights_sha256": self.weights_sha256,
             })
         return rows

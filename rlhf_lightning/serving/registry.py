@@ -265,8 +265,9 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                 python_model=pyfunc_model.__file__,  # models-from-code: MLflow copies the file
                 artifacts=artifacts,
                 # weights_sha256: load fails if the adapter artifact differs; chat_template: the one the
-                # policy was trained with, so that serving renders prompts alike.
-                model_config={"weights_sha256": sha, "chat_template": chat_template},
+                # policy was trained with, so that serving renders prompts alike; model_name: what Chat
+                # Completions answers are labelled with.
+                model_config={"weights_sha256": sha, "chat_template": chat_template, "model_name": name},
                 signature=pyfunc_model.SIGNATURE,
                 # The chat form with every param: the example shows all the model takes. MLflow also
                 # runs it through the model once as a serving check.
@@ -288,6 +289,9 @@ def log_and_register(cfg: RLHFConfig, adapter_dir: str, base_model_dir: str, run
                                "params": {"max_new_tokens": 32, "temperature": 0.0}},
                               {"dataframe_records": [{"messages": [{"role": "user", "content": template[0]["prompt"]}]}],
                                "params": {"max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 1}},
+                              {"inputs": [template[0]["prompt"]]},
+                              {"messages": [{"role": "user", "content": template[0]["prompt"]}],
+                               "max_tokens": 32, "temperature": 0.7, "seed": 1},
                           ]},
                 registered_model_name=name,
             )
