@@ -68,8 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", default="", help="why, recorded in the version's champion.reason tag")
     s.add_argument("--config", default=None, help="YAML config whose serving section (target, requests) the "
                                                   "checks use (default: the default run's)")
-    s = sub.add_parser("serve", help="serve a registered model version with `mlflow models serve`")
+    text = ("serve a registered policy version: with `mlflow models serve` (--target rlhf-local: POST /invocations, "
+            "request rows or a Chat Completions body) or with vLLM's OpenAI-compatible server (--target rlhf-vllm: "
+            "/v1/chat/completions with streaming and continuous batching; model name NAME/VERSION)")
+    s = sub.add_parser("serve", help=text, description=text)
     s.add_argument("--model-uri", default="models:/rlhf-policy@champion", help="default: %(default)s")
+    s.add_argument("--target", choices=["rlhf-local", "rlhf-vllm"], default="rlhf-local",
+                   help="which server (default: %(default)s); see docs/serving.md for when to pick which")
+    s.add_argument("-C", "--config", dest="target_config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target config key (rlhf-vllm: adapter, dtype, enforce_eager, kv_cache_gib, "
+                        "max_model_len, extra_args), repeatable")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     s.add_argument("--port", type=int, default=5001, help="port, 0 = a free one (default: %(default)s)")
     text = ("answer every row of a JSONL file ({\"prompt\"} or {\"messages\"}, optional \"id\") with a model or a "
@@ -139,22 +147,47 @@ def serve_command(args: argparse.Namespace) -> int:
     the model; stop the server's whole process group on Ctrl-C and on SIGTERM."""
     import signal
 
+    from mlflow.exceptions import MlflowException
+
     from rlhf_lightning.serving.registry import RegistryError, resolve_model_uri
     from rlhf_lightning.serving.server import ModelServer, ServingError
 
     try:
-        resolve_model_uri(args.model_uri)
+        ref = resolve_model_uri(args.model_uri)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    config = dict(item.split("=", 1) for item in args.target_config if "=" in item)
+    bad = [item for item in args.target_config if "=" not in item]
+    if bad or (config and args.target == "rlhf-local"):
+        print(f"error: -C takes KEY=VALUE for --target rlhf-vllm, got {args.target_config}", file=sys.stderr)
+        return 2
+    if args.target == "rlhf-vllm":
+        if ref is None:
+            print(f"error: rlhf-vllm serves registered versions (models:/NAME/VERSION or models:/NAME@ALIAS), "
+                  f"got {args.model_uri}", file=sys.stderr)
+            return 2
+        from rlhf_lightning.serving import deployments, vllm_deployments
+
+        try:
+            settings = deployments._settings({**config, "host": args.host, "port": args.port},
+                                             vllm_deployments.TARGET, vllm_deployments.DEFAULTS)
+            server = vllm_deployments._vllm_server().VLLMServer(ref.name, ref.version, **settings)
+        except MlflowException as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+    else:
+        server = ModelServer(args.model_uri, host=args.host, port=args.port)
 
     def stop(signum, frame):  # SIGTERM: the same clean stop as Ctrl-C (the server is in its own group)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        with ModelServer(args.model_uri, host=args.host, port=args.port) as server:
-            print(f"serving {args.model_uri} at {server.url} — Ctrl-C to stop", flush=True)
+        with server:
+            where = (f"{server.url}/v1 (OpenAI API, model {server.served_name!r})" if args.target == "rlhf-vllm"
+                     else f"{server.url} (POST /invocations)")
+            print(f"serving {args.model_uri} at {where} — Ctrl-C to stop", flush=True)
             server.serve_forever()
     except KeyboardInterrupt:
         pass  # stopped while starting: the context manager stopped the server group

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from openai.types.chat import ChatCompletion
 
 from rlhf_lightning.serving import deployments
 from rlhf_lightning.serving import registry
@@ -71,6 +72,20 @@ def test_predict_starts_a_real_server_of_the_recorded_version(client, registered
         assert resp.status == 200
     with pytest.raises(serving.ServingError, match=r"(?s)HTTP 400: .*max_new_tokens must be an integer in \[1, 256\], got 999"):
         client.predict(NAME, [{"prompt": "Hi"}], params={"max_new_tokens": 999})
+
+
+def test_a_chat_completions_body_through_the_deployments_client(client, registered_policy):
+    """The body an OpenAI client sends, through MLflow's deployments client: answered in the Chat
+    Completions form the `openai` package parses, as the row form answers the same chat."""
+    chat = [{"role": "user", "content": "Describe a cafe."}]
+    out = client.predict(NAME, {"messages": chat, "max_tokens": 4, "temperature": 0, "n": 2})
+    completion = ChatCompletion.model_validate(dict(out))
+    row = client.predict(NAME, [{"messages": chat}], params={"max_new_tokens": 4})["predictions"][0]
+    assert [c.message.content for c in completion.choices] == [row["response"]] * 2  # greedy: n equal answers
+    assert completion.usage.completion_tokens == 2 * row["completion_tokens"]
+    assert out["weights_sha256"] == registered_policy.weights_sha256
+    with pytest.raises(MlflowException, match="stream from the rlhf-vllm deployment target"):
+        client.predict(NAME, {"messages": chat, "stream": True})
 
 
 def test_inference_template_and_checkpoint_checks_through_the_client(client, registered_policy):

@@ -33,38 +33,53 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_
 
 from rlhf_lightning.config import ServingConfig
 from rlhf_lightning.serving.registry import ModelRef, RegistryError, resolve_model_uri
-from rlhf_lightning.serving.server import ModelServer, predict_records
+from rlhf_lightning.serving.pyfunc_model import is_chat_request
+from rlhf_lightning.serving.server import ModelServer, ServingError, invoke, predict_records
 
 TARGET = "rlhf-local"
-TAG_PREFIX = f"deployment.{TARGET}."
+PLUGINS = {TARGET: __name__, "rlhf-vllm": "rlhf_lightning.serving.vllm_deployments"}
+"""The deployments targets this package provides (entry points `mlflow.deployments`)."""
 DEFAULTS = {"host": "127.0.0.1", "port": 0, "startup_timeout": 240.0}
 
 
-def _settings(config: dict | None) -> dict[str, Any]:
-    unknown = sorted(set(config or {}) - set(DEFAULTS))
+def _settings(config: dict | None, target: str = TARGET, defaults: dict[str, Any] = DEFAULTS) -> dict[str, Any]:
+    unknown = sorted(set(config or {}) - set(defaults))
     if unknown:
-        raise MlflowException(f"{TARGET}: unknown config key(s) {unknown}; valid: {sorted(DEFAULTS)}",
+        raise MlflowException(f"{target}: unknown config key(s) {unknown}; valid: {sorted(defaults)}",
                               INVALID_PARAMETER_VALUE)
-    merged = {**DEFAULTS, **(config or {})}
-    # `-C port=5001` on the command line gives strings.
-    return {"host": str(merged["host"]), "port": int(merged["port"]),
-            "startup_timeout": float(merged["startup_timeout"])}
+    merged = {**defaults, **(config or {})}
+    # `-C port=5001` on the command line gives strings: each value takes its default's type.
+    return {key: type(default)(merged[key]) if default is not None else merged[key]
+            for key, default in defaults.items()}
 
 
-def _registered_version(model_uri: str) -> ModelRef:
+def _registered_version(model_uri: str, target: str = TARGET) -> ModelRef:
     """The registered version a `models:/` URI names now, or the MLflow error a deployments client raises."""
     try:
         resolved = resolve_model_uri(model_uri)
     except RegistryError as exc:
         raise MlflowException(str(exc), RESOURCE_DOES_NOT_EXIST) from None
     if resolved is None:
-        raise MlflowException(f"{TARGET} deploys registered models (models:/NAME/VERSION or models:/NAME@ALIAS), "
+        raise MlflowException(f"{target} deploys registered models (models:/NAME/VERSION or models:/NAME@ALIAS), "
                               f"got {model_uri!r}; register it first", INVALID_PARAMETER_VALUE)
     return resolved
 
 
 class LocalDeploymentClient(BaseDeploymentClient):
-    """Deployments recorded in the Model Registry, served on demand by `mlflow models serve`."""
+    """Deployments recorded in the Model Registry, served on demand by `mlflow models serve`. Another
+    target that serves registered versions on this machine (rlhf-vllm) sets `target`, `defaults` and
+    `_server`."""
+
+    target = TARGET
+    defaults = DEFAULTS
+
+    @property
+    def tag_prefix(self) -> str:
+        return f"deployment.{self.target}."
+
+    def _server(self, model_uri: str, settings: dict[str, Any]) -> ModelServer:
+        """The (not yet started) server of `model_uri`."""
+        return ModelServer(model_uri, **settings)
 
     def __init__(self, target_uri: str):
         super().__init__(target_uri)
@@ -79,31 +94,31 @@ class LocalDeploymentClient(BaseDeploymentClient):
             page = self._registry.search_registered_models(page_token=token)
             for model in page:
                 for key, value in model.tags.items():
-                    if key.startswith(TAG_PREFIX):
-                        out[key.removeprefix(TAG_PREFIX)] = json.loads(value)
+                    if key.startswith(self.tag_prefix):
+                        out[key.removeprefix(self.tag_prefix)] = json.loads(value)
             token = page.token
             if not token:
                 return out
 
     def _write(self, name: str, model_uri: str, config: dict | None, old: dict | None = None) -> dict:
         """Load-check and record `name` -> `model_uri`; `old` is the record it replaces, if any."""
-        model, version = _registered_version(model_uri)
-        settings = _settings(config)
-        # Load check: the version must start and answer /ping before it is recorded as deployed.
-        with ModelServer(f"models:/{model}/{version}", **settings):
+        model, version = _registered_version(model_uri, self.target)
+        settings = _settings(config, self.target, self.defaults)
+        # Load check: the version must start and answer its health check before it is recorded as deployed.
+        with self._server(f"models:/{model}/{version}", settings):
             pass
-        record = {"name": name, "target": TARGET, "model_name": model, "version": str(version),
+        record = {"name": name, "target": self.target, "model_name": model, "version": str(version),
                   "model_uri": f"models:/{model}/{version}", "config": settings, "updated_at": time.time()}
         if old is not None and old["model_name"] != model:  # the name moves to another registered model
-            self._registry.delete_registered_model_tag(old["model_name"], TAG_PREFIX + name)
-        self._registry.set_registered_model_tag(model, TAG_PREFIX + name, json.dumps(record))
+            self._registry.delete_registered_model_tag(old["model_name"], self.tag_prefix + name)
+        self._registry.set_registered_model_tag(model, self.tag_prefix + name, json.dumps(record))
         return record
 
     # ------------------------------------------------------------- BaseDeploymentClient
 
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         if name in self._records():
-            raise MlflowException(f"{TARGET} deployment {name!r} exists; use update_deployment",
+            raise MlflowException(f"{self.target} deployment {name!r} exists; use update_deployment",
                                   INVALID_PARAMETER_VALUE)
         return self._write(name, model_uri, config)
 
@@ -116,7 +131,7 @@ class LocalDeploymentClient(BaseDeploymentClient):
         record = self._records().get(name)
         self.close_server(name)
         if record is not None:
-            self._registry.delete_registered_model_tag(record["model_name"], TAG_PREFIX + name)
+            self._registry.delete_registered_model_tag(record["model_name"], self.tag_prefix + name)
 
     def list_deployments(self, endpoint=None):
         return list(self._records().values())
@@ -124,14 +139,23 @@ class LocalDeploymentClient(BaseDeploymentClient):
     def get_deployment(self, name, endpoint=None):
         record = self._records().get(name)
         if record is None:
-            raise MlflowException(f"no {TARGET} deployment named {name!r}; create it with "
-                                  f"`mlflow deployments create -t {TARGET} --name {name} -m models:/...`",
+            raise MlflowException(f"no {self.target} deployment named {name!r}; create it with "
+                                  f"`mlflow deployments create -t {self.target} --name {name} -m models:/...`",
                                   RESOURCE_DOES_NOT_EXIST)
         return record
 
     def predict(self, deployment_name=None, inputs=None, endpoint=None, params: dict | None = None):
         """Answers of the deployment, as `{"predictions": [...]}`. `inputs`: a DataFrame, a list of row
-        dicts, or a dict of one row. Raises `ServingError` with the server's message on failure."""
+        dicts, or a dict of one row; a Chat Completions body (`{"messages": [...], "max_tokens": ...}`)
+        is answered as one (`choices`, `usage`). Raises `ServingError` with the server's message on failure."""
+        if is_chat_request(inputs):
+            result = invoke(self.serve(deployment_name), {**inputs, **(params or {})})
+            if result.status != 200:
+                code = INVALID_PARAMETER_VALUE if 400 <= result.status < 500 else None
+                if code is None:
+                    raise ServingError(f"HTTP {result.status}: {result.error_message}")
+                raise MlflowException(f"HTTP {result.status}: {result.error_message}", code)
+            return PredictionsResponse(result.body)
         if isinstance(inputs, pd.DataFrame):
             records = inputs.to_dict(orient="records")
         else:
@@ -144,7 +168,7 @@ class LocalDeploymentClient(BaseDeploymentClient):
         """Start (once per client) the server of deployment `name`; return its URL."""
         if name not in self._servers:
             record = self.get_deployment(name)
-            server = ModelServer(record["model_uri"], **record["config"])
+            server = self._server(record["model_uri"], record["config"])
             server.__enter__()
             self._servers[name] = server
         return self._servers[name].url
@@ -175,8 +199,9 @@ def get_client(target: str) -> BaseDeploymentClient:
     from mlflow.deployments import get_deploy_client
     from mlflow.deployments.interface import plugin_store
 
-    if TARGET not in plugin_store.registry:
-        plugin_store.register(TARGET, __name__)
+    for name, module in PLUGINS.items():
+        if name not in plugin_store.registry:
+            plugin_store.register(name, module)
     return get_deploy_client(target)
 
 
@@ -184,7 +209,7 @@ def deployment_config(serving: ServingConfig) -> dict[str, Any]:
     """The deployment config `serving` gives its target: rlhf-local's host, port and startup timeout, then
     `serving.target_config` (another target's own keys, or rlhf-local ones that override)."""
     local = ({"host": serving.host, "port": serving.port, "startup_timeout": serving.startup_timeout}
-             if serving.target == TARGET else {})
+             if serving.target in PLUGINS else {})
     return {**local, **serving.target_config}
 
 

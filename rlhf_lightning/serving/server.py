@@ -103,6 +103,19 @@ class ModelServer:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    label = "`mlflow models serve`"
+    """How errors name this kind of server."""
+    health_path = "/ping"
+    """GET this until it answers 200: the server is ready."""
+
+    def command(self) -> list[str]:
+        """The server's command line (`start` runs it)."""
+        # One worker: each uvicorn worker loads its own copy of the model, and the model already batches
+        # concurrent requests itself (see pyfunc_model). `-t`: MLflow's 60 s default can cut long CPU
+        # generations.
+        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
+                "-h", self.host, "-p", str(self.port), "-t", str(self.request_timeout), "-w", "1"]
+
     def start(self) -> None:
         """Launch the server process (returns at once; `wait_ready` waits for it)."""
         if self._proc is not None:
@@ -116,10 +129,7 @@ class ModelServer:
         # mlflow starts the server as `bash -c "exec uvicorn ..."`, found on PATH: put this interpreter's
         # bin dir first, or a venv used without activation (venv/bin/python ...) fails with code 127.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        # One worker: each uvicorn worker loads its own copy of the model, and the model already
-        # serialises generation (see pyfunc_model). `-t`: MLflow's 60 s default can cut long CPU generations.
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
-               "-h", self.host, "-p", str(self.port), "-t", str(self.request_timeout), "-w", "1"]
+        cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             # The child keeps its own copy of the file descriptor; closing ours is fine.
@@ -135,18 +145,18 @@ class ModelServer:
             code = self._proc.poll()
             if code is not None:
                 raise ServingError(
-                    f"`mlflow models serve` of {self.model_uri} exited with code {code} before becoming ready; "
+                    f"{self.label} of {self.model_uri} exited with code {code} before becoming ready; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as resp:
+                with urllib.request.urlopen(f"{self.url}{self.health_path}", timeout=2) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass  # not listening yet
             time.sleep(0.5)
         raise ServingError(
-            f"`mlflow models serve` of {self.model_uri} not ready on {self.url} after {self.startup_timeout:.0f} s; "
+            f"{self.label} of {self.model_uri} not ready on {self.url} after {self.startup_timeout:.0f} s; "
             f"log {self.log_path}:\n{self.log_tail()}"
         )
 
@@ -166,7 +176,7 @@ class ModelServer:
                 time.sleep(1)
         except KeyboardInterrupt:
             return
-        raise ServingError(f"`mlflow models serve` of {self.model_uri} exited; log {self.log_path}:\n{self.log_tail()}")
+        raise ServingError(f"{self.label} of {self.model_uri} exited; log {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.is_file():
