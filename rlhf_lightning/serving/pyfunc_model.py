@@ -397,7 +397,7 @@ def chat_request(body: dict[str, Any], params: dict[str, Any] | None) -> ChatReq
                            f"deployment target serves the full Chat Completions API")
     if body.get("stream"):
         raise _invalid("stream=true: `mlflow models serve` answers whole responses only (MLflow issue #12439); "
-                       "stream from the rlhf-vllm deployment target, or call predict_stream in Python")
+                       "stream from the rlhf-vllm deployment target (vLLM's OpenAI server)")
     merged = dict(params or {})
     merged.update({k: body[k] for k in ("temperature", "top_p", "seed") if body.get(k) is not None})
     for key in ("max_completion_tokens", "max_tokens"):
@@ -493,19 +493,35 @@ class _Job:
         self.left = len(self.ids)
 
 
-def _widen_request_threads() -> None:
+SCORING_SERVER_ENV = "__pyfunc_model_path__"
+"""Set in the process `mlflow models serve` starts to load and serve the model (its app module reads it)."""
+
+
+def _widen_request_threads(timeout: float = 120.0) -> None:
     """Let the scoring server hand the model as many concurrent requests as one batch can hold.
 
     `mlflow models serve` runs each request with `asyncio.to_thread`, i.e. in the event loop's default
     executor: min(32, cores + 4) threads, 6 on a 2-core machine, so no more than 6 requests could ever
-    wait for the same `generate`. The model is loaded while the server's loop runs (uvicorn imports the
-    app inside it), so it can give that loop a wider executor; the threads only wait on the batcher.
-    Outside a running loop (predict in Python) there is nothing to widen."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
+    wait for the same `generate` (measured: batches of 1-6 rows under 64 clients). uvicorn loads the
+    model before it starts its loop, so a thread waits for the loop to run (found among the live
+    objects: there is no other way to reach another thread's loop) and gives it a wider executor; the
+    threads only wait on the batcher. Only in the scoring server's process."""
+    if SCORING_SERVER_ENV not in os.environ:
         return
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=REQUEST_THREADS, thread_name_prefix="invocations"))
+
+    def widen() -> None:
+        import gc
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
+            if loops:
+                wide = ThreadPoolExecutor(max_workers=REQUEST_THREADS, thread_name_prefix="invocations")
+                loops[0].call_soon_threadsafe(loops[0].set_default_executor, wide)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=widen, name="rlhf-widen-executor", daemon=True).start()
 
 
 class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
