@@ -19,6 +19,19 @@ from dataclasses import dataclass
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Does this CPU compute in bf16 natively (Intel AMX or AVX512-BF16; Linux `/proc/cpuinfo` flags)?
+    Elsewhere bf16 would be emulated, slower than fp32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 class HardwareError(RuntimeError):
     """The machine cannot run what the step asked for; the message says what to change."""
 

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_lightning"
 # What every stage uses: the top of the package, below every stage.
 SHARED = {"rlhf_lightning", "rlhf_lightning.config", "rlhf_lightning.cache", "rlhf_lightning.chat",
           "rlhf_lightning.hardware", "rlhf_lightning.task_prompts", "rlhf_lightning.judge", "rlhf_lightning.stats",
-          "rlhf_lightning.tracking", "rlhf_lightning.checkpoints", "rlhf_lightning.pair_encoding"}
+          "rlhf_lightning.tracking", "rlhf_lightning.checkpoints", "rlhf_lightning.pair_encoding",
+          "rlhf_lightning.vllm_settings"}
 # Lowest first (docs/architecture.md, "What may import what"): shared, then the stages in the order they
 # may use each other, then the pipeline and the CLI that drive them. A package stands for every module in it.
 LAYERS = [

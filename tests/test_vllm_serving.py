@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from rlhf_lightning.config import InferenceRequest, from_dict
+from rlhf_lightning.config import from_dict
 from rlhf_lightning.serving import deployments, registry
 from rlhf_lightning.serving.inference import serving_checks
 
@@ -128,9 +128,26 @@ def test_the_deployments_client_predicts_rows_chat_bodies_and_streams(client, ve
         client.predict(NAME, {"messages": CHAT, "max_tokens": -1})
 
 
-def test_the_flows_inference_checks_pass_through_the_vllm_target(client, version):
-    requests = [InferenceRequest(prompt="Write a one-sentence review of a small seaside cafe.", max_new_tokens=8)]
-    report = serving_checks(client, NAME, version.model_uri, requests, version.weights_sha256)
-    assert report.ok, report.failures
-    wrong = serving_checks(client, NAME, version.model_uri, requests, "0" * 64)
+def test_the_flows_deploy_and_inference_stages_on_serving_target_rlhf_vllm(client, version):
+    """`serving.target: rlhf-vllm`: the deploy stage updates the deployment through the deployments API,
+    and the inference stage (its own client, its own server: another container in a Batch run) checks
+    the served version and weights and moves champion. Wrong registered weights fail the checks."""
+    from rlhf_lightning import pipeline, tracking
+
+    serving = {"target": "rlhf-vllm", "deployment_name": NAME, "startup_timeout": 300,
+               "target_config": {"dtype": "float32", "max_model_len": 512, "kv_cache_gib": 1},
+               "requests": [{"prompt": "Write a one-sentence review of a small seaside cafe.", "max_new_tokens": 8}]}
+    cfg = from_dict({"policy": {"model": "tiny:llama"}, "serving": serving})
+    # The checks fail when the served weights are not the ones registered (checked on the module's server).
+    wrong = serving_checks(client, NAME, version.model_uri, cfg.serving.requests, "0" * 64)
     assert [c.name for c in wrong.failures] == ["request[0].weights_sha256_matches"]
+
+    parent = tracking.start_parent_run(cfg, flow_name="VLLMDeployTest", run_id="1")
+    client.close()  # the module's server; deploy's load check and inference start their own
+    endpoint = pipeline.deploy(cfg, parent, version)
+    assert endpoint.target == "rlhf-vllm" and client.get_deployment(NAME)["version"] == version.version
+    evaluation = pipeline.Evaluated(metrics={}, promote=True, reason="test gate passed", champion="", mlflow_run_id="")
+    served, info = pipeline.inference(cfg, parent, version, endpoint, evaluation)  # serves and checks it
+    assert served.ok and "champion" in info.aliases
+    answers = served.report["answers"]
+    assert answers[0]["weights_sha256"] == version.weights_sha256 and answers[0]["response"]

@@ -33,7 +33,7 @@ from transformers import (
 from rlhf_lightning import cache
 from rlhf_lightning.chat import template_for
 from rlhf_lightning.config import ConfigError, LoraConfig, PolicyConfig
-from rlhf_lightning.hardware import GPU_ACCELERATORS
+from rlhf_lightning.hardware import GPU_ACCELERATORS, cpu_has_bf16  # noqa: F401 (cpu_has_bf16: also loading.cpu_has_bf16)
 from rlhf_lightning.task_prompts import tokenizer_corpus
 
 # ChatML, the format SmolLM2 uses, so tiny models exercise the same template path.
@@ -254,19 +254,6 @@ def compute_device(accelerator: str = "auto") -> torch.device:
     accelerator (`trainer.accelerator`) allows it, else the CPU."""
     wants_gpu = accelerator in GPU_ACCELERATORS
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Does this CPU compute in bf16 natively (Intel AMX or AVX512-BF16; Linux `/proc/cpuinfo` flags)?
-    Elsewhere bf16 would be emulated, slower than fp32."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def cuda_has_bf16(capability: tuple[int, int] | None = None) -> bool:

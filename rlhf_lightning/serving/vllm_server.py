@@ -63,7 +63,7 @@ class Prepared:
 
 def adapter_mode(name: str = "auto") -> str:
     """`adapter`: auto = a LoRA module on a GPU, merged on a CPU (as the training engine decides)."""
-    from rlhf_lightning.models.engines import adapter_sync_mode
+    from rlhf_lightning.vllm_settings import adapter_sync_mode
 
     if name not in ("auto", "lora", "merge"):
         raise MlflowException(f"adapter={name!r}: use auto, lora or merge", INVALID_PARAMETER_VALUE)
@@ -166,7 +166,7 @@ class VLLMServer(ModelServer):
         self._env = dict(self._env)  # settings below go to the child, not into the caller's dict
         import torch
 
-        from rlhf_lightning.models.engines import engine_dtype
+        from rlhf_lightning.vllm_settings import engine_dtype
 
         self.cuda = torch.cuda.is_available()
         self.mode = adapter_mode(adapter)
@@ -177,7 +177,7 @@ class VLLMServer(ModelServer):
         if not self.cuda and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             self._env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # whole GiB only
         if not self.cuda:
-            from rlhf_lightning.models.engines import cpu_binding
+            from rlhf_lightning.vllm_settings import cpu_binding
 
             for key, value in cpu_binding(os.environ, os.sched_getaffinity(0)).items():
                 self._env.setdefault(key, value)
@@ -194,7 +194,7 @@ class VLLMServer(ModelServer):
                "--tokenizer", p.tokenizer_dir, "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
                "--chat-template", p.chat_template, "--generation-config", "auto"]
         if p.mode == "lora":
-            from rlhf_lightning.models.engines import max_lora_rank
+            from rlhf_lightning.vllm_settings import max_lora_rank
 
             # The base answers as NAME/VERSION:base; the version itself is the LoRA module.
             cmd += ["--served-model-name", f"{p.served_name}:base", "--enable-lora",
