@@ -665,10 +665,12 @@ class ServingConfig:
     """Deployment of the registered candidate through MLflow's deployments API, and its checks."""
 
     target: str = "rlhf-local"
-    """MLflow deployments target (`mlflow.deployments.get_deploy_client`). `rlhf-local`, this project's
-    target: a deployment recorded in the Model Registry and served by `mlflow models serve` on the
-    machine that uses it (host, port, startup_timeout below). `sagemaker:/REGION[/ROLE_ARN]` or any
-    installed plugin's target deploy there instead (`target_config` holds their settings)."""
+    """MLflow deployments target (`mlflow.deployments.get_deploy_client`). This project's two record the
+    deployment in the Model Registry and serve it on the machine that uses it (host, port, startup_timeout
+    below): `rlhf-local` with `mlflow models serve` of the registered pyfunc; `rlhf-vllm` with vLLM's
+    OpenAI-compatible server (streaming; `target_config`: adapter, dtype, enforce_eager, kv_cache_gib,
+    max_model_len, extra_args). `sagemaker:/REGION[/ROLE_ARN]` or any installed plugin's target deploy
+    there instead (`target_config` holds their settings)."""
     deployment_name: str = ""
     """Deployment the candidate goes to (created, or updated to the new version); empty =
     `<registry.model_name>-candidate`, so a candidate never replaces what serves the champion."""
@@ -676,13 +678,13 @@ class ServingConfig:
     """Target-specific deployment config, e.g. SageMaker `{instance_type: ml.g5.xlarge, region_name:
     us-east-1, execution_role_arn: ...}` (`mlflow deployments help -t sagemaker` lists them)."""
     host: str = "127.0.0.1"
-    """rlhf-local: bind address (loopback unless you mean to expose it)."""
+    """rlhf-local, rlhf-vllm: bind address (loopback unless you mean to expose it)."""
     port: int = 0
-    """rlhf-local: port; 0 picks a free one."""
+    """rlhf-local, rlhf-vllm: port; 0 picks a free one."""
     startup_timeout: float = 240.0
-    """rlhf-local: seconds to wait for /ping."""
+    """rlhf-local, rlhf-vllm: seconds to wait for the server's health check (/ping, /health)."""
     keep_running: bool = False
-    """rlhf-local: leave the server the inference step started up after the run (prints its URL and
+    """rlhf-local, rlhf-vllm: leave the server the inference step started up after the run (prints its URL and
     PID). It runs where that step ran: on this machine for a local run."""
     requests: list[InferenceRequest] = field(default_factory=lambda: [
         InferenceRequest(),

@@ -551,6 +551,10 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
     Completions responses carry when the request names none.
     """
 
+    # `predict` takes its input untyped on purpose (see SIGNATURE): no type-hint validation wrapper, and
+    # no warning at every import advising type hints (MLflow's own chat models skip it the same way).
+    _skip_type_hint_validation = True
+
     @staticmethod
     def base_dir(artifacts: dict[str, str]) -> str:
         """The base model's local directory: inside the version (`base`), or the one `base_ref` names."""
