@@ -681,8 +681,9 @@ class ServingConfig:
     """rlhf-local, rlhf-vllm: bind address (loopback unless you mean to expose it)."""
     port: int = 0
     """rlhf-local, rlhf-vllm: port; 0 picks a free one."""
-    startup_timeout: float = 240.0
-    """rlhf-local, rlhf-vllm: seconds to wait for the server's health check (/ping, /health)."""
+    startup_timeout: float | None = None
+    """rlhf-local, rlhf-vllm: seconds to wait for the server's health check (/ping, /health); null = the
+    target's own default (rlhf-local 240, rlhf-vllm 600: compiling for a GPU takes minutes)."""
     keep_running: bool = False
     """rlhf-local, rlhf-vllm: leave the server the inference step started up after the run (prints its URL and
     PID). It runs where that step ran: on this machine for a local run."""

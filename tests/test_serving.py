@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
@@ -198,6 +201,25 @@ def test_concurrent_requests_share_a_generate_and_keep_their_own_answers(registe
     assert max(calls) > 2  # rows of several requests in one generate
     assert [len(a) for a in together] == [len(p) for p, _ in requests]
     assert all(r["completion_tokens"] <= q["max_new_tokens"] for (_, q), a in zip(requests, together) for r in a)
+
+
+def test_a_loaded_model_is_freed_when_dropped_and_its_batcher_ends(registered):
+    """The batcher thread holds the model only while it answers: a model loaded once (as MLflow's
+    input-example check at registration loads it) does not stay in memory."""
+    before = set(threading.enumerate())
+    model = mlflow.pyfunc.load_model(registered.model_uri)
+    assert len(model.predict(["Hi"], params={"max_new_tokens": 2})) == 1
+    [batcher] = [t for t in set(threading.enumerate()) - before if t.name == "rlhf-batcher"]
+    policy = weakref.ref(model.unwrap_python_model())
+    # MLflow itself keeps the last models-from-code instance it loaded (a module global that the next
+    # load replaces): load another before dropping this one.
+    other = mlflow.pyfunc.load_model(registered.model_uri)
+    del model
+    gc.collect()
+    assert policy() is None
+    batcher.join(timeout=10)
+    assert not batcher.is_alive()
+    assert len(other.predict(["Hi"], params={"max_new_tokens": 2})) == 1  # the other's batcher starts and serves
 
 
 def _post(server, body: bytes | dict) -> serving.InvocationResult:

@@ -49,8 +49,14 @@ def _settings(config: dict | None, target: str = TARGET, defaults: dict[str, Any
                               INVALID_PARAMETER_VALUE)
     merged = {**defaults, **(config or {})}
     # `-C port=5001` on the command line gives strings: each value takes its default's type.
-    return {key: type(default)(merged[key]) if default is not None else merged[key]
-            for key, default in defaults.items()}
+    out = {}
+    for key, default in defaults.items():
+        try:
+            out[key] = type(default)(merged[key])
+        except (TypeError, ValueError):
+            raise MlflowException(f"{target}: config {key}={merged[key]!r} must be a {type(default).__name__} "
+                                  f"(default {default!r})", INVALID_PARAMETER_VALUE) from None
+    return out
 
 
 def _registered_version(model_uri: str, target: str = TARGET) -> ModelRef:
@@ -208,8 +214,11 @@ def get_client(target: str) -> BaseDeploymentClient:
 def deployment_config(serving: ServingConfig) -> dict[str, Any]:
     """The deployment config `serving` gives its target: rlhf-local's host, port and startup timeout, then
     `serving.target_config` (another target's own keys, or rlhf-local ones that override)."""
-    local = ({"host": serving.host, "port": serving.port, "startup_timeout": serving.startup_timeout}
-             if serving.target in PLUGINS else {})
+    local = {}
+    if serving.target in PLUGINS:
+        local = {"host": serving.host, "port": serving.port}
+        if serving.startup_timeout is not None:
+            local["startup_timeout"] = serving.startup_timeout
     return {**local, **serving.target_config}
 
 

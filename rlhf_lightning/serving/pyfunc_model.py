@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -493,6 +494,35 @@ class _Job:
         self.left = len(self.ids)
 
 
+class RowLimits:
+    """A stopping criterion: each row of a batch is done at its own request's max_new_tokens, so `generate`
+    ends once every row has ended its answer or reached its own limit (not the longest row's)."""
+
+    def __init__(self, prompt_width: int, limits: list[int]):
+        self.prompt_width = prompt_width
+        self.limits = torch.tensor(limits)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.prompt_width) >= self.limits.to(input_ids.device)
+
+
+def _batch_forever(ref: weakref.ref, jobs: queue.Queue) -> None:
+    """The batcher thread: answer queued requests batch by batch while the model lives (see
+    RLHFPolicyModel._ensure_batcher); a None in the queue means it is gone."""
+    pending: collections.deque = collections.deque()
+    while True:
+        if not pending:
+            job = jobs.get()
+            if job is None:
+                return
+            pending.extend((job, i) for i in range(len(job.ids)))
+        model = ref()
+        if model is None:
+            return
+        model._next_batch(pending)
+        del model  # hold the model only while answering
+
+
 SCORING_SERVER_ENV = "__pyfunc_model_path__"
 """Set in the process `mlflow models serve` starts to load and serve the model (its app module reads it)."""
 
@@ -542,7 +572,7 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
       ``usage``; ``weights_sha256`` beside them).
 
     The chat template is applied here, with the model's own tokenizer. Concurrent requests share
-    `generate` calls (see `_batches`): each keeps its own params, and a seeded row samples from its own
+    `generate` calls (see `_next_batch`): each keeps its own params, and a seeded row samples from its own
     generator, so its answer does not depend on what it was batched with.
 
     ``model_config``: ``weights_sha256`` (optional), the hash recorded at registration; loading fails
@@ -616,11 +646,28 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
         self.batch_wait = float(os.environ.get(BATCH_WAIT_ENV) or 5) / 1000
         if self.batch_rows < 1:
             raise MlflowException(f"{BATCH_ROWS_ENV}={self.batch_rows}: give at least 1 row per generate")
-        self._queue: queue.Queue[_Job] = queue.Queue()
-        # One generate at a time, on one thread: CPU threads do not oversubscribe and `generate` shares no
-        # state between calls; the request threads queue their rows and wait.
-        threading.Thread(target=self._batches, name="rlhf-batcher", daemon=True).start()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._batcher_pid: int | None = None  # the process whose batcher thread serves _queue
+        self._start_lock = threading.Lock()
         _widen_request_threads()
+
+    def _ensure_batcher(self) -> None:
+        """Start the batcher thread on the first request (and again in a process forked after that).
+
+        One generate at a time, on one thread: CPU threads do not oversubscribe and `generate` shares no
+        state between calls; the request threads queue their rows and wait. The thread holds the model
+        only while it answers a batch (a weak reference otherwise), and exits when the model is freed:
+        a model loaded once (MLflow's input-example check at registration) is not pinned in memory."""
+        if self._batcher_pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._batcher_pid == os.getpid():
+                return
+            self._queue = queue.Queue()
+            threading.Thread(target=_batch_forever, args=(weakref.ref(self), self._queue), name="rlhf-batcher",
+                             daemon=True).start()
+            weakref.finalize(self, self._queue.put, None)  # wakes the thread to exit
+            self._batcher_pid = os.getpid()
 
     # ------------------------------------------------------------------ requests
 
@@ -637,10 +684,13 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
     def _answer(self, chats: list[list[dict[str, str]]], gen: GenerationParams, rows: list[int]) -> list[dict[str, Any]]:
         """Tokenize `chats` here (errors are this request's 400s), queue them, wait for their answers."""
         job = _Job(ids=self._encode(chats, gen), gen=gen, seeds=[row_seed(gen.seed, r) for r in rows])
+        self._ensure_batcher()
         self._queue.put(job)
         job.done.wait()
-        if job.error is not None:
+        if isinstance(job.error, MlflowException):
             raise job.error
+        if job.error is not None:  # the server's failure, not the request's: HTTP 500, not 400
+            raise MlflowException(f"generation failed: {job.error!r}", error_code=INTERNAL_ERROR) from job.error
         return job.results
 
     def _encode(self, chats: list[list[dict[str, str]]], gen: GenerationParams) -> list[list[int]]:
@@ -662,47 +712,55 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
 
     # ------------------------------------------------------------------ the batcher
 
-    def _batches(self) -> None:
-        """Forever: take the queued rows (in arrival order, a request's rows possibly split over two
-        batches), at most `batch_rows` of them, waiting `batch_wait` for more after the first, and answer
-        them with one `generate`. With batching off, one request's rows at a time, `batch_size` a call."""
-        pending: collections.deque[tuple[_Job, int]] = collections.deque()
-        while True:
-            if not pending:
-                job = self._queue.get()
+    def _next_batch(self, pending: collections.deque) -> None:
+        """Answer one batch from `pending` (rows in arrival order, a request's rows possibly split over
+        two batches), after taking what has queued meanwhile: at most `batch_rows` rows, waiting
+        `batch_wait` for more after the first, and no more than fit the model's positions when every row
+        runs to the longest max_new_tokens among them. With batching off, one request's rows at a time,
+        `batch_size` a call."""
+        limit = self.batch_rows if self.batching else self.batch_size
+        if self.batching:
+            deadline = time.monotonic() + self.batch_wait
+            while len(pending) < limit:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:  # cannot happen while this holds the model; keep the sentinel for the loop
+                    self._queue.put(None)
+                    break
                 pending.extend((job, i) for i in range(len(job.ids)))
-            limit = self.batch_rows if self.batching else self.batch_size
-            if self.batching:
-                deadline = time.monotonic() + self.batch_wait
-                while len(pending) < limit:
-                    try:
-                        job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    pending.extend((job, i) for i in range(len(job.ids)))
-            first_job = pending[0][0]
-            batch = []
-            while pending and len(batch) < limit and (self.batching or pending[0][0] is first_job):
-                batch.append(pending.popleft())
-            try:
-                answers = self._generate(batch)
-            except BaseException as exc:  # a bug, not a bad request: every request of the batch fails with it
-                for job in {id(j): j for j, _ in batch}.values():
-                    job.error = exc
-                    job.done.set()
-                pending = collections.deque((j, i) for j, i in pending if j.error is None)
-                continue
-            for (job, i), answer in zip(batch, answers):
-                job.results[i] = answer
-                job.left -= 1
-                if job.left == 0:
-                    job.done.set()
+        first_job = pending[0][0]
+        batch, longest, most = [], 0, 0
+        while pending and len(batch) < limit and (self.batching or pending[0][0] is first_job):
+            job, i = pending[0]
+            width, steps = max(longest, len(job.ids[i])), max(most, job.gen.max_new_tokens)
+            if batch and width + steps > self.max_positions:
+                break  # this row waits for the next batch (alone it fits: _encode checked it)
+            batch.append(pending.popleft())
+            longest, most = width, steps
+        try:
+            answers = self._generate(batch)
+        except BaseException as exc:  # a bug or the device failing: every request of the batch fails with it
+            failed = {id(j): j for j, _ in batch}
+            for job in failed.values():
+                job.error = exc
+                job.done.set()
+            kept = [(j, i) for j, i in pending if id(j) not in failed]
+            pending.clear()
+            pending.extend(kept)
+            return
+        for (job, i), answer in zip(batch, answers):
+            job.results[i] = answer
+            job.left -= 1
+            if job.left == 0:
+                job.done.set()
 
     @torch.no_grad()
     def _generate(self, batch: list[tuple[_Job, int]]) -> list[dict[str, Any]]:
         """Answer each (request, row) of `batch` with one `generate`: to the longest max_new_tokens among
         them, each row then cut at its own."""
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         tok = self.tokenizer
         with self._tok_lock:
@@ -720,9 +778,11 @@ class RLHFPolicyModel(mlflow.pyfunc.PythonModel):
             else:
                 generators.append(None)
         sampler = RowSampling([job.gen.temperature for job, _ in batch], [job.gen.top_p for job, _ in batch], generators)
+        stop = RowLimits(enc["input_ids"].shape[1], limits)
         out = self.model.generate(
             **enc, max_new_tokens=max(limits), pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids,
             do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=LogitsProcessorList([sampler]),
+            stopping_criteria=StoppingCriteriaList([stop]),
         )
         response = out[:, enc["input_ids"].shape[1]:]  # (B, R)
         # Count tokens up to and including the first end token, by position: when pad == eos (SmolLM2)

@@ -12,8 +12,10 @@ with continuous batching. It cannot run the version's pyfunc, so the version is 
 - the template the policy was trained with is the one the server applies.
 
 Everything is written under a directory named by the adapter's sha256 (`.../sha256-<hex>/`), in one
-rename. The server reports the directory it serves (`/v1/models`: `root`), so a client reads from the
-endpoint itself which weights answer (:func:`served_sha256`), as the pyfunc's answers carry the hash.
+rename, after the adapter was checked against the registered hash. The server reports the directory it
+serves (`/v1/models`: `root`), so a client reads from the endpoint itself which version's weights answer
+(:func:`served_sha256`), as the pyfunc's answers carry the hash. The files there (the merged model, or the
+adapter in the engine's dtype) are derived from the checked adapter and are not hashed again on reuse.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from rlhf_lightning.serving.pyfunc_model import ADAPTER_WEIGHTS_FILE, RLHFPolicyModel, sha256_file
+from rlhf_lightning.serving.pyfunc_model import ADAPTER_WEIGHTS_FILE, RLHFPolicyModel, manifest_digest, sha256_file
 from rlhf_lightning.serving.server import ModelServer, ServingError
 
 CACHE_ENV = "RLHF_VLLM_CACHE"
@@ -89,19 +91,38 @@ def prepare(name: str, version: str, mode: str, dtype: str) -> Prepared:
         base_dir = RLHFPolicyModel.base_dir(artifacts)
         tokenizer_dir = artifacts.get("tokenizer") or base_dir
         rank = int(json.loads((Path(artifacts["adapter"]) / "adapter_config.json").read_text())["r"])
-        root = cache_dir() / f"sha256-{sha}" / f"{mode}-{dtype}"
+        # The adapter's hash names the directory; what else shapes the files (the chat template, the
+        # tokenizer) is in the key too, so a version with the same adapter and another template is not
+        # served from the other's files.
+        extra = manifest_digest({"chat_template": str(config.get("chat_template")), **_tokenizer_files(tokenizer_dir)})
+        root = cache_dir() / f"sha256-{sha}" / f"{mode}-{dtype}-{extra[:16]}"
         if not (root / "prepared.json").is_file():
-            _write(root, mode, dtype, base_dir, artifacts["adapter"], tokenizer_dir, config.get("chat_template"))
+            # base_ref: the base lives in the machine's base cache (or the hub's); `base`: in this download.
+            _write(root, mode, dtype, base_dir, artifacts["adapter"], tokenizer_dir, config.get("chat_template"),
+                   base_shared="base" not in artifacts)
         done = json.loads((root / "prepared.json").read_text())
-        return Prepared(served_name=f"{name}/{version}", model_dir=done["model_dir"], tokenizer_dir=done["tokenizer_dir"],
+        # A LoRA module on a shared base: the base as this call fetched and checked it (the machine's base
+        # cache may have moved since the directory was prepared).
+        model_dir = base_dir if mode == "lora" and "base" not in artifacts else done["model_dir"]
+        return Prepared(served_name=f"{name}/{version}", model_dir=model_dir, tokenizer_dir=done["tokenizer_dir"],
                         adapter_dir=done["adapter_dir"], lora_rank=rank, mode=mode, weights_sha256=sha,
                         chat_template=done["chat_template"])
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def _tokenizer_files(directory: str) -> dict[str, str]:
+    """{name: sha256} of a directory's top-level files other than weights (a tokenizer's files; the
+    tokenizer may be read from the base's own directory)."""
+    return {f.name: sha256_file(f) for f in sorted(Path(directory).iterdir())
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES)}
+
+
 def _write(root: Path, mode: str, dtype: str, base_dir: str, adapter_dir: str, tokenizer_dir: str,
-           chat_template: str | None) -> None:
+           chat_template: str | None, base_shared: bool) -> None:
     import torch
     from transformers import AutoTokenizer
 
@@ -134,6 +155,9 @@ def _write(root: Path, mode: str, dtype: str, base_dir: str, adapter_dir: str, t
             save_file(tensors, str(tmp / "adapter" / ADAPTER_WEIGHTS_FILE))
             tok.save_pretrained(tmp / "tokenizer")
             model_dir, tok_dir, lora_dir = Path(base_dir), root / "tokenizer", root / "adapter"
+            if not base_shared:  # a base inside the version's download, which goes away: keep a copy
+                shutil.copytree(base_dir, tmp / "base")
+                model_dir = root / "base"
         (tmp / "prepared.json").write_text(json.dumps({
             "model_dir": str(model_dir), "tokenizer_dir": str(tok_dir),
             "adapter_dir": None if lora_dir is None else str(lora_dir),
@@ -174,6 +198,14 @@ class VLLMServer(ModelServer):
         self.eager = (not self.cuda) if enforce_eager == "auto" else str(enforce_eager).lower() in ("1", "true", "yes")
         self.max_model_len, self.extra_args = int(max_model_len), str(extra_args)
         self.prepared = prepare(name, version, self.mode, self.dtype)
+        self.lora_rank = 0
+        if self.prepared.mode == "lora":
+            from rlhf_lightning.vllm_settings import EngineError, max_lora_rank
+
+            try:
+                self.lora_rank = max_lora_rank(self.prepared.lora_rank)
+            except EngineError as exc:  # the adapter's rank is the version's: say it before starting
+                raise MlflowException(str(exc).replace("generation.max_lora_rank: ", ""), INVALID_PARAMETER_VALUE) from None
         if not self.cuda and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             self._env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # whole GiB only
         if not self.cuda:
@@ -194,11 +226,9 @@ class VLLMServer(ModelServer):
                "--tokenizer", p.tokenizer_dir, "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
                "--chat-template", p.chat_template, "--generation-config", "auto"]
         if p.mode == "lora":
-            from rlhf_lightning.vllm_settings import max_lora_rank
-
             # The base answers as NAME/VERSION:base; the version itself is the LoRA module.
             cmd += ["--served-model-name", f"{p.served_name}:base", "--enable-lora",
-                    "--lora-modules", f"{p.served_name}={p.adapter_dir}", "--max-lora-rank", str(max_lora_rank(p.lora_rank))]
+                    "--lora-modules", f"{p.served_name}={p.adapter_dir}", "--max-lora-rank", str(self.lora_rank)]
         else:
             cmd += ["--served-model-name", p.served_name]
         if self.eager:
@@ -224,9 +254,10 @@ def _request(url: str, body: dict | None = None, timeout: float = 300.0):
         raw = err.read().decode("utf-8", errors="replace")
         try:
             parsed = json.loads(raw)
-            message = parsed.get("error", parsed).get("message", raw) if isinstance(parsed, dict) else raw
         except json.JSONDecodeError:
-            message = raw
+            parsed = raw
+        error = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+        message = str(error.get("message", error)) if isinstance(error, dict) else str(error)
         code = INVALID_PARAMETER_VALUE if 400 <= err.code < 500 else None
         if code is None:
             raise ServingError(f"POST {url} -> HTTP {err.code}: {message}") from None
