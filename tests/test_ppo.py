@@ -245,8 +245,12 @@ def test_one_minibatch_rollout_backpropagates_through_phase_2s_forward(tmp_path,
     assert any("lora_B" in n for n in changed) and any("value_head" in n for n in changed)
     for n, p in shared_weights.items():
         assert torch.allclose(p, weights["after"][n], atol=1e-5), n
+    # Clip fractions count tokens on either side of the clip boundary: a last-bit difference between the two
+    # forwards can move one token of the 64 across it (seen on some CPUs), so they may differ by one token.
+    tolerance = {k: (1 / 64 + 1e-9 if k.endswith("clip_fraction") else 1e-4) for k in shared[0]}
     for a, b in zip(shared, separate):
-        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
+        assert a.keys() == b.keys(), (a, b)
+        assert all(abs(a[k] - b[k]) <= tolerance[k] for k in a), [(k, a[k], b[k]) for k in a if abs(a[k] - b[k]) > tolerance[k]]
 
 
 def test_dropout_keeps_phase_2s_forward_apart(reward_model_dir):

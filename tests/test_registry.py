@@ -103,10 +103,14 @@ def test_logged_model_is_self_contained(registered, tiny_policy):
     assert ref["files"]["model.safetensors"] == hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()
     assert ref["uri"] == f"runs:/{ref['run_id']}/base" and ref["model"] == "tiny:llama"
     assert info.metadata["weights_sha256"] == v2.weights_sha256
-    # The signature and the example describe both input forms and every param; the limits are declared.
+    # The signature declares every param and no input schema (with one, MLflow would drop a plain list's
+    # unnamed column before the model sees it); the example and the request examples show the forms; the
+    # limits are declared.
     assert [p.name for p in info.signature.params.params] == ["max_new_tokens", "temperature", "top_p", "seed"]
-    assert info.signature.inputs.input_names() == ["prompt", "messages"]
-    assert not any(c.required for c in info.signature.inputs.inputs)
+    assert info.signature.inputs is None
+    forms = [sorted(r) for r in info.metadata["request_examples"]]
+    assert forms == [["dataframe_records", "params"], ["dataframe_records", "params"], ["inputs"],
+                     ["max_tokens", "messages", "seed", "temperature"]]
     assert info.signature.outputs.input_names() == ["response", "prompt_tokens", "completion_tokens",
                                                     "finish_reason", "weights_sha256"]
     assert info.metadata["limits"]["max_new_tokens"] == [1, 256] and info.metadata["limits"]["max_rows"] == 64
@@ -114,7 +118,7 @@ def test_logged_model_is_self_contained(registered, tiny_policy):
     assert example["dataframe_split"]["columns"] == ["messages"]
     assert example["dataframe_split"]["data"][0][0][-1]["role"] == "user"
     assert set(example["params"]) == {"max_new_tokens", "temperature", "top_p", "seed"}
-    assert [set(e["dataframe_records"][0]) for e in info.metadata["request_examples"]] == [{"prompt"}, {"messages"}]
+    assert [set(e["dataframe_records"][0]) for e in info.metadata["request_examples"][:2]] == [{"prompt"}, {"messages"}]
     reqs = (local / "requirements.txt").read_text().split()
     for pkg in ("torch", "transformers", "peft", "mlflow"):
         assert any(r.startswith(f"{pkg}==") for r in reqs), reqs
@@ -199,7 +203,7 @@ def test_out_of_range_params_are_rejected(candidate, params, message):
     (pd.DataFrame({"prompt": ["x" * 40000]}), "input row 0: the prompt is 40000 characters; this model accepts at most 32768"),
     (pd.DataFrame({"messages": [[]]}), "input row 0: messages must be a non-empty list"),
     (pd.DataFrame({"messages": [[{"role": "robot", "content": "Hi"}]]}),
-     "input row 0: messages[0].role must be one of ['system', 'user', 'assistant'], got 'robot'"),
+     "input row 0: messages[0].role must be one of ['system', 'user', 'assistant'] (or 'developer'), got 'robot'"),
     (pd.DataFrame({"messages": [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]}),
      "input row 0: the last message must be from 'user'"),
     (pd.DataFrame({"messages": [[{"role": "user", "content": " "}]]}), "input row 0: messages[0].content is empty"),
