@@ -65,7 +65,8 @@ class RLHFFlow(FlowSpec):
      9. evaluate             policy vs reference on held-out prompts: gold judge, reward model, KL, win rate
     10. register             MLflow pyfunc model -> Model Registry with its lineage tags, alias `candidate`
     11. deploy               the new candidate to an MLflow deployments target (serving.target; default
-                             rlhf-local: recorded in the registry, load-checked with `mlflow models serve`)
+                             rlhf-local: recorded in the registry, load-checked with `mlflow models serve`;
+                             rlhf-vllm: the same, served by vLLM's OpenAI-compatible server)
     12. inference            through the same deployments client: verify the deployed version and weights,
                              send the inference template; only then move `champion` to it, if the
                              evaluation gate promoted it
