@@ -31,19 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
+import serve_load
 
 from rlhf_lightning.serving import server as serving
 
-PROMPTS = [
-    "Write a one-sentence review of a small seaside cafe.",
-    "Describe a rainy Sunday afternoon in one sentence.",
-    "Give me one tip for learning to cook.",
-    "What makes a good neighbour?",
-    "Summarise the plot of a heist film in two sentences.",
-    "Suggest a name for a friendly robot.",
-    "Tell me about your weekend.",
-    "Why is the sky blue?",
-]
+# serve_load's prompts and two more (this script is run from benchmarks/, beside serve_load.py).
+PROMPTS = serve_load.PROMPTS + ["Tell me about your weekend.", "Why is the sky blue?"]
 BEFORE = 12.5
 """Completion tokens/s of `mlflow models serve` at 64 clients before batching, as measured when the serving
 issue was filed (median request 39 s)."""

@@ -11,7 +11,6 @@ import json
 import mlflow
 import openai
 import pytest
-import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -32,18 +31,10 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def version(mlflow_tracking, tmp_path_factory):
     """A policy on a tiny base whose attention heads vLLM's CPU kernels take (32 wide), with an adapter
     that visibly changes its answers, registered as rlhf-policy."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from test_engines import build_tiny32
+    from test_engines import build_tiny32, randomised_policy
 
     base = build_tiny32(tmp_path_factory.mktemp("tiny32") / "model")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    gen = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=gen) * 0.5
+    model = randomised_policy(base, 0.5, 0)
     adapter = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(adapter)
     cfg = from_dict({"policy": {"model": base}})

@@ -34,7 +34,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_
 from rlhf_lightning.config import ServingConfig
 from rlhf_lightning.serving.registry import ModelRef, RegistryError, resolve_model_uri
 from rlhf_lightning.serving.pyfunc_model import is_chat_request
-from rlhf_lightning.serving.server import ModelServer, ServingError, invoke, predict_records
+from rlhf_lightning.serving.server import ModelServer, invoke, predict_records, request_error
 
 TARGET = "rlhf-local"
 PLUGINS = {TARGET: __name__, "rlhf-vllm": "rlhf_lightning.serving.vllm_deployments"}
@@ -153,14 +153,12 @@ class LocalDeploymentClient(BaseDeploymentClient):
     def predict(self, deployment_name=None, inputs=None, endpoint=None, params: dict | None = None):
         """Answers of the deployment, as `{"predictions": [...]}`. `inputs`: a DataFrame, a list of row
         dicts, or a dict of one row; a Chat Completions body (`{"messages": [...], "max_tokens": ...}`)
-        is answered as one (`choices`, `usage`). Raises `ServingError` with the server's message on failure."""
+        is answered as one (`choices`, `usage`). On failure, with the server's message: rows raise
+        `ServingError`; a Chat Completions body raises as `server.request_error` says (4xx: MlflowException)."""
         if is_chat_request(inputs):
             result = invoke(self.serve(deployment_name), {**inputs, **(params or {})})
             if result.status != 200:
-                code = INVALID_PARAMETER_VALUE if 400 <= result.status < 500 else None
-                if code is None:
-                    raise ServingError(f"HTTP {result.status}: {result.error_message}")
-                raise MlflowException(f"HTTP {result.status}: {result.error_message}", code)
+                raise request_error(result.status, result.error_message)
             return PredictionsResponse(result.body)
         if isinstance(inputs, pd.DataFrame):
             records = inputs.to_dict(orient="records")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
 class ServingError(RuntimeError):
@@ -240,6 +242,14 @@ class InvocationResult:
         if isinstance(self.body, dict):
             return str(self.body.get("message", self.body))
         return str(self.body)
+
+
+def request_error(status: int, message: str, where: str = "") -> Exception:
+    """A failed request as the deployments clients raise it: the request's fault (HTTP 4xx) as an
+    MlflowException with INVALID_PARAMETER_VALUE, the server's as a ServingError (`where` prefixes it)."""
+    if 400 <= status < 500:
+        return MlflowException(f"HTTP {status}: {message}", INVALID_PARAMETER_VALUE)
+    return ServingError(f"{where}HTTP {status}: {message}")
 
 
 def invoke(url: str, payload: dict | bytes, timeout: float = 300.0) -> InvocationResult:

@@ -38,7 +38,7 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from rlhf_lightning.serving.pyfunc_model import ADAPTER_WEIGHTS_FILE, RLHFPolicyModel, manifest_digest, sha256_file
-from rlhf_lightning.serving.server import ModelServer, ServingError
+from rlhf_lightning.serving.server import ModelServer, ServingError, request_error
 
 CACHE_ENV = "RLHF_VLLM_CACHE"
 """Where prepared versions are kept (default ~/.cache/rlhf-lightning/vllm)."""
@@ -258,10 +258,7 @@ def _request(url: str, body: dict | None = None, timeout: float = 300.0):
             parsed = raw
         error = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
         message = str(error.get("message", error)) if isinstance(error, dict) else str(error)
-        code = INVALID_PARAMETER_VALUE if 400 <= err.code < 500 else None
-        if code is None:
-            raise ServingError(f"POST {url} -> HTTP {err.code}: {message}") from None
-        raise MlflowException(f"HTTP {err.code}: {message}", code) from None
+        raise request_error(err.code, message, f"POST {url} -> ") from None
     except (urllib.error.URLError, ConnectionError) as exc:
         raise ServingError(f"{url}: {exc}") from None
 
